@@ -1,0 +1,136 @@
+"""pytest configuration of proxprop_nb: every notebook under `nbs/` is a test, run by nbval.
+
+A bare `pytest` from the repository root runs `tests/` and executes each notebook cell by cell
+in a fresh kernel of the current environment. This plugin adapts nbval to nbdev notebooks:
+
+- cells marked `#| eval: false` are skipped, and so are cells carrying a flag from
+  `tst_flags` in settings.ini (`#| slow`, `#| cuda`) unless asked for with
+  `--nbdev-flags slow` (space or comma separated, repeatable);
+- `IN_TEST=1` is set, so `nbdev_export()` cells leave the package alone (they are skipped too);
+- notebooks cleaned by `nbdev_clean` (execution counts null, outputs kept) are compared
+  against their stored outputs instead of failing with "Unrun reference cell has outputs";
+- stdout and results of every cell are compared with the stored ones after sanitizing
+  memory addresses and timings; stderr (warnings, progress bars) is not compared, and a cell
+  marked `#| nbval-ignore-output` (or nbval's own `# NBVAL_IGNORE_OUTPUT`) is only run;
+- `_proc/`, `_docs/` and checkpoint folders are never collected.
+
+`--nbval-lax` switches to checking only cells marked `# NBVAL_CHECK_OUTPUT`.
+"""
+import configparser
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from nbval.plugin import IPyNbCell, IPyNbFile, find_comment_markers, find_metadata_tags
+
+_ROOT = Path(__file__).parent
+_EXCLUDED_DIRS = {'_proc', '_docs', '.ipynb_checkpoints', '.quarto', '_site'}
+_IGNORE_DIRECTIVE = 'nbval-ignore-output'
+_DIRECTIVE_RE = re.compile(r'^\s*#\s*\|\s*(.*)$')
+
+# (regex, replacement) applied to outputs before comparison; order matters.
+SANITIZERS = [
+    (r'0x[0-9a-fA-F]{6,16}', '0xADDRESS'),  # object addresses in reprs
+    (r'\b\d+(\.\d+)?(e[-+]?\d+)?\s?(s|ms|us|µs|ns|sec|secs|seconds|min)\b', 'TIME'),  # durations
+    (r'\b\d+(\.\d+)?\s?(it/s|s/it)\b', 'RATE'),  # progress-bar rates
+    (r'\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?', 'DATETIME'),  # timestamps
+]
+
+
+def _tst_flags():
+    "Flags from `tst_flags` in settings.ini: cells carrying one are skipped unless forced"
+    cfg = configparser.ConfigParser(delimiters=['='])
+    cfg.read(_ROOT / 'settings.ini', encoding='utf-8')
+    return set(cfg['DEFAULT'].get('tst_flags', '').split())
+
+
+def directives(source):
+    "The nbdev directives (`#| name args`) at the top of a cell, as {name: [args]}"
+    out = {}
+    for line in source.splitlines():
+        if not line.strip(): continue
+        m = _DIRECTIVE_RE.match(line)
+        if m is None: break
+        text = m.group(1).strip()
+        if not text: continue
+        if ':' in text:  # Quarto style `key: value` (e.g. `eval: false`)
+            key, _, val = text.partition(':')
+            out[key.strip() + ':'] = val.split()
+        else:
+            key, *args = text.split()
+            out[key] = args
+    return out
+
+
+def skip_reason(source, skip_flags):
+    "Why nbdev's test runner would not execute a cell with `source`, or None"
+    if 'nbdev_export' + '(' in source: return 'nbdev_export() cell'
+    d = directives(source)
+    if d.get('eval:', [''])[0].lower() == 'false': return '#| eval: false'
+    flags = skip_flags & d.keys()
+    if flags: return f"nbdev flag {', '.join(sorted(flags))} (run with --nbdev-flags {' '.join(sorted(flags))})"
+    return None
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup('nbdev', 'nbdev notebooks as tests')
+    group.addoption('--nbdev-flags', action='append', default=[],
+                    help='run notebook cells carrying these tst_flags (e.g. "slow", "slow cuda")')
+    group.addoption('--no-notebooks', action='store_true', help='do not collect notebooks')
+
+
+def pytest_configure(config):
+    os.environ['IN_TEST'] = '1'  # nbdev_export() and friends become no-ops in the kernels
+    opt = config.option
+    config._nbdev_lax = bool(getattr(opt, 'nbval_lax', False))
+    # This plugin collects the notebooks; stop nbval's own collector from doing it twice.
+    opt.nbval = opt.nbval_lax = False
+    if not getattr(opt, 'nbval_kernel_name', None): opt.nbval_current_env = True
+    forced = {f for arg in opt.nbdev_flags for f in re.split(r'[\s,]+', arg) if f}
+    config._nbdev_skip_flags = _tst_flags() - forced
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix != '.ipynb' or parent.config.option.no_notebooks: return None
+    if _EXCLUDED_DIRS & set(file_path.parts): return None
+    return NbdevNotebook.from_parent(parent, path=file_path)
+
+
+class NbdevCell(IPyNbCell):
+    "A notebook cell run by nbval; stderr is not part of the comparison"
+    def compare_outputs(self, test, ref, skip_compare=None):
+        keep = lambda outs: [o for o in outs if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
+        return super().compare_outputs(keep(test), keep(ref), skip_compare)
+
+
+class NbdevNotebook(IPyNbFile):
+    "An nbdev notebook collected as nbval cells, honouring nbdev directives and cleaned notebooks"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compare_outputs = not self.config._nbdev_lax
+
+    def setup_sanitize_files(self):
+        self.sanitize_patterns.update(SANITIZERS)
+        super().setup_sanitize_files()
+
+    def collect(self):
+        import nbformat
+        self.nb = nbformat.read(str(self.fspath), as_version=4)
+        skip_flags = self.config._nbdev_skip_flags
+        cell_num = 0
+        for cell in self.nb.cells:
+            if cell.cell_type != 'code': continue
+            options = defaultdict(bool, find_metadata_tags(cell.metadata))
+            options.update(dict(find_comment_markers(cell.source)))
+            if _IGNORE_DIRECTIVE in directives(cell.source): options['check'] = False
+            options.setdefault('check', self.compare_outputs)
+            # nbdev_clean nulls execution counts; the stored outputs are still the reference.
+            if cell.get('execution_count') is None: cell['execution_count'] = cell_num + 1
+            item = NbdevCell.from_parent(self, name=f'Cell {cell_num}', cell_num=cell_num, cell=cell,
+                                         options=options)
+            reason = skip_reason(cell.source, skip_flags)
+            if reason: item.add_marker(pytest.mark.skip(reason=reason))
+            yield item
+            cell_num += 1

@@ -1,0 +1,51 @@
+"""The package frame: README generated from the index notebook, sidebar, pinned environment."""
+import importlib.metadata as md
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_module():
+    spec = importlib.util.spec_from_file_location('readme', ROOT / '.ci' / 'readme.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_matches_index_notebook():
+    "README.md is rendered from nbs/index.ipynb; run `python .ci/readme.py` after editing the notebook"
+    assert (ROOT / 'README.md').read_text(encoding='utf-8') == _readme_module().render()
+
+
+def test_readme_renderer_detects_drift(tmp_path):
+    import nbformat
+    nb = nbformat.read(ROOT / 'nbs' / 'index.ipynb', as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell('A new paragraph.'))
+    nbformat.write(nb, tmp_path / 'index.ipynb')
+    assert _readme_module().render(tmp_path / 'index.ipynb') != (ROOT / 'README.md').read_text(encoding='utf-8')
+
+
+def test_readme_names_the_test_command():
+    "CI (.ci/run) runs the test command written in README.md"
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    assert '## Run the tests' in readme and '```sh\npytest\n```' in readme
+    assert re.search(r'^pytest$', (ROOT / '.ci' / 'run').read_text(), re.M)
+
+
+def test_sidebar_lists_every_notebook():
+    "The docs sidebar (custom_sidebar = True) lists exactly the notebooks in nbs/"
+    listed = re.findall(r'([\w.-]+\.ipynb)', (ROOT / 'nbs' / 'sidebar.yml').read_text())
+    present = sorted(p.name for p in (ROOT / 'nbs').glob('*.ipynb'))
+    assert sorted(listed) == present
+
+
+def test_pinned_environment():
+    "nbdev 2.4 reads settings.ini; it needs fastcore<2 and execnb<0.2 (see constraints.txt)"
+    assert md.version('nbdev') == '2.4.14'
+    assert int(md.version('fastcore').split('.')[0]) < 2
+    major, minor = (int(x) for x in md.version('execnb').split('.')[:2])
+    assert (major, minor) < (0, 2)
+    cons = (ROOT / 'constraints.txt').read_text()
+    for pin in ('nbdev==2.4.14', 'fastcore<2', 'execnb<0.2'): assert pin in cons
