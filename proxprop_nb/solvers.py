@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'parse_mode', 'ProxSpec', 'check_prox_args', 'rowdot', 'rowscale', 'block_cg',
-           'work_dtype', 'spd_inverse', 'linear_primal_gram', 'linear_dual_gram', 'dual_cg', 'linear_flops',
-           'choose_route', 'prox_linear', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops',
-           'conv_gram', 'conv_flops', 'prox_conv']
+__all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'STRIP_PENALTY', 'GRAM_CHUNK', 'parse_mode', 'ProxSpec', 'check_prox_args',
+           'rowdot', 'rowscale', 'block_cg', 'work_dtype', 'spd_inverse', 'linear_primal_gram', 'linear_dual_gram',
+           'dual_cg', 'linear_flops', 'choose_route', 'prox_linear', 'ConvGeometry', 'conv_forward', 'conv_backward',
+           'conv_gram_flops', 'conv_gram', 'conv_flops', 'prox_conv']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -157,20 +157,21 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without beta
     "CG on (A^T A + beta I) D = A^T g run in the batch space of A"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
-    s, q, y = g, g, torch.zeros_like(g)
+    s, q, y = g.clone(), g, torch.zeros_like(g)  # q is replaced, never updated in place, in the first iteration
     w = K @ s
     u, rho = w, (s * w).sum(0)
     stop = tol**2 * rho.mean() if tol > 0 else None
     for k in range(1, n_iter + 1):
         alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0) + eps)
-        y = y + alpha * q
+        y.addcmul_(q, alpha)
         if k == n_iter: break
-        s = s - alpha * (u + beta * q)
-        w = K @ s
+        s.addcmul_(u, alpha, value=-1).addcmul_(q, alpha, value=-beta)
+        w = torch.mm(K, s, out=w if k > 1 else None)
         rho_new = (s * w).sum(0)
         if stop is not None and bool(rho_new.max() < stop): break
         b = _safe_div(rho_new, rho + eps)
-        q, u = (s * (1 + b), w * (1 + b)) if official and k == 1 else (s + b * q, w + b * u)
+        if k == 1: q, u = (s * (1 + b), w * (1 + b)) if official else (torch.addcmul(s, q, b), torch.addcmul(w, u, b))
+        else: q.mul_(b).add_(s); u.mul_(b).add_(w)
         rho = rho_new
     return y, k
 
@@ -383,10 +384,9 @@ def _gram_correlation(x, k, geo):
     ex = lambda lines, w: torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in w], dtype=x.dtype, device=x.device)
     if rows: T -= torch.einsum('ir,rcdab->icdab', ex(rows, wr), _strips(x, xe, rows, e, K2, (d, d), 2)).unsqueeze(1)
     if cols: T -= torch.einsum('jq,qcdab->jcdab', ex(cols, wc), _strips(x, xe, cols, e, K2, (d, d), 3)).unsqueeze(0)
-    if rows and cols:
-        ri, ci, ar = (torch.tensor(v, device=x.device) for v in (rows, cols, range(0, 2 * e + 1, d)))
-        corner = xe[:, :, (ri[:, None] + ar)[:, None, :, None], (ci[:, None] + ar)[None, :, None, :]]  # N C R Q K2 K2
-        pts = torch.einsum('ncrq,ndrqab->rqcdab', x[:, :, ri][:, :, :, ci], corner)
+    if rows and cols:  # corners: sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b], one small matrix product per position
+        pts = torch.stack([torch.stack([x[:, :, r, q].T @ xe[:, :, r:r + 2 * e + 1:d, q:q + 2 * e + 1:d].reshape(N, -1)
+                                        for q in cols]) for r in rows]).view(len(rows), len(cols), C, C, K2, K2)
         T += torch.einsum('ir,jq,rqcdab->ijcdab', ex(rows, wr), ex(cols, wc), pts)
     i = torch.arange(k, device=x.device)
     sh = i[None, :] - i[:, None] + k - 1  # shift index of (i, i')
@@ -400,15 +400,27 @@ def _window_sums(x, ksize, geo):
     ones = s.new_ones(1, 1, *[_out_size(n, k, st, p, d) for n, k, st, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation)])
     return _wgrad(ones, s, ksize, geo.stride, geo.dilation).reshape(-1)
 
+def _border_lines(n, k, p, d):
+    "Rows (or columns) of an input of size n that some kernel offset of a stride-1 convolution does not see"
+    o = n + 2 * p - d * (k - 1)
+    return sum(any(not max(0, d * i - p) <= r < min(n, d * i - p + o) for i in range(k)) for r in range(n))
+
+STRIP_PENALTY = 4.0  # measured: a one-row correlation runs ~4x slower per flop than the full one (see the performance notebook)
+
 def conv_gram_flops(x_shape, ksize, geo) -> dict:
-    "Flops of the patch-Gram routes for one group of a convolution with input shape (N, C, *spatial)"
+    "Cost model (flops, penalised where measured slow) of the patch-Gram routes for one group of a convolution"
     N, C, *sp = x_shape
     kD = math.prod(ksize)
     P = math.prod(_out_size(n, k, s, p, d) for n, k, s, p, d in zip(sp, ksize, geo.stride, geo.padding, geo.dilation))
     f = {'offsets': 2 * N * P * (C * kD) ** 2}
     if len(sp) == 2 and all(s == 1 for s in geo.stride) and ksize[0] == ksize[1] and geo.dilation[0] == geo.dilation[1]:
-        f['correlation'] = 2 * N * math.prod(sp) * C * C * (2 * ksize[0] - 1) ** 2 * (1 + 2 * (ksize[0] - 1) / min(sp))
+        (H, W), k, (p, q), d = sp, ksize[0], geo.padding, geo.dilation[0]
+        full = 2 * N * H * W * C * C * (2 * k - 1) ** 2
+        lines = _border_lines(H, k, p, d) / H + _border_lines(W, k, q, d) / W
+        f['correlation'] = full * (1 + STRIP_PENALTY * lines)
     return f
+
+GRAM_CHUNK = 2**19  # input elements per chunk of samples when forming a patch Gram: bounds the temporaries
 
 def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
               ksize:tuple, # kernel size
@@ -424,14 +436,17 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     r = min(flops, key=flops.get) if route == 'auto' else route
     if r not in flops: raise ValueError(f"route={route!r} is not available for this convolution: use one of {sorted(flops)}")
     n = Cg * math.prod(ksize)
-    Gs = x.new_empty(geo.groups, n + bias, n + bias)
+    Gs = x.new_zeros(geo.groups, n + bias, n + bias)
     P = math.prod(_out_size(m, k, s, p, d) for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
+    step = max(1, GRAM_CHUNK // max(1, x[0].numel() // geo.groups))  # samples per chunk: G is a sum over samples
     for gi in range(geo.groups):
-        xg = x[:, gi * Cg:(gi + 1) * Cg]
-        Gs[gi, :n, :n] = _gram_correlation(xg, ksize, geo) if r == 'correlation' else _gram_offsets(xg, ksize, geo)
-        if bias:
-            s = _window_sums(xg, ksize, geo)
-            Gs[gi, :n, n], Gs[gi, n, :n], Gs[gi, n, n] = s, s, x.shape[0] * P
+        for i in range(0, x.shape[0], step):
+            xg = x[i:i + step, gi * Cg:(gi + 1) * Cg]
+            Gs[gi, :n, :n] += _gram_correlation(xg, ksize, geo) if r == 'correlation' else _gram_offsets(xg, ksize, geo)
+            if bias:
+                s = _window_sums(xg, ksize, geo)
+                Gs[gi, :n, n] += s; Gs[gi, n, :n] += s
+        if bias: Gs[gi, n, n] = x.shape[0] * P
     Gs.diagonal(dim1=1, dim2=2).add_(beta)
     return Gs
 

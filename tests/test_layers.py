@@ -302,3 +302,33 @@ def test_frozen_layer_and_no_grad():
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(4, 5))
     with torch.no_grad():
         assert not lin(torch.randn(2, 5)).requires_grad
+
+
+# ---- against the penalty notebook's Algorithm 2 (the paper's reference implementation) -------------
+
+@pytest.mark.parametrize('sigma', [torch.tanh, torch.relu])
+@pytest.mark.parametrize('tau, tau_prox', [(0.3, 0.05), (1.0, 1.0), (5.0, 20.0)])
+def test_one_step_equals_algorithm_2(sigma, tau, tau_prox):
+    "One SGD step (lr tau, no momentum) on an MLP of exact ProxProp layers, last layer explicit, is Algorithm 2"
+    from proxprop_nb.penalty import proxprop_step
+    torch.manual_seed(12)
+    sizes = [7, 9, 6, 5, 3]
+    X, y = torch.randn(11, sizes[0], dtype=f64), torch.randint(0, 3, (11,))
+    layers = [nn.Linear(a, b, dtype=f64) for a, b in zip(sizes[:-1], sizes[1:])]
+    params = [(l.weight.detach().clone(), l.bias.detach().clone()) for l in layers]
+    expected = proxprop_step(params, X, y, tau, tau_prox, sigma=sigma)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__(); self.layers = nn.ModuleList(layers)
+        def forward(self, x):
+            for l in self.layers[:-1]: x = sigma(l(x))
+            return self.layers[-1](x)
+    net = proxpropify(Net(), tau_prox=tau_prox, optimization_mode='prox_exact', last_explicit=True)
+    assert [type(l) for l in net.layers] == [ProxPropLinear] * 3 + [nn.Linear]
+    opt = torch.optim.SGD(net.parameters(), lr=tau)
+    nn.functional.cross_entropy(net(X), y).backward()
+    opt.step()
+    for l, (W, b) in zip(net.layers, expected):
+        torch.testing.assert_close(l.weight.detach(), W, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(l.bias.detach(), b, rtol=1e-10, atol=1e-12)
