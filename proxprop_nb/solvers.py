@@ -296,15 +296,16 @@ def conv_backward(g, x, weight, geo:ConvGeometry, mask):
                                                geo.transposed, list(geo.output_padding), geo.groups, list(mask))
 
 # %% ../nbs/01_solvers.ipynb #c052
-def _conv_rows(geo):
-    "(to_rows, from_rows) mapping a weight to a view with output channels in dimension 0 and back"
+def _conv_rows(geo, single=False):
+    "(to_rows, from_rows) mapping a weight to a view with output channels in dimension 0 and back; None, None for one row"
+    if single: return None, None
     if not geo.transposed: return (lambda w: w), (lambda r: r)
     if geo.groups == 1: return (lambda w: w.transpose(0, 1)), (lambda r: r.transpose(0, 1))
     return None, None  # grouped transposed: one row
 
-def _conv_operator(x, weight, bias:bool, geo, beta):
+def _conv_operator(x, weight, bias:bool, geo, beta, single=False):
     "(apply_M, to_rows, from_rows): M = phi* phi + beta I on row lists, and the maps between (weight, bias) and row lists"
-    rows, unrows = _conv_rows(geo)
+    rows, unrows = _conv_rows(geo, single)
     def to_rows(W, b):
         if rows: return [rows(W)] + ([b] if bias else [])
         return [W.reshape(1, -1)] + ([b.view(1, -1)] if bias else [])
@@ -318,7 +319,7 @@ def _conv_operator(x, weight, bias:bool, geo, beta):
 
 def _conv_matrix_free(x, weight, bias, geo, spec, grad):
     "CG on (phi* phi + beta I) D = grad with phi the convolution and phi* its weight gradient"
-    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
+    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta, single=spec.cg_variant == 'official')
     X, _ = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
     return from_rows(X)
 
@@ -405,7 +406,7 @@ def _border_lines(n, k, p, d):
     o = n + 2 * p - d * (k - 1)
     return sum(any(not max(0, d * i - p) <= r < min(n, d * i - p + o) for i in range(k)) for r in range(n))
 
-STRIP_PENALTY = 4.0  # measured: a one-row correlation runs ~4x slower per flop than the full one (see the performance notebook)
+STRIP_PENALTY = 6.0  # calibrated on the route timings of the performance notebook: border strips run ~6x slower per flop
 
 def conv_gram_flops(x_shape, ksize, geo) -> dict:
     "Cost model (flops, penalised where measured slow) of the patch-Gram routes for one group of a convolution"
@@ -482,6 +483,7 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     xw, gw, gb = x.to(wd), gw.to(wd), (gb.to(wd) if bias else None)
     ksize = weight.shape[2:]
     route = choose_route(conv_flops(x.shape, weight.shape, g.shape, ksize, geo, spec.kind, spec.n_iter), spec.solver)
+    if spec.kind == 'cg' and spec.cg_variant == 'official' and spec.solver == 'auto': route = 'matrix_free'  # the official layout
     if route in _CONV_OPERATOR_ROUTES:
         W, b = _CONV_OPERATOR_ROUTES[route](xw, weight.to(wd), bias, geo, spec, (gw, gb))
         return gx, W, b, route

@@ -332,3 +332,25 @@ def test_one_step_equals_algorithm_2(sigma, tau, tau_prox):
     for l, (W, b) in zip(net.layers, expected):
         torch.testing.assert_close(l.weight.detach(), W, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(l.bias.detach(), b, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_official_variant_is_one_flattened_cg():
+    "cg_variant='official' on a convolution reproduces the official code: one CG over all parameters flattened, P aliasing R"
+    torch.manual_seed(13)
+    conv = ProxPropConv2d(2, 3, 3, padding=1, tau_prox=0.5, optimization_mode='prox_cg3', cg_variant='official', cg_tol=0, dtype=f64)
+    x, g = torch.randn(2, 2, 5, 5, dtype=f64), torch.randn(2, 3, 5, 5, dtype=f64)
+    got = backward_with(conv, x, g)
+    assert conv.last_route == 'matrix_free'
+    base = unproxpropify(nn.Sequential(copy.deepcopy(conv)))[0]
+    J = torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
+        lambda w, b: torch.func.functional_call(base, {'weight': w, 'bias': b}, (x,)).flatten(), (base.weight.detach(), base.bias.detach()))], 1)
+    M, grad = J.T @ J + torch.eye(J.shape[1], dtype=f64) / 0.5, J.T @ g.flatten()
+    # the official iteration, transcribed in theta form from theta0 (one column; P is R at the start; 1e-6 in denominators)
+    theta0 = torch.randn(J.shape[1], dtype=f64)
+    X = theta0.clone(); R = (M @ theta0 - grad) - M @ X; P = R; rs = R @ R
+    for k in range(1, 4):
+        AP = M @ P; alpha = rs / (P @ AP + 1e-6); X = X + alpha * P
+        if k == 3: break
+        R -= alpha * AP; rs_new = R @ R
+        P = R + P * (rs_new / (rs + 1e-6)); rs = rs_new
+    torch.testing.assert_close(got, theta0 - X, rtol=1e-9, atol=1e-11)
