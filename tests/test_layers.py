@@ -22,6 +22,15 @@ def dense_direction(x, g, bias, tau_prox):
     return torch.linalg.solve(A.T @ A + torch.eye(A.shape[1], dtype=f64) / tau_prox, A.T @ g).T
 
 
+def jacobian_direction(layer, x, g, tau_prox):
+    "Independent reference for any layer: solve (J^T J + I/tau) D = J^T g with J the Jacobian of the plain module in its parameters"
+    base = unproxpropify(nn.Sequential(copy.deepcopy(layer)))[0]
+    names, ps = zip(*[(n, p.detach()) for n, p in base.named_parameters()])
+    J = torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
+        lambda *q: torch.func.functional_call(base, dict(zip(names, q)), (x,)).flatten(), ps)], 1)
+    return torch.linalg.solve(J.T @ J + torch.eye(J.shape[1], dtype=J.dtype) / tau_prox, J.T @ g.flatten()), J
+
+
 def flat_grads(layer):
     return torch.cat([p.grad.reshape(-1) for p in layer.parameters()])
 
@@ -135,11 +144,7 @@ def test_prox_exact_conv_matches_dense():
     x = torch.randn(3, 2, 6, 6, dtype=f64)
     g = torch.randn(3, 3, 6, 6, dtype=f64)
     got = backward_with(conv, x, g)
-    base = nn.Conv2d(2, 3, 5, padding=2).double(); base.load_state_dict(conv.state_dict())
-    J = torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
-        lambda w, b: torch.func.functional_call(base, {'weight': w, 'bias': b}, (x,)).flatten(), (base.weight.detach(), base.bias.detach()))], 1)
-    D = torch.linalg.solve(J.T @ J + torch.eye(J.shape[1], dtype=f64) / 0.7, J.T @ g.flatten())
-    torch.testing.assert_close(got, D, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(got, jacobian_direction(conv, x, g, 0.7)[0], rtol=1e-8, atol=1e-10)
 
 
 def test_generic_conv1d_through_proxprop_module():
@@ -147,11 +152,7 @@ def test_generic_conv1d_through_proxprop_module():
     layer = proxprop_module(nn.Conv1d)(2, 3, 3, padding=1, tau_prox=0.5, optimization_mode='prox_exact').double()
     x, g = torch.randn(4, 2, 7, dtype=f64), torch.randn(4, 3, 7, dtype=f64)
     got = backward_with(layer, x, g)
-    base = unproxpropify(nn.Sequential(copy.deepcopy(layer)))[0]
-    J = torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
-        lambda w, b: torch.func.functional_call(base, {'weight': w, 'bias': b}, (x,)).flatten(), (base.weight.detach(), base.bias.detach()))], 1)
-    D = torch.linalg.solve(J.T @ J + torch.eye(J.shape[1], dtype=f64) / 0.5, J.T @ g.flatten())
-    torch.testing.assert_close(got, D, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(got, jacobian_direction(layer, x, g, 0.5)[0], rtol=1e-8, atol=1e-10)
 
 
 # ---- numerics: precision, fallbacks, non-finite values ---------------------------------------------
@@ -341,9 +342,7 @@ def test_conv_official_variant_is_one_flattened_cg():
     x, g = torch.randn(2, 2, 5, 5, dtype=f64), torch.randn(2, 3, 5, 5, dtype=f64)
     got = backward_with(conv, x, g)
     assert conv.last_route == 'matrix_free'
-    base = unproxpropify(nn.Sequential(copy.deepcopy(conv)))[0]
-    J = torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
-        lambda w, b: torch.func.functional_call(base, {'weight': w, 'bias': b}, (x,)).flatten(), (base.weight.detach(), base.bias.detach()))], 1)
+    J = jacobian_direction(conv, x, g, 0.5)[1]
     M, grad = J.T @ J + torch.eye(J.shape[1], dtype=f64) / 0.5, J.T @ g.flatten()
     # the official iteration, transcribed in theta form from theta0 (one column; P is R at the start; 1e-6 in denominators)
     theta0 = torch.randn(J.shape[1], dtype=f64)

@@ -92,10 +92,8 @@ def test_missing_output_fails(tmp_path):
     ('#| eval:false\nx', '#| eval: false'),
 ])
 def test_skip_reason(src, expect):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from conftest import skip_reason
-    finally:
-        sys.path.pop(0)
-    reason = skip_reason(src, {'slow', 'cuda'})
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('root_conftest', ROOT / 'conftest.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    reason = mod.skip_reason(src, {'slow', 'cuda'})
     assert (reason is None) if expect is None else reason.startswith(expect)

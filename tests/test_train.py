@@ -15,18 +15,6 @@ DEEP = (192, 256, 256, 256, 10)  # a toy MLP that BackProp drives to NaN at tau 
 SMALL = dict(sizes=(192, 32, 16, 10), batch_size=16, epochs=3)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Toy models are dominated by threading overhead on a shared 2-core machine"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def toy():
-    return synthetic_cifar10(64, 32, 32)
 
 
 def _strict_json(path):
