@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .solvers import (ProxSpec, check_prox_args, prox_linear, prox_conv, ConvGeometry, conv_forward, conv_backward,
-                                 block_cg, _exact_or_cg)
+                                 block_cg, dense_solve)
 
 # %% auto #0
-__all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinear', 'ProxPropConv2d', 'proxprop_module', 'ProxPropLinearBase',
+__all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'ProxPropConv2d', 'proxprop_module',
            'proxpropify', 'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
@@ -56,15 +56,20 @@ class ProxPropMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/02_layers.ipynb #c007
-class _ProxLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(x, weight, bias, spec, layer): return F.linear(x, weight, bias)
-
+class _ProxFn(torch.autograd.Function):
+    "Shared context of the Linear and convolution functions: inputs (x, weight, bias, *geometry, spec, layer)"
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, ctx.spec, ctx.layer = inputs
+        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+
+    @staticmethod
+    def needs_param_grad(ctx): return ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]
+
+class _ProxLinearFn(_ProxFn):
+    @staticmethod
+    def forward(x, weight, bias, spec, layer): return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -72,13 +77,17 @@ class _ProxLinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = g @ weight if ctx.needs_input_grad[0] else None
         gw = gb = None
-        if ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
+        if _ProxFn.needs_param_grad(ctx):
             gw, gb, ctx.layer.last_route = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), ctx.has_bias, ctx.spec)
             gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
         return gx, gw, gb, None, None
 
 # %% ../nbs/02_layers.ipynb #c008
-class ProxPropLinear(ProxPropMixin, nn.Linear):
+class ProxPropLinearBase(ProxPropMixin):
+    "ProxProp behaviour of nn.Linear and its subclasses"
+    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self)
+
+class ProxPropLinear(ProxPropLinearBase, nn.Linear):
     "`nn.Linear` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad"
     _prox_base = nn.Linear
     def __init__(self, in_features:int, # size of each input sample
@@ -94,26 +103,19 @@ class ProxPropLinear(ProxPropMixin, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
-    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self)
-
 # %% ../nbs/02_layers.ipynb #c016
-class _ProxConvFn(torch.autograd.Function):
+class _ProxConvFn(_ProxFn):
     @staticmethod
     def forward(x, weight, bias, geo, spec, layer): return conv_forward(x, weight, bias, geo)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, ctx.geo, ctx.spec, ctx.layer = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        if not (ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]):  # frozen layer: input gradient only
-            return conv_backward(g, x, weight, ctx.geo, (True, False, False))[0], None, None, None, None, None
-        gx, gw, gb, ctx.layer.last_route = prox_conv(x, g.contiguous(), weight, ctx.has_bias, ctx.geo, ctx.spec, ctx.needs_input_grad[0])
+        (geo,) = ctx.geometry
+        if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
+            return conv_backward(g, x, weight, geo, (True, False, False))[0], None, None, None, None, None
+        gx, gw, gb, ctx.layer.last_route = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
         return gx, gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None), None, None, None
 
 # %% ../nbs/02_layers.ipynb #c017
@@ -222,10 +224,7 @@ def _generic_step(self, out, x, p_, grad, spec):
         X, _ = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
         self.last_route = 'matrix_free'
     else:
-        sizes = [r.shape[1] for r in rhs]
-        n = sum(sizes)
-        cols = [torch.cat(apply_M(list(torch.eye(n, dtype=rhs[0].dtype, device=rhs[0].device)[j:j + 1].split(sizes, 1))), 1) for j in range(n)]
-        X = _exact_or_cg(torch.cat(cols, 0), torch.cat(rhs, 1), type(self).__name__).split(sizes, 1)
+        X = dense_solve(apply_M, rhs, type(self).__name__)
         self.last_route = 'dense'
     return [q.view(p.shape).to(p.dtype) for q, p in zip(X, p_)]
 
@@ -261,12 +260,7 @@ def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward 
     _CLASSES[BaseModule] = cls
     return cls
 
-# %% ../nbs/02_layers.ipynb #c032
-class ProxPropLinearBase(ProxPropMixin):
-    "ProxProp behaviour of nn.Linear subclasses"
-    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self)
-
-# %% ../nbs/02_layers.ipynb #c038
+# %% ../nbs/02_layers.ipynb #c037
 def _twin(module, cls, **prox):
     "A module of class `cls` sharing all state of `module`"
     new = cls.__new__(cls)
@@ -283,7 +277,7 @@ def _swap(model, pick, make):
         setattr(model.get_submodule(parent) if parent else model, attr, make(m))
     return targets
 
-# %% ../nbs/02_layers.ipynb #c039
+# %% ../nbs/02_layers.ipynb #c038
 def proxpropify(model:nn.Module, # the model to convert in place
                 tau_prox:float=1.0, # proximal step size tau_theta > 0
                 optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'

@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_solvers.ipynb #c002
 from __future__ import annotations
+import functools
 import itertools
 import math
 import numbers
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'STRIP_PENALTY', 'GRAM_CHUNK', 'parse_mode', 'ProxSpec', 'check_prox_args',
            'rowdot', 'rowscale', 'block_cg', 'work_dtype', 'spd_inverse', 'linear_primal_gram', 'linear_dual_gram',
            'dual_cg', 'linear_flops', 'choose_route', 'prox_linear', 'ConvGeometry', 'conv_forward', 'conv_backward',
-           'conv_gram_flops', 'conv_gram', 'conv_flops', 'prox_conv']
+           'dense_solve', 'conv_gram_flops', 'conv_gram', 'conv_flops', 'prox_conv']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -92,7 +93,7 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     official = variant == 'official'
     eps = 1e-6 if official else 0.
     X = [torch.zeros_like(b) for b in rhs]
-    R = [b.clone() for b in rhs]
+    R = list(rhs)  # never updated in place
     P, rho = R, rowdot(R, R)
     stop = tol**2 * rho.mean() if tol > 0 else None
     for k in range(1, n_iter + 1):
@@ -241,9 +242,7 @@ def _linear_dual(x, g, bias, spec):
     else:
         K.diagonal().add_(spec.beta)
         Kinv = spd_inverse(K)
-        if Kinv is None:  # fall back to the primal system, which the exact/CG helper handles
-            D = _exact_or_cg(linear_primal_gram(x, bias, spec.beta), torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x, 'dual')
-            return _split(D, x.shape[1], bias)
+        if Kinv is None: return _linear_primal(x, g, bias, spec)  # the primal system, which falls back to CG if it fails too
         if x.shape[1] + bias < g.shape[1]:  # D^T = g^T (Kinv A): the cheaper order
             return g.T @ (Kinv @ x), (g.T @ Kinv.sum(1) if bias else None)
         y = Kinv @ g
@@ -324,21 +323,27 @@ def _conv_matrix_free(x, weight, bias, geo, spec, grad):
     return from_rows(X)
 
 # %% ../nbs/01_solvers.ipynb #c054
-def _conv_dense(x, weight, bias, geo, spec, grad):
-    "Exact step: the per-row operator formed column by column, then one SPD solve for all rows"
-    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
-    rhs = to_rows(*grad)
+def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SPD operator applied to each row
+                rhs:list, # right-hand sides, rows in dimension 0
+                what:str, # the layer, for the warning if the factorization fails
+               ) -> list: # the solutions, shaped like rhs
+    "Exact solve of M X = rhs for an operator given only as products: M formed column by column (one column per row and product), one SPD solve"
     R, sizes = rhs[0].shape[0], [t[0].numel() for t in rhs]
     n = sum(sizes)
     cols = []
     for j in range(0, n, R):
-        E = torch.zeros(R, n, dtype=x.dtype, device=x.device)
         k = min(R, n - j)
+        E = rhs[0].new_zeros(R, n)
         E[torch.arange(k), j + torch.arange(k)] = 1
         MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), rhs)])
         cols.append(torch.cat([m.reshape(R, -1) for m in MP], 1)[:k])
-    Minv_rows = _exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), 'transposed convolution')
-    return from_rows([d.reshape(t.shape) for d, t in zip(Minv_rows.split(sizes, 1), rhs)])
+    X = _exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
+    return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)]
+
+def _conv_dense(x, weight, bias, geo, spec, grad):
+    "Exact step: the per-row operator formed densely, then one SPD solve for all rows"
+    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
+    return from_rows(dense_solve(apply_M, to_rows(*grad), 'transposed convolution'))
 
 # %% ../nbs/01_solvers.ipynb #c056
 def _wgrad(go, inp, ksize, stride, dilation, groups=1):
@@ -421,6 +426,13 @@ def conv_gram_flops(x_shape, ksize, geo) -> dict:
         f['correlation'] = full * (1 + STRIP_PENALTY * lines)
     return f
 
+@functools.lru_cache(maxsize=1024)  # shapes repeat every step; the model loops over border rows in Python
+def _gram_route(x_shape, ksize, geo, route):
+    flops = conv_gram_flops(x_shape, ksize, geo)
+    r = min(flops, key=flops.get) if route == 'auto' else route
+    if r not in flops: raise ValueError(f"route={route!r} is not available for this convolution: use one of {sorted(flops)}")
+    return r
+
 GRAM_CHUNK = 2**19  # input elements per chunk of samples when forming a patch Gram: bounds the temporaries
 
 def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
@@ -433,9 +445,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     "Patch Gram matrices A^T A + beta I of a convolution, one per group"
     if geo.transposed: raise NotImplementedError('the patch Gram of a transposed convolution')
     Cg = x.shape[1] // geo.groups
-    flops = conv_gram_flops((x.shape[0], Cg, *x.shape[2:]), ksize, geo)
-    r = min(flops, key=flops.get) if route == 'auto' else route
-    if r not in flops: raise ValueError(f"route={route!r} is not available for this convolution: use one of {sorted(flops)}")
+    r = _gram_route((x.shape[0], Cg, *x.shape[2:]), tuple(ksize), geo, route)
     n = Cg * math.prod(ksize)
     Gs = x.new_zeros(geo.groups, n + bias, n + bias)
     P = math.prod(_out_size(m, k, s, p, d) for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
@@ -452,10 +462,11 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     return Gs
 
 # %% ../nbs/01_solvers.ipynb #c066
-def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter) -> dict:
-    "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`"
+def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='textbook') -> dict:
+    "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`; the official CG runs matrix-free only"
     conv = 2 * math.prod(out_shape) * math.prod(w_shape[1:]) if not geo.transposed else 2 * math.prod(x_shape) * math.prod(w_shape[1:])
     f = {} if kind == 'exact' else {'matrix_free': n_iter * 2 * conv}
+    if kind == 'cg' and variant == 'official': return f  # the official iteration runs on all of a layer's parameters as one vector
     if geo.transposed and kind == 'exact':
         rows = w_shape[1] * geo.groups if geo.groups == 1 else 1
         n = math.prod(w_shape) // rows + 1
@@ -468,6 +479,11 @@ def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter) -> dict:
     return f
 
 # %% ../nbs/01_solvers.ipynb #c067
+@functools.lru_cache(maxsize=1024)  # shapes repeat every step: the flop model runs once per layer shape and setting
+def _conv_route(x_shape, w_shape, out_shape, geo, kind, n_iter, variant, solver):
+    return choose_route(conv_flops(x_shape, w_shape, out_shape, w_shape[2:], geo, kind, n_iter, variant), solver)
+
+# %% ../nbs/01_solvers.ipynb #c068
 def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already if padding_mode != 'zeros'
               g:torch.Tensor, # gradient of the loss w.r.t. the layer output
               weight:torch.Tensor, # the layer's weight (its shape and dtype; values only for the input gradient)
@@ -482,14 +498,13 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     if spec.kind == 'gradient': return gx, gw, gb, 'gradient'
     xw, gw, gb = x.to(wd), gw.to(wd), (gb.to(wd) if bias else None)
     ksize = weight.shape[2:]
-    route = choose_route(conv_flops(x.shape, weight.shape, g.shape, ksize, geo, spec.kind, spec.n_iter), spec.solver)
-    if spec.kind == 'cg' and spec.cg_variant == 'official' and spec.solver == 'auto': route = 'matrix_free'  # the official layout
+    route = _conv_route(x.shape, weight.shape, g.shape, geo, spec.kind, spec.n_iter, spec.cg_variant, spec.solver)
     if route in _CONV_OPERATOR_ROUTES:
         W, b = _CONV_OPERATOR_ROUTES[route](xw, weight.to(wd), bias, geo, spec, (gw, gb))
         return gx, W, b, route
     return (gx, *_conv_primal(xw, gw, gb, ksize, geo, spec), route)
 
-# %% ../nbs/01_solvers.ipynb #c068
+# %% ../nbs/01_solvers.ipynb #c069
 _CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
 
 def _conv_primal(x, gw, gb, ksize, geo, spec):

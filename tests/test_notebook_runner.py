@@ -50,6 +50,7 @@ CELLS = [
     ('#| nbval-ignore-output\nimport random\nprint(random.random())', '0.5\n'),  # 6 run, not compared
     ('import sys\nprint("warning", file=sys.stderr)', None),                    # 7 stderr not compared
     ('from nbdev import nbdev_export\nnbdev_export()', None),                   # 8 skipped
+    ('print("[source](https://x/blob/main/pkg/mod.py#L81)")', '[source](https://x/blob/main/pkg/mod.py#L90)\n'),  # 9 show_doc line sanitized
 ]
 
 
@@ -57,7 +58,7 @@ def test_directives_and_cleaned_notebooks(tmp_path):
     outcome, code, log = _run(tmp_path, CELLS)
     assert code == 0, log
     assert outcome == {0: 'passed', 1: 'skipped', 2: 'skipped', 3: 'passed', 4: 'passed', 5: 'passed',
-                       6: 'passed', 7: 'passed', 8: 'skipped'}, log
+                       6: 'passed', 7: 'passed', 8: 'skipped', 9: 'passed'}, log
 
 
 def test_forced_flag_runs_slow_cells(tmp_path):
@@ -97,3 +98,4 @@ def test_skip_reason(src, expect):
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     reason = mod.skip_reason(src, {'slow', 'cuda'})
     assert (reason is None) if expect is None else reason.startswith(expect)
+
