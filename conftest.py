@@ -6,6 +6,9 @@ in a fresh kernel of the current environment. This plugin adapts nbval to nbdev 
 - cells marked `#| eval: false` are skipped, and so are cells carrying a flag from
   `tst_flags` in settings.ini (`#| slow`, `#| cuda`) unless asked for with
   `--nbdev-flags slow` (space or comma separated, repeatable);
+- cells marked `#| cifar10` need the CIFAR-10 data: they run when a source is found or
+  torchvision can download one (as the notebooks would), and are otherwise skipped with the
+  reason, repeated in the summary; `--nbdev-flags cifar10` runs them regardless;
 - `IN_TEST=1` is set, so `nbdev_export()` cells leave the package alone (they are skipped too);
 - notebooks cleaned by `nbdev_clean` (execution counts null, outputs kept) are compared
   against their stored outputs instead of failing with "Unrun reference cell has outputs";
@@ -65,14 +68,32 @@ def directives(source):
     return out
 
 
-def skip_reason(source, skip_flags):
-    "Why nbdev's test runner would not execute a cell with `source`, or None"
+def skip_reason(source, skip_flags, why=None):
+    "Why nbdev's test runner would not execute a cell with `source`, or None; `why` explains some flags"
     if 'nbdev_export' + '(' in source: return 'nbdev_export() cell'
     d = directives(source)
     if d.get('eval:', [''])[0].lower() == 'false': return '#| eval: false'
-    flags = skip_flags & d.keys()
-    if flags: return f"nbdev flag {', '.join(sorted(flags))} (run with --nbdev-flags {' '.join(sorted(flags))})"
-    return None
+    flags = sorted(skip_flags & d.keys())
+    if not flags: return None
+    notes = [why[f] for f in flags if why and f in why]
+    return f"nbdev flag {', '.join(flags)} (run with --nbdev-flags {' '.join(flags)})" + ''.join(f': {n}' for n in notes)
+
+
+DATA_FLAG = 'cifar10'
+
+
+def cifar10_missing(where):
+    "Why the notebooks in folder `where` could not get CIFAR-10 (None if they can): a local source, else a download"
+    cwd = os.getcwd()
+    try:
+        os.chdir(where)  # the kernels run in the notebook's folder: ./data and shared/data are looked up from there
+        from proxprop_nb.data import find_cifar10, load_cifar10
+        if find_cifar10() is None: load_cifar10()  # a torchvision download into the cache, as the notebooks would do
+        return None
+    except Exception as e:
+        return f"no CIFAR-10 data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); see proxprop_nb.data"
+    finally:
+        os.chdir(cwd)
 
 
 def pytest_addoption(parser):
@@ -91,6 +112,22 @@ def pytest_configure(config):
     if not getattr(opt, 'nbval_kernel_name', None): opt.nbval_current_env = True
     forced = {f for arg in opt.nbdev_flags for f in re.split(r'[\s,]+', arg) if f}
     config._nbdev_skip_flags = _tst_flags() - forced
+    config._cifar10_missing = {}  # notebook folder -> why CIFAR-10 is missing there, or None; probed once per folder
+
+
+def _data_skip_flags(config, folder):
+    "The flags to skip in notebooks of `folder`, and why for the data flag"
+    skip = config._nbdev_skip_flags
+    if DATA_FLAG not in skip: return skip, {}
+    if folder not in config._cifar10_missing: config._cifar10_missing[folder] = cifar10_missing(folder)
+    missing = config._cifar10_missing[folder]
+    return (skip, {DATA_FLAG: missing}) if missing else (skip - {DATA_FLAG}, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for folder, why in getattr(config, '_cifar10_missing', {}).items():
+        if why: terminalreporter.write_line(f'WARNING: notebook cells marked #| {DATA_FLAG} in {folder} were skipped: {why}; '
+                                            f'--nbdev-flags {DATA_FLAG} runs them anyway', yellow=True, bold=True)
 
 
 def pytest_collect_file(file_path, parent):
@@ -119,7 +156,9 @@ class NbdevNotebook(IPyNbFile):
     def collect(self):
         import nbformat
         self.nb = nbformat.read(str(self.fspath), as_version=4)
-        skip_flags = self.config._nbdev_skip_flags
+        skip_flags, why = self.config._nbdev_skip_flags, {}
+        if any(DATA_FLAG in directives(c.source) for c in self.nb.cells if c.cell_type == 'code'):
+            skip_flags, why = _data_skip_flags(self.config, Path(self.fspath).parent)
         cell_num = 0
         for cell in self.nb.cells:
             if cell.cell_type != 'code': continue
@@ -131,7 +170,7 @@ class NbdevNotebook(IPyNbFile):
             if cell.get('execution_count') is None: cell['execution_count'] = cell_num + 1
             item = NbdevCell.from_parent(self, name=f'Cell {cell_num}', cell_num=cell_num, cell=cell,
                                          options=options)
-            reason = skip_reason(cell.source, skip_flags)
+            reason = skip_reason(cell.source, skip_flags, why)
             if reason: item.add_marker(pytest.mark.skip(reason=reason))
             yield item
             cell_num += 1

@@ -99,3 +99,27 @@ def test_skip_reason(src, expect):
     reason = mod.skip_reason(src, {'slow', 'cuda'})
     assert (reason is None) if expect is None else reason.startswith(expect)
 
+
+DATA_CELLS = [('print(1)', '1\n'), ('#| cifar10\nraise RuntimeError("data cell ran")', None)]
+
+
+def test_data_cells_skipped_with_the_reason_when_cifar10_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv('PROXPROP_DATA', str(tmp_path / 'nowhere'))  # an explicit source that does not exist
+    outcome, code, log = _run(tmp_path, DATA_CELLS, '-rs')
+    assert code == 0 and outcome == {0: 'passed', 1: 'skipped'}, log
+    assert 'no CIFAR-10 data (Cifar10NotFoundError' in log and 'nowhere' in log, log
+    assert 'WARNING: notebook cells marked #| cifar10' in log, log
+
+
+def test_data_cells_forced_run_and_fail_without_data(tmp_path, monkeypatch):
+    monkeypatch.setenv('PROXPROP_DATA', str(tmp_path / 'nowhere'))
+    outcome, code, log = _run(tmp_path, DATA_CELLS, '--nbdev-flags', 'cifar10')
+    assert code != 0 and outcome[1] == 'failure' and 'data cell ran' in log, log
+
+
+def test_data_cells_run_when_a_source_is_found(tmp_path, monkeypatch):
+    src = tmp_path / 'fake-cifar'
+    for part in ('train', 'test'): (src / part / 'airplane').mkdir(parents=True)  # the ImageFolder layout is what the lookup checks
+    monkeypatch.setenv('PROXPROP_DATA', str(src))
+    outcome, code, log = _run(tmp_path, DATA_CELLS)
+    assert code != 0 and outcome[1] == 'failure' and 'data cell ran' in log, log
