@@ -8,7 +8,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,15 +19,13 @@ import torch.nn.functional as F
 
 import proxprop_nb
 from .layers import ProxPropMixin, proxpropify, unproxpropify
-from .train import mlp, convnet, MLP_SIZES
+from .train import mlp, convnet, MLP_SIZES, MODELS, make_optimizer, environment, default_device, write_json, read_json, _sync
 
 # %% auto #0
-__all__ = ['MODELS', 'MODES', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'machine_info',
-           'benchmark', 'route_times', 'format_table', 'run', 'main']
+__all__ = ['MODES', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'machine_info', 'benchmark',
+           'route_times', 'format_table', 'run', 'main']
 
 # %% ../nbs/06_bench.ipynb #c005
-MODELS = ('mlp', 'convnet')
-
 def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3, the official code's net)
                 widths:tuple|None=None, # hidden widths of the MLP (default the paper's 4000, 1000, 4000)
                ) -> tuple: # (plain PyTorch model, input shape of one sample, optimizer name)
@@ -54,8 +51,7 @@ def make_step(plain:nn.Module, # the plain PyTorch model
     "A function running one training step of `mode` on its own copy of `plain`; `.model` and `.opt` are attached"
     model = copy.deepcopy(plain)
     if mode != 'plain': proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
-    opt = (torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.95, nesterov=True) if optimizer == 'sgd'
-           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    opt = make_optimizer(model.parameters(), optimizer, lr=1e-3)
     def step():
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(model(x), y).backward()
@@ -64,9 +60,6 @@ def make_step(plain:nn.Module, # the plain PyTorch model
     return step
 
 # %% ../nbs/06_bench.ipynb #c011
-def _sync(device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize()
-
 def time_steps(steps:dict, # mode -> step function
                repeats:int=7, # timed rounds
                warmup:int=2, # untimed rounds first
@@ -75,7 +68,7 @@ def time_steps(steps:dict, # mode -> step function
     "Interleaved wall-clock times of one step of each mode"
     for _ in range(warmup):
         for s in steps.values(): s()
-    times = {k: [] for k in steps}
+    times, device = {k: [] for k in steps}, torch.device(device)
     for _ in range(repeats):
         for k, s in steps.items():
             _sync(device); t0 = time.perf_counter(); s(); _sync(device)
@@ -123,14 +116,9 @@ def step_peak_memory(step, # a step function from `make_step`
 
 # %% ../nbs/06_bench.ipynb #c015
 def machine_info(device='cpu') -> dict:
-    "Where a benchmark ran: machine, CPU, threads, torch version, device name"
-    cpu = platform.processor()
-    try: cpu = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    dev = torch.device(device)
-    return dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-                python=platform.python_version(), torch=torch.__version__, proxprop_nb=proxprop_nb.__version__,
-                device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else cpu)
+    "Where a benchmark ran: `train.environment`, plus `threads` and `device_name` (the GPU, else the CPU)"
+    env = environment(device)
+    return dict(env, threads=env['torch_threads'], device_name=env['gpu'] or env['cpu'])
 
 # %% ../nbs/06_bench.ipynb #c016
 def benchmark(model:str='mlp', # 'mlp' or 'convnet'
@@ -222,7 +210,7 @@ def _parse(argv):
     p.add_argument('--batch-size', nargs='+', type=int, default=[500])
     p.add_argument('--widths', nargs='+', default=None, help="MLP hidden widths, e.g. 4000,1000,4000 (several allowed)")
     p.add_argument('--modes', default=','.join(MODES), help='comma separated: plain, gradient, prox_exact, prox_cgN')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default=default_device())
     p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
@@ -250,15 +238,12 @@ def run(argv=None) -> list:
     for model in a.model:
         for bs in ([16] if a.quick else a.batch_size):
             for w in ([(32, 16)] if a.quick and model == 'mlp' else a.widths if model == 'mlp' else [None]):
-                extra = {} if a.solver == 'auto' else dict(solver=a.solver)
-                r = benchmark(model, bs, a.modes, w, a.device, 3 if a.quick else a.repeats, 1 if a.quick else a.warmup, a.tau_prox, **extra)
+                r = benchmark(model, bs, a.modes, w, a.device, 3 if a.quick else a.repeats, 1 if a.quick else a.warmup, a.tau_prox, solver=a.solver)
                 print(format_table(r), end='\n\n', flush=True)
                 results.append(r)
     if a.json:
         path = Path(a.json)
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix('.tmp'); tmp.write_text(json.dumps(old + results, indent=1)); os.replace(tmp, path)
+        write_json(path, (read_json(path) if path.exists() else []) + results)
         print(f'results appended to {path}')
     return results
 
