@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .data import Cifar10, Cifar10NotFoundError, load_cifar10
-from .train import RunConfig, run_name, run_paths, train, prepare_data, read_json, default_device, _data_key
+from .train import RunConfig, run_name, run_paths, train, prepare_data, read_json, default_device, _data_key, _done
 
 # %% auto #0
 __all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'Experiment',
@@ -97,9 +97,7 @@ def protocol(cfg:RunConfig # a run's configuration
     return 'reduced: ' + ', '.join(d) if d else 'full protocol'
 
 # %% ../nbs/05_experiments.ipynb #c015
-def _is_done(cfg, out_dir):
-    path = run_paths(out_dir, cfg)[0]
-    return path.exists() and read_json(path).get('status') in ('finished', 'diverged')
+def _is_done(cfg, out_dir): return _done(run_paths(out_dir, cfg)[0], cfg) is not None  # refuses a different configuration under the same name
 
 # %% ../nbs/05_experiments.ipynb #c016
 def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'

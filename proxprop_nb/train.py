@@ -445,7 +445,7 @@ def train(cfg:RunConfig, # the run's configuration
     if path is not None:
         write_json(path, r)
         if ckpt.exists(): ckpt.unlink()
-    return read_json(path) if path is not None else _json_safe(r)
+    return _json_safe(r)  # what the file holds
 
 # %% ../nbs/04_train.ipynb #c067
 def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs):
