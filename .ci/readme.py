@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NB, README = ROOT / 'nbs' / 'index.ipynb', ROOT / 'README.md'
 HIDE = {'hide', 'exporti', 'export', 'exports', 'default_exp'}
 HEADER = '<!-- Generated from nbs/index.ipynb by `python .ci/readme.py`: edit the notebook, not this file. -->\n\n'
-_dir = re.compile(r'^\s*#\s*\|\s*([\w-]+)')
+_dir = re.compile(r'^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 
 
 def _src(cell): return ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
@@ -25,10 +25,10 @@ def _src(cell): return ''.join(cell['source']) if isinstance(cell['source'], lis
 
 def _split_directives(src):
     lines = src.splitlines()
-    names, i = set(), 0
+    names, i = {}, 0
     while i < len(lines) and (not lines[i].strip() or _dir.match(lines[i])):
         m = _dir.match(lines[i])
-        if m: names.add(m.group(1))
+        if m: names[m.group(1)] = m.group(2)
         i += 1
     return names, '\n'.join(lines[i:]).strip('\n')
 
@@ -57,7 +57,7 @@ def render(nb_path=NB):
             if src.strip(): parts.append(src.strip('\n') + '\n')
         elif cell['cell_type'] == 'code':
             names, code = _split_directives(src)
-            if names & HIDE or 'echo: false' in src or not code.strip(): continue
+            if names.keys() & HIDE or names.get('echo', '').lower() == 'false' or not code.strip(): continue
             parts.append('```python\n' + code + '\n```\n')
             parts.extend(_outputs(cell))
     return HEADER + '\n'.join(parts)

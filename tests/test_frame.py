@@ -27,6 +27,18 @@ def test_readme_renderer_detects_drift(tmp_path):
     assert _readme_module().render(tmp_path / 'index.ipynb') != (ROOT / 'README.md').read_text(encoding='utf-8')
 
 
+def test_readme_hides_cells_by_directive_only(tmp_path):
+    "Cells hidden by `#| hide`, `#| export` or `#| echo: false` stay out of the README; the same words in code do not hide a cell"
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in ["#| hide\nsecret = 1", "#| echo: false\nquiet = 2", "#| echo: true\nshown = 3",
+                                                        "text = 'echo: false'", "#|export\ndef f(): pass"]]
+    nbformat.write(nb, tmp_path / 'index.ipynb')
+    text = _readme_module().render(tmp_path / 'index.ipynb')
+    assert 'shown = 3' in text and "text = 'echo: false'" in text
+    assert 'secret' not in text and 'quiet' not in text and 'def f' not in text
+
+
 def test_readme_names_the_test_command():
     "CI (.ci/run) runs the test command written in README.md"
     readme = (ROOT / 'README.md').read_text(encoding='utf-8')
