@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_layers.ipynb #c002
 from __future__ import annotations
+import contextlib
 import copy
 import math
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .solvers import (ProxSpec, check_prox_args, prox_linear, prox_conv, ConvGeometry, conv_forward, conv_backward,
-                                 block_cg, dense_solve)
+                                 block_cg, dense_solve, work_dtype)
 
 # %% auto #0
 __all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'ProxPropConv2d', 'proxprop_module',
@@ -56,6 +57,11 @@ class ProxPropMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/02_layers.ipynb #c007
+def _amp_off(t):
+    "A context in which autocast is off for the device of `t`: the backward computes in the dtypes it chooses"
+    dt = t.device.type
+    return torch.autocast(dt, enabled=False) if dt in ('cpu', 'cuda') else contextlib.nullcontext()
+
 class _ProxFn(torch.autograd.Function):
     "Shared context of the Linear and convolution functions: inputs (x, weight, bias, *geometry, spec, layer)"
     @staticmethod
@@ -75,11 +81,13 @@ class _ProxLinearFn(_ProxFn):
     @once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        gx = g @ weight if ctx.needs_input_grad[0] else None
-        gw = gb = None
-        if _ProxFn.needs_param_grad(ctx):
-            gw, gb, ctx.layer.last_route = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), ctx.has_bias, ctx.spec)
-            gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
+        gx = gw = gb = None
+        with _amp_off(g):
+            if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)  # in the forward's dtype, as autograd
+            if _ProxFn.needs_param_grad(ctx):
+                gw, gb, ctx.layer.last_route = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                                                           ctx.has_bias, ctx.spec)
+                gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
         return gx, gw, gb, None, None
 
 # %% ../nbs/02_layers.ipynb #c008
@@ -113,10 +121,14 @@ class _ProxConvFn(_ProxFn):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         (geo,) = ctx.geometry
-        if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
-            return conv_backward(g, x, weight, geo, (True, False, False))[0], None, None, None, None, None
-        gx, gw, gb, ctx.layer.last_route = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
-        return gx, gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None), None, None, None
+        with _amp_off(g):
+            if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
+                gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
+                return gx.to(x.dtype), None, None, None, None, None
+            gx, gw, gb, ctx.layer.last_route = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec,
+                                                         ctx.needs_input_grad[0])
+        return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
+                (gb.to(weight.dtype) if gb is not None else None), None, None, None)
 
 # %% ../nbs/02_layers.ipynb #c017
 _MAX_DENSE = 4096  # largest number of unknowns per row for which an exact step forms the operator column by column
@@ -175,15 +187,27 @@ class _ProxGenericFn(torch.autograd.Function):
     def backward(ctx, g):
         (out, x_, p_), layer, spec = ctx.graph, ctx.layer, ctx.spec
         ins = ([x_] if ctx.needs_input_grad[0] else []) + p_
-        grads = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True)
-        gx = grads[0] if ctx.needs_input_grad[0] else None
-        grad = [torch.zeros_like(p) if q is None else q for p, q in zip(p_, grads[-len(p_):])]
-        if spec.kind != 'gradient': grad = layer._prox_generic(out, x_.detach(), p_, grad, spec)
-        else: layer.last_route = 'gradient'
+        with _amp_off(g):
+            grads = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True)
+            gx = grads[0] if ctx.needs_input_grad[0] else None
+            grad = [torch.zeros_like(p) if q is None else q for p, q in zip(p_, grads[-len(p_):])]
+            if spec.kind == 'gradient': layer.last_route = 'gradient'
+            else: grad = layer._prox_generic(*_full_precision(layer, out, x_, p_, grad, g), spec)
         ctx.graph = None
-        return (gx, None, None, *grad)
+        return (gx, None, None, *[q.to(p.dtype) for q, p in zip(grad, p_)])
 
 # %% ../nbs/02_layers.ipynb #c026
+def _full_precision(layer, out, x_, p_, grad, g):
+    "(out, x, params, grad) for the solve: as given in float32/64, else the graph rebuilt without autocast in float32"
+    wd = work_dtype(out.dtype, x_.dtype, *[p.dtype for p in p_])
+    if all(t.dtype == wd for t in (out, x_, *p_)): return out, x_.detach(), p_, grad
+    with torch.enable_grad():  # the forward ran under autocast or in half precision: phi and phi* in the work dtype
+        x32, p32 = x_.detach().to(wd), [p.detach().to(wd).requires_grad_() for p in p_]
+        out32 = layer._phi(p32, x32)
+    grad32 = torch.autograd.grad(out32, p32, g.to(wd), retain_graph=True, allow_unused=True)
+    return out32, x32, p32, [torch.zeros_like(p) if q is None else q for p, q in zip(p32, grad32)]
+
+# %% ../nbs/02_layers.ipynb #c027
 class _ProxGenericMixin(ProxPropMixin):
     "ProxProp behaviour of a module that is linear in its parameters, through autograd and functional_call"
     def _check_supported(self, spec):
@@ -205,7 +229,7 @@ class _ProxGenericMixin(ProxPropMixin):
         if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass more)')
         return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
 
-# %% ../nbs/02_layers.ipynb #c028
+# %% ../nbs/02_layers.ipynb #c029
 def _generic_step(self, out, x, p_, grad, spec):
     "ProxProp direction for a generic linear module from its autograd graph `out` and parameter gradient `grad`"
     with torch.no_grad():
@@ -230,7 +254,7 @@ def _generic_step(self, out, x, p_, grad, spec):
 
 _ProxGenericMixin._prox_generic = _generic_step
 
-# %% ../nbs/02_layers.ipynb #c030
+# %% ../nbs/02_layers.ipynb #c031
 _CLASSES = {nn.Linear: ProxPropLinear, nn.Conv2d: ProxPropConv2d}
 
 def _rebuild(base, state):
@@ -260,7 +284,7 @@ def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward 
     _CLASSES[BaseModule] = cls
     return cls
 
-# %% ../nbs/02_layers.ipynb #c037
+# %% ../nbs/02_layers.ipynb #c038
 def _twin(module, cls, **prox):
     "A module of class `cls` sharing all state of `module`"
     new = cls.__new__(cls)
@@ -277,7 +301,7 @@ def _swap(model, pick, make):
         setattr(model.get_submodule(parent) if parent else model, attr, make(m))
     return targets
 
-# %% ../nbs/02_layers.ipynb #c038
+# %% ../nbs/02_layers.ipynb #c039
 def proxpropify(model:nn.Module, # the model to convert in place
                 tau_prox:float=1.0, # proximal step size tau_theta > 0
                 optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'

@@ -9,6 +9,7 @@ import itertools
 import math
 import numbers
 import re
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'STRIP_PENALTY', 'GRAM_CHUNK', 'parse_mode', 'ProxSpec', 'check_prox_args',
-           'rowdot', 'rowscale', 'block_cg', 'work_dtype', 'spd_inverse', 'linear_primal_gram', 'linear_dual_gram',
-           'dual_cg', 'linear_flops', 'choose_route', 'prox_linear', 'ConvGeometry', 'conv_forward', 'conv_backward',
-           'dense_solve', 'conv_gram_flops', 'conv_gram', 'conv_flops', 'prox_conv']
+__all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'ROUTE_POLICIES', 'STRIP_PENALTY', 'GRAM_CHUNK', 'parse_mode', 'ProxSpec',
+           'check_prox_args', 'rowdot', 'rowscale', 'block_cg', 'work_dtype', 'spd_inverse', 'linear_primal_gram',
+           'linear_dual_gram', 'dual_cg', 'linear_flops', 'choose_route', 'warm_timer', 'RouteChooser', 'route_chooser',
+           'set_route_choice', 'prox_linear', 'ConvGeometry', 'conv_forward', 'conv_backward', 'dense_solve',
+           'conv_gram_flops', 'conv_gram', 'conv_flops', 'prox_conv']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -110,9 +112,9 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     return X, k
 
 # %% ../nbs/01_solvers.ipynb #c024
-def work_dtype(dtype):
-    "The dtype to solve in: float32 for half-precision inputs, else the input dtype"
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def work_dtype(*dtypes):
+    "The dtype to solve in: float64 if any of `dtypes` is float64, else float32 (half precision is solved in float32)"
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 def spd_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch of them)
                ) -> torch.Tensor|None: # the inverse in A's dtype, or None if no Cholesky factor exists
@@ -194,13 +196,78 @@ def linear_flops(N:int, # batch size (rows of A)
 def choose_route(flops:dict, # route -> flops, as from `linear_flops`
                  solver:str='auto', # 'auto' or a forced route
                 ) -> str:
-    "The cheapest route, or the forced one if it is available"
+    "The cheapest route by the flop model, or the forced one if it is available"
     if not flops: raise ValueError('no proximal solver route is available for this layer and mode')
     if solver == 'auto': return min(flops, key=flops.get)
     if solver not in flops: raise ValueError(f"solver={solver!r} is not available here: use one of {sorted(flops)} or 'auto'")
     return solver
 
 # %% ../nbs/01_solvers.ipynb #c038
+ROUTE_POLICIES = ('model', 'measure')
+
+def warm_timer(run, # computes one step by one route
+               sync, # waits for the device
+              ) -> tuple: # (seconds, result)
+    "Run once to warm up (allocations, library handles), then time one synchronised call"
+    run(); sync()
+    t0 = time.perf_counter(); out = run(); sync()
+    return time.perf_counter() - t0, out
+
+class RouteChooser:
+    "How `solver='auto'` picks a route: the flop model ('model'), or the fastest measured route per key ('measure')"
+    def __init__(self, policy:str='model', # 'model' or 'measure'
+                 sync=lambda: None, # waits for the device (torch.cuda.synchronize on CUDA)
+                 timer=warm_timer, # (run, sync) -> (seconds, result)
+                 prune:float=20., # time only routes within this factor of the fewest flops
+                ):
+        if policy not in ROUTE_POLICIES: raise ValueError(f"policy={policy!r} is not valid: use one of {ROUTE_POLICIES}")
+        self.policy, self.sync, self.timer, self.prune = policy, sync, timer, prune
+        self.choices = {}  # key -> (route, {route: seconds}) of every measured choice
+
+    def __call__(self, key, # hashable: the layer's shapes and settings
+                 flops:dict, # route -> flops of every available route
+                 runs:dict, # route -> function computing the step by that route
+                ) -> tuple: # (route, its result, or None if the caller still has to compute it)
+        if self.policy == 'model': return choose_route(flops), None
+        if key in self.choices: return self.choices[key][0], None
+        least = max(min(flops.values()), 1)
+        cands = [r for r in sorted(flops, key=flops.get) if flops[r] <= self.prune * least]
+        times, best, result = {}, None, None
+        for r in cands if len(cands) > 1 else ():
+            times[r], out = self.timer(runs[r], self.sync)
+            if best is None or times[r] < times[best]: best, result = r, out
+        self.choices[key] = (best or cands[0], times)
+        return best or cands[0], result
+
+    def __repr__(self): return f"RouteChooser({self.policy!r}, {len(self.choices)} measured choices)"
+
+# %% ../nbs/01_solvers.ipynb #c039
+_DEFAULT_POLICY = {'cuda': 'measure'}  # other device types: 'model'
+_CHOOSERS = {}
+
+def _device_sync(device_type):
+    return torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
+
+def route_chooser(device) -> RouteChooser:
+    "The `RouteChooser` that `solver='auto'` uses for tensors on `device`"
+    t = torch.device(device).type
+    if t not in _CHOOSERS: _CHOOSERS[t] = RouteChooser(_DEFAULT_POLICY.get(t, 'model'), _device_sync(t))
+    return _CHOOSERS[t]
+
+def set_route_choice(policy:str, # 'model' (flop model) or 'measure' (time each route once per shape)
+                     device_type:str='cuda', # the device type it applies to: 'cuda', 'cpu', ...
+                    ) -> RouteChooser:
+    "Set how `solver='auto'` picks routes on a device type; forgets earlier measurements"
+    _CHOOSERS[device_type] = RouteChooser(policy, _device_sync(device_type))
+    return _CHOOSERS[device_type]
+
+def _pick(flops:dict, runs:dict, solver, chooser, key):
+    "(route, result): the forced route, else the chooser's"
+    if solver != 'auto': r = choose_route(flops, solver); return r, runs[r]()
+    r, out = chooser(key, flops, runs)
+    return r, (runs[r]() if out is None else out)
+
+# %% ../nbs/01_solvers.ipynb #c042
 def _fallback_warning(what, n):
     warnings.warn(f"ProxProp: the Cholesky factorization of the {what} Gram matrix failed in float32 and float64 "
                   f"(tau_prox too large for this data?); falling back to {n} CG iterations for this step.", RuntimeWarning, stacklevel=3)
@@ -215,22 +282,26 @@ def _exact_or_cg(G, rhs_rows, what):
     (X,), _ = block_cg(lambda P: [P[0] @ G], [rhs_rows], n, tol=1e-7)
     return X
 
-# %% ../nbs/01_solvers.ipynb #c039
+# %% ../nbs/01_solvers.ipynb #c043
 def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
                 g:torch.Tensor, # gradient of the loss w.r.t. the layer outputs (N, out_features)
                 bias:bool, # whether the layer has a bias
                 spec:ProxSpec, # the step's settings, from `check_prox_args`
+                chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: `route_chooser(x.device)`
                ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, route)
     "The ProxProp direction (A^T A + I/tau_prox)^-1 grad for an nn.Linear layer, by the cheapest route"
-    wd = work_dtype(x.dtype)
+    if spec.kind == 'gradient':  # autograd's gradient, in the dtype of the forward computation (g's)
+        return g.T @ x.to(g.dtype), (g.sum(0) if bias else None), 'gradient'
+    wd = work_dtype(x.dtype, g.dtype)
     x, g = x.to(wd), g.to(wd)
-    N, d = x.shape
-    if spec.kind == 'gradient':
-        return g.T @ x, (g.sum(0) if bias else None), 'gradient'
-    route = choose_route(linear_flops(N, d + bias, g.shape[1], spec.kind, spec.n_iter), spec.solver)
-    return (*_LINEAR_ROUTES[route](x, g, bias, spec), route)
+    (N, d), out = x.shape, g.shape[1]
+    flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
+    runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
+    key = ('linear', str(x.device), wd, N, d, out, bias, spec)
+    route, (W, b) = _pick(flops, runs, spec.solver, chooser or route_chooser(x.device), key)
+    return W, b, route
 
-# %% ../nbs/01_solvers.ipynb #c041
+# %% ../nbs/01_solvers.ipynb #c045
 def _split(D, d, bias):
     "(weight, bias) from a matrix [W | b]"
     return (D[:, :d], D[:, d]) if bias else (D, None)
@@ -267,7 +338,7 @@ def _linear_matrix_free(x, g, bias, spec):
 
 _LINEAR_ROUTES = {'dual': _linear_dual, 'primal': _linear_primal, 'matrix_free': _linear_matrix_free}
 
-# %% ../nbs/01_solvers.ipynb #c049
+# %% ../nbs/01_solvers.ipynb #c053
 @dataclass(frozen=True)
 class ConvGeometry:
     "The arguments of a convolution that define its linear map (padding_mode 'zeros' after any explicit padding)"
@@ -284,9 +355,16 @@ class ConvGeometry:
         pad = (0,) * len(m.stride) if m.padding_mode != 'zeros' or isinstance(m.padding, str) else tuple(m.padding)
         return cls(tuple(m.stride), pad, tuple(m.dilation), bool(m.transposed), tuple(m.output_padding), m.groups)
 
+_CONV_FNS = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
+             (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
+
 def conv_forward(x, weight, bias, geo:ConvGeometry):
-    "phi: the convolution of `x` with `weight` and `bias` (bias may be None)"
-    return torch.convolution(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.transposed, geo.output_padding, geo.groups)
+    "phi: the convolution of `x` with `weight` and `bias` (bias may be None), through the functional the module calls"
+    fn = _CONV_FNS.get((weight.dim() - 2, geo.transposed))  # so that autocast treats it as it treats the module
+    if fn is None: return torch.convolution(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.transposed,
+                                            geo.output_padding, geo.groups)
+    if geo.transposed: return fn(x, weight, bias, geo.stride, geo.padding, geo.output_padding, geo.groups, geo.dilation)
+    return fn(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
 def conv_backward(g, x, weight, geo:ConvGeometry, mask):
     "(grad_input, grad_weight, grad_bias) of the convolution, for the outputs selected by `mask`"
@@ -294,7 +372,7 @@ def conv_backward(g, x, weight, geo:ConvGeometry, mask):
     return torch.ops.aten.convolution_backward(g, x, weight, bias_sizes, list(geo.stride), list(geo.padding), list(geo.dilation),
                                                geo.transposed, list(geo.output_padding), geo.groups, list(mask))
 
-# %% ../nbs/01_solvers.ipynb #c052
+# %% ../nbs/01_solvers.ipynb #c056
 def _conv_rows(geo, single=False):
     "(to_rows, from_rows) mapping a weight to a view with output channels in dimension 0 and back; None, None for one row"
     if single: return None, None
@@ -322,7 +400,7 @@ def _conv_matrix_free(x, weight, bias, geo, spec, grad):
     X, _ = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
     return from_rows(X)
 
-# %% ../nbs/01_solvers.ipynb #c054
+# %% ../nbs/01_solvers.ipynb #c058
 def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SPD operator applied to each row
                 rhs:list, # right-hand sides, rows in dimension 0
                 what:str, # the layer, for the warning if the factorization fails
@@ -345,7 +423,7 @@ def _conv_dense(x, weight, bias, geo, spec, grad):
     apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
     return from_rows(dense_solve(apply_M, to_rows(*grad), 'transposed convolution'))
 
-# %% ../nbs/01_solvers.ipynb #c056
+# %% ../nbs/01_solvers.ipynb #c060
 def _wgrad(go, inp, ksize, stride, dilation, groups=1):
     "Weight gradient of a convolution with 'grad_output' `go` on input `inp` (no padding): a correlation"
     D = len(ksize)
@@ -355,7 +433,7 @@ def _wgrad(go, inp, ksize, stride, dilation, groups=1):
 
 def _out_size(n, k, s, p, d): return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
-# %% ../nbs/01_solvers.ipynb #c057
+# %% ../nbs/01_solvers.ipynb #c061
 def _gram_offsets(x, ksize, geo):
     "Patch Gram matrix (C k^D)^2 of a zero-padded input, one weight-gradient call per kernel offset"
     D, (N, C) = len(ksize), x.shape[:2]
@@ -367,13 +445,13 @@ def _gram_offsets(x, ksize, geo):
         G[(slice(None), *off)] = _wgrad(xp[(slice(None), slice(None), *crop)], xp, ksize, geo.stride, geo.dilation)
     return G.reshape(C * math.prod(ksize), C * math.prod(ksize))
 
-# %% ../nbs/01_solvers.ipynb #c059
+# %% ../nbs/01_solvers.ipynb #c063
 def _strips(x, xe, lines, e, K2, dil, dim):
     "Correlations restricted to single rows (dim=2) or columns (dim=3) of x, for every shift: (L, C, C, K2, K2)"
     go = torch.cat([x.narrow(dim, r, 1) for r in lines], 1)
     inp = torch.cat([xe.narrow(dim, r, 2 * e + 1) for r in lines], 1)
     C = x.shape[1]
-    return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).view(len(lines), C, C, K2, K2)
+    return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).reshape(len(lines), C, C, K2, K2)
 
 def _gram_correlation(x, k, geo):
     "Patch Gram matrix of a 2-D stride-1 convolution from one full correlation and border corrections"
@@ -399,7 +477,7 @@ def _gram_correlation(x, k, geo):
     G = T[i[:, None, None, None], i[None, :, None, None], :, :, sh[:, None, :, None], sh[None, :, None, :]]
     return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
 
-# %% ../nbs/01_solvers.ipynb #c061
+# %% ../nbs/01_solvers.ipynb #c065
 def _window_sums(x, ksize, geo):
     "sum over samples and output positions of each patch entry: A^T 1 for the bias column, shape (C k^D,)"
     s = F.pad(x.sum(0, keepdim=True), [q for p in reversed(geo.padding) for q in (p, p)])
@@ -441,11 +519,17 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
               bias:bool=True, # add the bias row and column
               beta:float=0., # added to the diagonal
               route:str='auto', # 'auto', 'offsets' or 'correlation'
+              chooser:RouteChooser|None=None, # how 'auto' picks the route; None: the flop model
              ) -> torch.Tensor: # (groups, C/groups * prod(ksize) + bias, same)
     "Patch Gram matrices A^T A + beta I of a convolution, one per group"
     if geo.transposed: raise NotImplementedError('the patch Gram of a transposed convolution')
     Cg = x.shape[1] // geo.groups
-    r = _gram_route((x.shape[0], Cg, *x.shape[2:]), tuple(ksize), geo, route)
+    shape = (x.shape[0], Cg, *x.shape[2:])
+    if route == 'auto' and chooser is not None and chooser.policy != 'model':
+        flops = conv_gram_flops(shape, tuple(ksize), geo)
+        runs = {r: functools.partial(conv_gram, x, ksize, geo, bias, beta, r) for r in flops}
+        return _pick(flops, runs, 'auto', chooser, ('gram', str(x.device), x.dtype, shape, tuple(ksize), geo, bias))[1]
+    r = _gram_route(shape, tuple(ksize), geo, route)
     n = Cg * math.prod(ksize)
     Gs = x.new_zeros(geo.groups, n + bias, n + bias)
     P = math.prod(_out_size(m, k, s, p, d) for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
@@ -461,7 +545,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     Gs.diagonal(dim1=1, dim2=2).add_(beta)
     return Gs
 
-# %% ../nbs/01_solvers.ipynb #c066
+# %% ../nbs/01_solvers.ipynb #c070
 def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='textbook') -> dict:
     "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`; the official CG runs matrix-free only"
     conv = 2 * math.prod(out_shape) * math.prod(w_shape[1:]) if not geo.transposed else 2 * math.prod(x_shape) * math.prod(w_shape[1:])
@@ -478,12 +562,18 @@ def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='t
         f['primal'] = gram + (geo.groups * 4 * n**3 / 3 + 2 * rows * n * n if kind == 'exact' else n_iter * 2 * rows * n * n)
     return f
 
-# %% ../nbs/01_solvers.ipynb #c067
-@functools.lru_cache(maxsize=1024)  # shapes repeat every step: the flop model runs once per layer shape and setting
-def _conv_route(x_shape, w_shape, out_shape, geo, kind, n_iter, variant, solver):
-    return choose_route(conv_flops(x_shape, w_shape, out_shape, w_shape[2:], geo, kind, n_iter, variant), solver)
+# %% ../nbs/01_solvers.ipynb #c071
+_conv_flops = functools.lru_cache(maxsize=1024)(conv_flops)  # shapes repeat every step: the model runs once per shape
 
-# %% ../nbs/01_solvers.ipynb #c068
+# %% ../nbs/01_solvers.ipynb #c072
+def _conv_grads(x, g, weight, geo, need_input_grad, bias, wd):
+    "(grad_input in g's dtype, grad_weight and grad_bias in the work dtype `wd`)"
+    if x.dtype == g.dtype == weight.dtype == wd:  # one call
+        return conv_backward(g, x, weight, geo, (need_input_grad, True, bias))
+    gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0] if need_input_grad else None
+    _, gw, gb = conv_backward(g.to(wd), x.to(wd), weight.to(wd), geo, (False, True, bias))
+    return gx, gw, gb
+
 def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already if padding_mode != 'zeros'
               g:torch.Tensor, # gradient of the loss w.r.t. the layer output
               weight:torch.Tensor, # the layer's weight (its shape and dtype; values only for the input gradient)
@@ -491,26 +581,29 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
               geo:ConvGeometry, # the convolution's geometry
               spec:ProxSpec, # the step's settings
               need_input_grad:bool=True, # also return the input gradient
+              chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: `route_chooser(x.device)`
              ) -> tuple: # (grad_input or None, grad_weight, grad_bias or None, route)
     "Input gradient and ProxProp direction of a convolution layer, by the cheapest route"
-    wd = work_dtype(x.dtype)
-    gx, gw, gb = conv_backward(g, x, weight, geo, (need_input_grad, True, bias))
-    if spec.kind == 'gradient': return gx, gw, gb, 'gradient'
-    xw, gw, gb = x.to(wd), gw.to(wd), (gb.to(wd) if bias else None)
-    ksize = weight.shape[2:]
-    route = _conv_route(x.shape, weight.shape, g.shape, geo, spec.kind, spec.n_iter, spec.cg_variant, spec.solver)
-    if route in _CONV_OPERATOR_ROUTES:
-        W, b = _CONV_OPERATOR_ROUTES[route](xw, weight.to(wd), bias, geo, spec, (gw, gb))
-        return gx, W, b, route
-    return (gx, *_conv_primal(xw, gw, gb, ksize, geo, spec), route)
+    if spec.kind == 'gradient':  # autograd's gradients, in the dtype of the forward computation (g's)
+        return (*conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (need_input_grad, True, bias)), 'gradient')
+    wd = work_dtype(x.dtype, g.dtype)
+    gx, gw, gb = _conv_grads(x, g, weight, geo, need_input_grad, bias, wd)
+    xw, ksize, chooser = x.to(wd), weight.shape[2:], chooser or route_chooser(x.device)
+    flops = _conv_flops(x.shape, weight.shape, g.shape, ksize, geo, spec.kind, spec.n_iter, spec.cg_variant)
+    runs = {r: functools.partial(_CONV_OPERATOR_ROUTES[r], xw, weight.to(wd), bias, geo, spec, (gw, gb))
+            for r in flops if r in _CONV_OPERATOR_ROUTES}
+    if 'primal' in flops: runs['primal'] = functools.partial(_conv_primal, xw, gw, gb, ksize, geo, spec, chooser)
+    key = ('conv', str(x.device), wd, tuple(x.shape), tuple(weight.shape), geo, bias, spec)
+    route, (W, b) = _pick(flops, runs, spec.solver, chooser, key)
+    return gx, W, b, route
 
-# %% ../nbs/01_solvers.ipynb #c069
+# %% ../nbs/01_solvers.ipynb #c073
 _CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
 
-def _conv_primal(x, gw, gb, ksize, geo, spec):
+def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None):
     "Exact or CG step on the patch Gram matrices, one per group"
     bias = gb is not None
-    G = conv_gram(x, ksize, geo, bias, spec.beta)
+    G = conv_gram(x, ksize, geo, bias, spec.beta, chooser=chooser)
     M, Mg = gw.shape[0], gw.shape[0] // geo.groups
     rhs = torch.cat([gw.reshape(M, -1), gb[:, None]], 1) if bias else gw.reshape(M, -1)
     D = torch.empty_like(rhs)
