@@ -161,33 +161,40 @@ def route_times(layer:str, # 'linear' or 'conv2d'
                 repeats:int=5, # the minimum of `repeats` timings is reported
                 tau_prox:float=1.0,
                 seed:int=0,
-               ) -> dict: # route -> dict(ms, flops), plus 'auto' -> the route the flop model picks
-    "Time the proximal step of one layer by each route, with the flop model's cost of each"
-    from proxprop_nb.solvers import prox_linear, prox_conv, linear_flops, conv_flops, choose_route, check_prox_args, ConvGeometry
-    g = torch.Generator().manual_seed(seed)
+                device='cpu', # where to run (synchronised around each timing on CUDA)
+               ) -> dict: # route -> dict(ms, flops); 'auto': the flop model's route; 'fastest': the fastest timed
+    "Time the proximal step of one layer by each route, with the flop model's cost of each; for a conv2d also each patch-Gram route"
+    from proxprop_nb.solvers import (prox_linear, prox_conv, linear_flops, conv_flops, conv_gram, conv_gram_flops, choose_route,
+                                     check_prox_args, ConvGeometry, RouteChooser)
+    g, dev, model = torch.Generator().manual_seed(seed), torch.device(device), RouteChooser('model')
     spec = lambda r: check_prox_args(tau_prox, mode, cg_tol=0, solver=r)
     kind, n = spec('auto').kind, spec('auto').n_iter
+    runs = {}
     if layer == 'linear':
         N, d, out = shape
-        x, gr = torch.rand(N, d, generator=g), torch.randn(N, out, generator=g)
+        x, gr = torch.rand(N, d, generator=g).to(dev), torch.randn(N, out, generator=g).to(dev)
         flops = linear_flops(N, d + 1, out, kind, n)
-        run = lambda r: prox_linear(x, gr, True, spec(r))
+        runs = {r: (lambda r=r: prox_linear(x, gr, True, spec(r), model)) for r in flops}
     elif layer == 'conv2d':
         N, C, H, M, k = shape
         conv = nn.Conv2d(C, M, k, padding=k // 2)
         geo = ConvGeometry.of(conv)
-        x = torch.rand(N, C, H, H, generator=g); gr = torch.randn(N, M, H, H, generator=g)
-        w = conv.weight.detach()
+        x = torch.rand(N, C, H, H, generator=g).to(dev); gr = torch.randn(N, M, H, H, generator=g).to(dev)
+        w = conv.weight.detach().to(dev)
         flops = conv_flops(x.shape, w.shape, gr.shape, w.shape[2:], geo, kind, n)
-        run = lambda r: prox_conv(x, gr, w, True, geo, spec(r), need_input_grad=False)
+        runs = {r: (lambda r=r: prox_conv(x, gr, w, True, geo, spec(r), need_input_grad=False, chooser=model)) for r in flops}
+        for r, f in conv_gram_flops(x.shape, w.shape[2:], geo).items():
+            flops[f'gram:{r}'] = f
+            runs[f'gram:{r}'] = lambda r=r: conv_gram(x, w.shape[2:], geo, True, 1.0, r)
     else: raise ValueError(f"layer={layer!r} is not valid: use 'linear' or 'conv2d'")
     out = {}
-    for r in flops:
-        run(r); ts = []
+    for r, run in runs.items():
+        run(); ts = []
         for _ in range(repeats):
-            t0 = time.perf_counter(); run(r); ts.append(time.perf_counter() - t0)
+            _sync(dev); t0 = time.perf_counter(); run(); _sync(dev); ts.append(time.perf_counter() - t0)
         out[r] = dict(ms=min(ts) * 1e3, flops=flops[r])
-    out['auto'] = choose_route(flops)
+    steps = [r for r in out if not r.startswith('gram:')]
+    out['auto'], out['fastest'] = choose_route({r: flops[r] for r in steps}), min(steps, key=lambda r: out[r]['ms'])
     return out
 
 # %% ../nbs/06_bench.ipynb #c023

@@ -274,7 +274,8 @@ def _tau(s):
 # %% ../nbs/05_experiments.ipynb #c041
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='proxprop-experiment', description='Run the experiments of section 5 of the ProxProp paper '
-        '(fig2, table1, fig3); finished runs in --out are skipped, interrupted ones resume.')
+        '(fig2, table1, fig3); finished runs in --out are skipped, interrupted ones resume. '
+        '`proxprop-experiment campaign --help`: the GPU campaign (tests, benchmark, all three in one budget).')
     p.add_argument('experiment', choices=list(EXPERIMENTS), help='; '.join(e.title for e in EXPERIMENTS.values()))
     p.add_argument('--quick', action='store_true', help='smoke test: %(n_train)d training images, %(n_eval)d validation/test images, %(epochs)d epochs' % QUICK)
     p.add_argument('--data', help='CIFAR-10 source: cifar-10-batches-py folder, ImageFolder tree or .tar.gz of either (default: the usual places, else a torchvision download)')
@@ -301,6 +302,10 @@ def _summary(experiment, rows) -> str:
 def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
         ) -> int:
     "The `proxprop-experiment` command: run an experiment and print where its results are and a summary"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['campaign']:
+        from proxprop_nb.campaign import main as campaign_main
+        return campaign_main(argv[1:])
     p = _parser()
     a = p.parse_args(argv)
     if a.device is not None:
@@ -322,3 +327,6 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     tidy = [_row(r) for r in rows]
     print(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
     return 0
+
+# %% ../nbs/05_experiments.ipynb #c045
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.experiments

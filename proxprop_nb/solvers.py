@@ -412,7 +412,8 @@ def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SP
     for j in range(0, n, R):
         k = min(R, n - j)
         E = rhs[0].new_zeros(R, n)
-        E[torch.arange(k), j + torch.arange(k)] = 1
+        ar = torch.arange(k, device=E.device)  # indices on the device: no host copy
+        E[ar, j + ar] = 1
         MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), rhs)])
         cols.append(torch.cat([m.reshape(R, -1) for m in MP], 1)[:k])
     X = _exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
@@ -453,6 +454,11 @@ def _strips(x, xe, lines, e, K2, dil, dim):
     C = x.shape[1]
     return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).reshape(len(lines), C, C, K2, K2)
 
+@functools.lru_cache(maxsize=256)  # one small constant per shape: built once, so later steps copy nothing to the device
+def _excluded(lines:tuple, windows:tuple, dtype, device):
+    "ex[i, r] = 1 if line r lies outside the window of kernel offset i"
+    return torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in windows], dtype=dtype, device=device)
+
 def _gram_correlation(x, k, geo):
     "Patch Gram matrix of a 2-D stride-1 convolution from one full correlation and border corrections"
     (N, C, H, W), (p, q), (dh, dw) = x.shape, geo.padding, geo.dilation
@@ -465,7 +471,7 @@ def _gram_correlation(x, k, geo):
     wr, wc = win(H, Ho, p), win(W, Wo, q)
     rows = sorted({r for r in range(H) for lo, hi in wr if not lo <= r < hi})
     cols = sorted({c for c in range(W) for lo, hi in wc if not lo <= c < hi})
-    ex = lambda lines, w: torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in w], dtype=x.dtype, device=x.device)
+    ex = lambda lines, w: _excluded(tuple(lines), tuple(w), x.dtype, x.device)
     if rows: T -= torch.einsum('ir,rcdab->icdab', ex(rows, wr), _strips(x, xe, rows, e, K2, (d, d), 2)).unsqueeze(1)
     if cols: T -= torch.einsum('jq,qcdab->jcdab', ex(cols, wc), _strips(x, xe, cols, e, K2, (d, d), 3)).unsqueeze(0)
     if rows and cols:  # corners: sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b], one small matrix product per position

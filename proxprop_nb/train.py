@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_train.ipynb #c002
 from __future__ import annotations
+import hashlib
 import json
 import math
 import os
@@ -28,8 +29,8 @@ from .data import Cifar10, load_cifar10, minibatches
 # %% auto #0
 __all__ = ['MLP_SIZES', 'CONVNET_CHANNELS', 'OPTIMIZERS', 'MODELS', 'HISTORY_KEYS', 'mlp', 'convnet', 'make_optimizer',
            'RunConfig', 'run_name', 'synthetic_cifar10', 'prepare_data', 'evaluate', 'epoch_generator', 'train_epoch',
-           'write_json', 'read_json', 'environment', 'save_checkpoint', 'load_checkpoint', 'default_device',
-           'build_model', 'run_paths', 'train', 'format_history']
+           'write_json', 'read_json', 'source_hash', 'environment', 'save_checkpoint', 'load_checkpoint',
+           'default_device', 'build_model', 'run_paths', 'train', 'format_history']
 
 # %% ../nbs/04_train.ipynb #c006
 MLP_SIZES = (3072, 4000, 1000, 4000, 10)
@@ -305,15 +306,35 @@ def _git_commit() -> str|None:
         return head.stdout.strip() + ('+dirty' if run('status', '--porcelain', '--untracked-files=no').stdout.strip() else '')
     except (OSError, subprocess.SubprocessError): return None
 
+def source_hash() -> str:
+    "sha256 (first 16 hex digits) of the package's Python sources, file names included: which code ran, without git"
+    h = hashlib.sha256()
+    for f in sorted(Path(proxprop_nb.__file__).resolve().parent.glob('*.py')):
+        h.update(f.name.encode() + b'\0' + f.read_bytes() + b'\0')
+    return h.hexdigest()[:16]
+
+def _commit() -> tuple: # (commit, how it is known)
+    "The git commit of the code, from git; else from $PROXPROP_GIT_COMMIT (a copy of a checkout without .git)"
+    c = _git_commit()
+    if c is not None: return c, 'git'
+    c = os.environ.get('PROXPROP_GIT_COMMIT')
+    return (c, 'PROXPROP_GIT_COMMIT') if c else (None, None)
+
 # %% ../nbs/04_train.ipynb #c050
 def environment(device='cpu' # the device a run uses
                ) -> dict:
-    "Where and with what a run ran: versions, device, CPU model, threads, GPU name, git commit"
+    "Where and with what a run ran: versions, device, CPU model, threads, GPU, git commit and a hash of the sources"
     device = torch.device(device)
+    commit, commit_from = _commit()
     env = dict(proxprop_nb=proxprop_nb.__version__, torch=torch.__version__, python=platform.python_version(),
                platform=platform.platform(), device=str(device), cpu=_cpu_model(), cpu_count=os.cpu_count(),
-               torch_threads=torch.get_num_threads(), gpu=None, cuda=torch.version.cuda, git_commit=_git_commit())
-    if device.type == 'cuda': env['gpu'] = torch.cuda.get_device_name(device)
+               torch_threads=torch.get_num_threads(), gpu=None, cuda=torch.version.cuda, git_commit=commit,
+               commit_from=commit_from, source_hash=source_hash())
+    if device.type == 'cuda':
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gb=round(p.total_memory / 2**30, 1),
+                   gpu_capability=f'{p.major}.{p.minor}', tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                   tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return env
 
 # %% ../nbs/04_train.ipynb #c054
@@ -426,9 +447,10 @@ def train(cfg:RunConfig, # the run's configuration
           progress:bool=True, # show a text progress bar on stderr
           log=None, # called with one line per epoch, e.g. print; None: silent
           stop_after:int|None=None, # stop after this many epochs in this call, keeping the checkpoint (a time box)
+          deadline:float|None=None, # a time.time(): stop before an epoch that would end after it, keeping the checkpoint
           meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
           eval_batch_size:int=1000 # chunk size of the evaluations
-         ) -> dict: # the results record (status 'finished', 'diverged' or, after stop_after, 'stopped')
+         ) -> dict: # the results record (status 'finished', 'diverged', or 'stopped' by stop_after or deadline)
     "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
     device, log = torch.device(device or default_device()), log or (lambda s: None)
     path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
@@ -438,8 +460,10 @@ def train(cfg:RunConfig, # the run's configuration
     model = build_model(cfg).to(device)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     h, first, started, resumed = _start(cfg, model, opt, d, device, ckpt, eval_batch_size)
-    status, diverged_at = _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, eval_batch_size)
-    if status == 'stopped': return dict(name=run_name(cfg), status='stopped', epochs_done=h['epoch'][-1], history=h, config=cfg.to_dict())
+    status, diverged_at = _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after,
+                                eval_batch_size, deadline)
+    if status == 'stopped': return dict(name=run_name(cfg), status='stopped', epochs_done=h['epoch'][-1], history=h,
+                                        config=cfg.to_dict(), checkpoint=str(ckpt) if ckpt is not None else None)
     test = evaluate(model, d.x_test, d.y_test, eval_batch_size) if status == 'finished' else (None, None)
     r = _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta)
     if path is not None:
@@ -448,7 +472,7 @@ def train(cfg:RunConfig, # the run's configuration
     return _json_safe(r)  # what the file holds
 
 # %% ../nbs/04_train.ipynb #c067
-def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs):
+def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None):
     "Run epochs first..cfg.epochs; return (status, diverged_at)"
     name, steps = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size)
     if not math.isfinite(h['train_loss'][-1]): return 'diverged', dict(epoch=h['epoch'][-1], step=None, where='full-batch loss')
@@ -456,6 +480,9 @@ def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress
               file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
         for epoch in range(first, cfg.epochs + 1):
             if stop_after is not None and epoch - first >= stop_after: return 'stopped', None
+            if deadline is not None and h['epoch'][-1] >= 1 and time.time() + h['train_time'][-1] + h['eval_time'][-1] > deadline:
+                log(f'{name}: stopped before epoch {epoch}, which would end after the deadline; the checkpoint resumes it')
+                return 'stopped', None
             _sync(device); t0 = time.perf_counter()
             mb, bad = train_epoch(model, opt, d.x_train, d.y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), bar)
             _sync(device); t = time.perf_counter() - t0

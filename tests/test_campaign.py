@@ -1,0 +1,111 @@
+"""The GPU campaign (proxprop_nb.campaign), rehearsed on the CPU with a random stand-in for CIFAR-10."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import proxprop_nb
+from proxprop_nb import campaign as C
+from proxprop_nb.train import RunConfig, run_name, run_paths, read_json, source_hash
+
+ROOT = Path(proxprop_nb.__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def thread_pool():
+    "A pool whose workers are threads of this process (schedule_runs only submits): the worker state set up here"
+    C._worker_init('synthetic', 'cpu', 1, False)
+    with ThreadPoolExecutor(1) as pool: yield pool
+    C._WORKER.clear()
+
+
+def small_plan(n):
+    return [('table1', RunConfig(lr=lr, sizes=(3072, 16, 10), n_train=200, n_eval=100, epochs=2), []) for lr in (0.1, 0.05, 0.01)][:n]
+
+
+def test_runs_that_cannot_finish_are_not_started(thread_pool, tmp_path):
+    est = C.RunEstimator({('mlp', 'plain'): 100.0})  # 100 s per step: nothing fits in a minute
+    recs = C.schedule_runs(small_plan(2), thread_pool, tmp_path, est, time.time() + 60, 1, 200, 100, log=lambda s: None)
+    assert [r['outcome'] for r in recs] == ['not started: would not finish in the budget'] * 2
+    assert recs[0]['predicted_s'] > 60
+    assert not any(tmp_path.rglob('*.json'))
+
+
+def test_deadline_stops_a_run_resumably_and_a_rerun_finishes_it(thread_pool, tmp_path, monkeypatch):
+    plan = small_plan(1)
+    exp, cfg, _ = plan[0]
+    task = C._train_task
+    monkeypatch.setattr(C, '_train_task', lambda *a: (time.sleep(0.2), task(*a))[1])  # starts after the deadline below
+    est = C.RunEstimator({('mlp', 'plain'): 1e-6}, setup_s=0)  # predicts that it fits...
+    recs = C.schedule_runs(plan, thread_pool, tmp_path, est, time.time() + 0.1, 1, 200, 100, log=lambda s: None)
+    assert recs[0]['outcome'] == 'stopped'  # ...but the deadline stops it after its first epoch
+    monkeypatch.setattr(C, '_train_task', task)
+    assert run_paths(tmp_path/exp, cfg)[1].exists()  # with its checkpoint
+    assert C._pending_epochs(tmp_path, exp, cfg) == 1
+    recs = C.schedule_runs(plan, thread_pool, tmp_path, est, time.time() + 600, 1, 200, 100, log=lambda s: None)
+    assert recs[0]['outcome'] == 'finished'
+    r = read_json(run_paths(tmp_path/exp, cfg)[0])
+    assert r['resumed_at_epochs'] == [1] and r['history']['epoch'] == [0, 1, 2]
+    recs = C.schedule_runs(plan, thread_pool, tmp_path, est, time.time() + 600, 1, 200, 100, log=lambda s: None)
+    assert recs[0]['outcome'] == 'done before'
+
+
+def test_shared_run_is_copied_to_the_other_experiment(thread_pool, tmp_path):
+    exp, cfg, _ = small_plan(1)[0]
+    est = C.RunEstimator({('mlp', 'plain'): 1e-4})
+    C.schedule_runs([('fig2', cfg, ['table1'])], thread_pool, tmp_path, est, time.time() + 600, 1, 200, 100, log=lambda s: None)
+    a, b = read_json(run_paths(tmp_path/'fig2', cfg)[0]), read_json(run_paths(tmp_path/'table1', cfg)[0])
+    assert a['history'] == b['history'] and b['meta']['experiment'] == 'table1' and b['meta']['shared_with'] == 'fig2'
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(thread_pool, tmp_path):
+    plan = small_plan(2)
+    (tmp_path/'table1').mkdir()
+    bad = run_paths(tmp_path/'table1', plan[0][1])[0]
+    bad.write_text(json.dumps(dict(config=dict(plan[1][1].to_dict()), status='finished')))  # another run's file under its name
+    recs = C.schedule_runs(plan, thread_pool, tmp_path, C.RunEstimator({('mlp', 'plain'): 1e-4}), time.time() + 600, 1, 200, 100,
+                           log=lambda s: None)
+    assert recs[0]['outcome'] == 'error' and 'another configuration' in recs[0]['error']
+    assert recs[1]['outcome'] == 'finished'
+
+
+def test_campaign_command_rehearsal(tmp_path):
+    "The command end to end on the CPU: tests (quick subset), benchmark, concurrency, runs, reports"
+    out, work = tmp_path/'out', tmp_path/'work'
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PROXPROP_CACHE=str(tmp_path/'cache'), PROXPROP_GIT_COMMIT='0' * 40)
+    p = subprocess.run([sys.executable, '-m', 'proxprop_nb.experiments', 'campaign', '--quick', '--device', 'cpu', '--data',
+                        'synthetic', '--out', str(out), '--work', str(work), '--max-runs', '3', '--max-workers', '2',
+                        '--budget-minutes', '4'], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    files = sorted(f.name for f in out.iterdir())
+    assert files == ['bench.json', 'campaign.json', 'campaign.log', 'results.tar.gz', 'summary.txt', 'tests.log']
+    assert len(files) <= 8 and all((out/f).stat().st_size < 16 * 2**20 for f in files)
+    rec = read_json(out/'campaign.json')
+    assert rec['stages']['tests']['outcome'] == 'passed', (out/'tests.log').read_text()[-2000:]
+    assert set(rec['stages']['concurrency']['speedup']) == {'1', '2'} and rec['workers'] in (1, 2)
+    assert [r['outcome'] for r in rec['runs']] == ['finished'] * 3
+    assert rec['environment']['source_hash'] == source_hash()
+    if rec['environment']['commit_from'] == 'PROXPROP_GIT_COMMIT': assert rec['environment']['git_commit'] == '0' * 40
+    with tarfile.open(out/'results.tar.gz') as t:
+        names = t.getnames()
+    assert len(names) == 4 and all(n.endswith('.json') for n in names)  # 3 runs, one shared by fig2 and table1
+    assert 'runs (' in (out/'summary.txt').read_text()
+
+
+def test_campaign_command_errors(tmp_path):
+    with pytest.raises(SystemExit): C.main(['--out', str(tmp_path), '--budget-minutes', '0.1'])
+    with pytest.raises(SystemExit): C.main(['--out', str(tmp_path), '--max-workers', '0'])
+    with pytest.raises(SystemExit): C.main(['--out', str(tmp_path), '--data', str(tmp_path/'missing')])
+
+
+def test_python_m_experiments_runs():
+    p = subprocess.run([sys.executable, '-m', 'proxprop_nb.experiments', '--help'], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0 and 'campaign' in p.stdout
