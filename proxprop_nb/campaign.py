@@ -466,7 +466,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
         estimator = RunEstimator(step_s, slowdown=slow)
         n_train, n_eval = (300, 1000) if quick else (45000, 5000)
         t1 = time.time()
-        def progress(recs): rec['runs'] = recs; save()
+        def progress(recs): rec['runs'] = recs; save(); pack(work, out/'results.tar.gz')  # cheap: on disk if cut off
         rec['runs'] = schedule_runs(plan, pool, work, estimator, deadline - reserve_s, k, n_train, n_eval, quick, say,
                                     progress, grace=reserve_s / 2)
         rec['stages']['runs'] = dict(seconds=time.time() - t1, planned=len(plan),
