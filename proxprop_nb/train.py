@@ -314,11 +314,11 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 def _commit() -> tuple: # (commit, how it is known)
-    "The git commit of the code, from git; else from $PROXPROP_GIT_COMMIT (a copy of a checkout without .git)"
-    c = _git_commit()
-    if c is not None: return c, 'git'
+    "The commit of the code: $PROXPROP_GIT_COMMIT if set (a copy of a checkout, whose .git may be stale or missing), else git's"
     c = os.environ.get('PROXPROP_GIT_COMMIT')
-    return (c, 'PROXPROP_GIT_COMMIT') if c else (None, None)
+    if c: return c, 'PROXPROP_GIT_COMMIT'
+    c = _git_commit()
+    return (c, 'git') if c is not None else (None, None)
 
 # %% ../nbs/04_train.ipynb #c050
 def environment(device='cpu' # the device a run uses

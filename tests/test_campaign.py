@@ -92,7 +92,7 @@ def test_campaign_command_rehearsal(tmp_path):
     assert set(rec['stages']['concurrency']['speedup']) == {'1', '2'} and rec['workers'] in (1, 2)
     assert [r['outcome'] for r in rec['runs']] == ['finished'] * 3
     assert rec['environment']['source_hash'] == source_hash()
-    if rec['environment']['commit_from'] == 'PROXPROP_GIT_COMMIT': assert rec['environment']['git_commit'] == '0' * 40
+    assert (rec['environment']['commit_from'], rec['environment']['git_commit']) == ('PROXPROP_GIT_COMMIT', '0' * 40)
     with tarfile.open(out/'results.tar.gz') as t:
         names = t.getnames()
     assert len(names) == 4 and all(n.endswith('.json') for n in names)  # 3 runs, one shared by fig2 and table1
