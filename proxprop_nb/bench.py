@@ -23,7 +23,7 @@ from .train import mlp, convnet, MLP_SIZES, MODELS, make_optimizer, environment,
 
 # %% auto #0
 __all__ = ['MODES', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'machine_info', 'benchmark',
-           'route_times', 'format_table', 'run', 'main']
+           'route_times', 'exact_solve_times', 'format_table', 'run', 'main']
 
 # %% ../nbs/06_bench.ipynb #c005
 def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3, the official code's net)
@@ -198,6 +198,28 @@ def route_times(layer:str, # 'linear' or 'conv2d'
     return out
 
 # %% ../nbs/06_bench.ipynb #c023
+def exact_solve_times(N:int, # batch size: the dual system is N x N
+                      d:int, # fan-in (columns of A)
+                      out:int, # output features: right-hand sides
+                      device='cpu', repeats:int=5, seed:int=0,
+                     ) -> dict: # {'inverse': ms, 'cholesky_solve': ms, 'max_rel_diff': float}
+    "Time the exact dual solve (A A^T + I) Y = g by an explicit inverse and by triangular solves (minimum of `repeats`)"
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    x, gr = torch.rand(N, d, generator=g).to(dev), torch.randn(N, out, generator=g).to(dev)
+    K = x @ x.T + torch.eye(N, device=dev)
+    ways = {'inverse': lambda: torch.cholesky_inverse(torch.linalg.cholesky_ex(K)[0]) @ gr,
+            'cholesky_solve': lambda: torch.cholesky_solve(gr, torch.linalg.cholesky_ex(K)[0])}
+    res, outs = {}, {}
+    for name, f in ways.items():
+        outs[name] = f(); ts = []
+        for _ in range(repeats):
+            _sync(dev); t0 = time.perf_counter(); f(); _sync(dev); ts.append(time.perf_counter() - t0)
+        res[name] = min(ts) * 1e3
+    res['max_rel_diff'] = ((outs['inverse'] - outs['cholesky_solve']).abs().max() / outs['cholesky_solve'].abs().max()).item()
+    return res
+
+# %% ../nbs/06_bench.ipynb #c026
 def format_table(res:dict # a `benchmark` result
                 ) -> str:
     "The result as a text table: time per step and peak memory of each mode, relative to plain backprop"
@@ -210,7 +232,7 @@ def format_table(res:dict # a `benchmark` result
                      f"{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x  {','.join(r['routes'])}")
     return '\n'.join(lines)
 
-# %% ../nbs/06_bench.ipynb #c026
+# %% ../nbs/06_bench.ipynb #c029
 def _parse(argv):
     p = argparse.ArgumentParser(prog='proxprop-bench', description='Time a ProxProp training step against plain backprop.')
     p.add_argument('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS)
@@ -223,6 +245,7 @@ def _parse(argv):
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--tau-prox', type=float, default=None)
     p.add_argument('--solver', default='auto')
+    p.add_argument('--cg-tol', type=float, default=None, help='CG early-stopping tolerance (default: the layers\' 1e-2; 0 runs every iteration)')
     p.add_argument('--json', default=None, help='append the results to this JSON file (a list)')
     p.add_argument('--quick', action='store_true', help='tiny sizes, 3 repeats: checks that it runs')
     a = p.parse_args(argv)
@@ -230,13 +253,14 @@ def _parse(argv):
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
     except ValueError: p.error(f'--widths takes comma separated integers, e.g. 4000,1000,4000, not {a.widths}')
     a.modes = tuple(m.strip() for m in a.modes.split(','))
+    a.prox = dict(solver=a.solver, **({} if a.cg_tol is None else dict(cg_tol=a.cg_tol)))
     for m in a.modes:
         if m != 'plain':
-            try: proxprop_nb.solvers.check_prox_args(optimization_mode=m, solver=a.solver)
+            try: proxprop_nb.solvers.check_prox_args(optimization_mode=m, **a.prox)
             except ValueError as e: p.error(str(e))
     return a
 
-# %% ../nbs/06_bench.ipynb #c027
+# %% ../nbs/06_bench.ipynb #c030
 def run(argv=None) -> list:
     "Run `proxprop-bench` with command line arguments `argv`; return the results"
     a = _parse(argv)
@@ -245,7 +269,8 @@ def run(argv=None) -> list:
     for model in a.model:
         for bs in ([16] if a.quick else a.batch_size):
             for w in ([(32, 16)] if a.quick and model == 'mlp' else a.widths if model == 'mlp' else [None]):
-                r = benchmark(model, bs, a.modes, w, a.device, 3 if a.quick else a.repeats, 1 if a.quick else a.warmup, a.tau_prox, solver=a.solver)
+                r = benchmark(model, bs, a.modes, w, a.device, 3 if a.quick else a.repeats, 1 if a.quick else a.warmup, a.tau_prox,
+                              **a.prox)
                 print(format_table(r), end='\n\n', flush=True)
                 results.append(r)
     if a.json:
@@ -257,3 +282,5 @@ def run(argv=None) -> list:
 def main():
     "Console entry point of proxprop-bench"
     run()
+
+if __name__ == '__main__' and '__file__' in globals(): main()  # python -m proxprop_nb.bench

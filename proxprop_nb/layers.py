@@ -60,7 +60,8 @@ class ProxPropMixin:
 def _amp_off(t):
     "A context in which autocast is off for the device of `t`: the backward computes in the dtypes it chooses"
     dt = t.device.type
-    return torch.autocast(dt, enabled=False) if dt in ('cpu', 'cuda') else contextlib.nullcontext()
+    if dt in ('cpu', 'cuda') and torch.is_autocast_enabled(dt): return torch.autocast(dt, enabled=False)
+    return contextlib.nullcontext()  # nothing to switch off: no autocast context's cost on every backward
 
 class _ProxFn(torch.autograd.Function):
     "Shared context of the Linear and convolution functions: inputs (x, weight, bias, *geometry, spec, layer)"

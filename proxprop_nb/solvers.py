@@ -85,12 +85,19 @@ def _safe_div(num, den):
     "num/den, with 0 where den == 0 (NaN and inf still propagate)"
     return torch.where(den == 0, torch.zeros_like(num), num / den)
 
+def _early_stop(stop, rho_new, live):
+    "(stop now, live): the host-side check, or with `live` (a device scalar, 1 until converged) the device-side one"
+    if stop is None: return False, live
+    if live is None: return bool(rho_new.max() < stop), None
+    return False, live * (rho_new.max() >= stop).to(live.dtype)
+
 def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to each row
              rhs:list, # right-hand sides, rows in dimension 0
              n_iter:int, # maximum number of CG iterations
              tol:float=0., # relative residual for early stopping (0: run n_iter)
              variant:str='textbook', # 'textbook' or 'official' (the official code's iteration)
-            ) -> tuple: # (solution list, iterations run)
+             sync_free:bool|None=None, # stop early without reading the residual on the host; None: on CUDA
+            ) -> tuple: # (solution list, iterations run: an int, or with sync_free and tol > 0 a device tensor)
     "Solve M X = rhs row by row with conjugate gradients from X = 0"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
@@ -98,18 +105,23 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     R = list(rhs)  # never updated in place
     P, rho = R, rowdot(R, R)
     stop = tol**2 * rho.mean() if tol > 0 else None
+    sync_free = rhs[0].device.type == 'cuda' if sync_free is None else sync_free
+    live = rho.new_ones(()) if sync_free and stop is not None else None
+    iters = rho.new_zeros(())
     for k in range(1, n_iter + 1):
         MP = apply_M(P)
         alpha = _safe_div(rho, rowdot(P, MP) + eps)
+        if live is not None: alpha, iters = alpha * live, iters + live  # frozen once converged
         X = [x + rowscale(alpha, p) for x, p in zip(X, P)]
         if k == n_iter: break
         R = [r - rowscale(alpha, mp) for r, mp in zip(R, MP)]
         rho_new = rowdot(R, R)
-        if stop is not None and bool(rho_new.max() < stop): break
+        done, live = _early_stop(stop, rho_new, live)
+        if done: break
         beta = _safe_div(rho_new, rho + eps)
         P_prev = R if official and k == 1 else P  # the official code's P aliases R in its first iteration
         P, rho = [r + rowscale(beta, p) for r, p in zip(R, P_prev)], rho_new
-    return X, k
+    return X, (k if live is None else iters)
 
 # %% ../nbs/01_solvers.ipynb #c024
 def work_dtype(*dtypes):
@@ -156,6 +168,7 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without beta
             n_iter:int, # maximum number of CG iterations
             tol:float=0., # relative residual for early stopping (0: run n_iter)
             variant:str='textbook', # 'textbook' or 'official'
+            sync_free:bool|None=None, # stop early without reading the residual on the host; None: on CUDA
            ) -> tuple: # (Y, iterations run) with direction D = Y^T A
     "CG on (A^T A + beta I) D = A^T g run in the batch space of A"
     official = variant == 'official'
@@ -164,19 +177,24 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without beta
     w = K @ s
     u, rho = w, (s * w).sum(0)
     stop = tol**2 * rho.mean() if tol > 0 else None
+    sync_free = g.device.type == 'cuda' if sync_free is None else sync_free
+    live = rho.new_ones(()) if sync_free and stop is not None else None
+    iters = rho.new_zeros(())
     for k in range(1, n_iter + 1):
         alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0) + eps)
+        if live is not None: alpha, iters = alpha * live, iters + live  # frozen once converged
         y.addcmul_(q, alpha)
         if k == n_iter: break
         s.addcmul_(u, alpha, value=-1).addcmul_(q, alpha, value=-beta)
         w = torch.mm(K, s, out=w if k > 1 else None)
         rho_new = (s * w).sum(0)
-        if stop is not None and bool(rho_new.max() < stop): break
+        done, live = _early_stop(stop, rho_new, live)
+        if done: break
         b = _safe_div(rho_new, rho + eps)
         if k == 1: q, u = (s * (1 + b), w * (1 + b)) if official else (torch.addcmul(s, q, b), torch.addcmul(w, u, b))
         else: q.mul_(b).add_(s); u.mul_(b).add_(w)
         rho = rho_new
-    return y, k
+    return y, (k if live is None else iters)
 
 # %% ../nbs/01_solvers.ipynb #c035
 def linear_flops(N:int, # batch size (rows of A)

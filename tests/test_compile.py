@@ -57,6 +57,20 @@ def test_conv_cg_makes_no_host_sync_at_zero_tol(route):
     assert c.calls == []
 
 
+def test_sync_free_early_stop_reads_nothing_on_the_host():
+    "The device-side early stop (the default on CUDA) counts no host read, and gives the host-side stop's result"
+    from proxprop_nb.solvers import dual_cg
+    x, g = torch.randn(30, 12, dtype=torch.float64), torch.randn(30, 5, dtype=torch.float64)
+    K = x @ x.T
+    with CountSyncs() as c:
+        y, k = dual_cg(K, g, 0.5, 20, tol=0.1, sync_free=True)
+        (X,), j = block_cg(lambda P: [P[0] @ (x.T @ x + 0.5 * torch.eye(12, dtype=x.dtype))], [g.T @ x], 20, tol=0.1, sync_free=True)
+    assert c.calls == []
+    y1, k1 = dual_cg(K, g, 0.5, 20, tol=0.1)
+    (X1,), j1 = block_cg(lambda P: [P[0] @ (x.T @ x + 0.5 * torch.eye(12, dtype=x.dtype))], [g.T @ x], 20, tol=0.1)
+    assert torch.equal(y, y1) and int(k) == k1 < 20 and torch.equal(X, X1) and int(j) == j1 < 20
+
+
 def test_layer_backward_makes_no_host_sync_at_zero_tol():
     model = proxpropify(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10)),
                         optimization_mode='prox_cg3', cg_tol=0)
