@@ -117,6 +117,20 @@ def test_graph_breaks_at_most_one_per_proxprop_layer():
     explained = torch._dynamo.explain(net)(x)
     n_prox = sum('_prox' in m.__dict__ for m in net.modules())
     assert n_prox == 3
-    # the side effect of each ProxProp layer's backward (last_route) makes Dynamo run its autograd function
-    # eagerly: at most one break per layer (torch 2.14: graphs == layers, breaks == layers - 1)
+    # on its first step each ProxProp layer records a new route (last_route), a side effect that makes Dynamo run
+    # its autograd function eagerly: at most one break per layer (torch 2.14: graphs == layers, breaks == layers - 1)
     assert 1 <= explained.graph_break_count <= n_prox
+
+
+def test_settled_cg_layers_compile_into_one_graph():
+    "Once the routes are settled, CG at cg_tol=0 reads nothing on the host: Dynamo traces the backward too"
+    net = small_net('prox_cg3')
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    net(x).sum().backward()
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(net)(x).graph_break_count == 0
+    ref, comp = copy.deepcopy(net), copy.deepcopy(net)
+    for m in (ref, comp): m.zero_grad()
+    ref(x).sum().backward()
+    torch.compile(comp, backend='aot_eager')(x).sum().backward()
+    for p, q in zip(ref.parameters(), comp.parameters()): torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
