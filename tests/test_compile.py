@@ -122,10 +122,12 @@ def test_graph_breaks_at_most_one_per_proxprop_layer():
     assert 1 <= explained.graph_break_count <= n_prox
 
 
-def test_settled_cg_layers_compile_into_one_graph():
-    "Once the routes are settled, CG at cg_tol=0 reads nothing on the host: Dynamo traces the backward too"
-    net = small_net('prox_cg3')
-    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+def test_settled_linear_cg_layers_compile_into_one_graph():
+    "Once the routes are settled, Linear CG at cg_tol=0 reads nothing on the host: Dynamo traces the backward too"
+    torch.manual_seed(0)
+    net = proxpropify(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
+                      optimization_mode='prox_cg3', cg_tol=0).double()
+    x = torch.randn(10, 12, dtype=torch.float64)
     net(x).sum().backward()
     torch._dynamo.reset()
     assert torch._dynamo.explain(net)(x).graph_break_count == 0
