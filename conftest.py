@@ -8,7 +8,8 @@ in a fresh kernel of the current environment. This plugin adapts nbval to nbdev 
   `--nbdev-flags slow` (space or comma separated, repeatable);
 - cells marked `#| cifar10` need the CIFAR-10 data: they run when a source is found or
   torchvision can download one (as the notebooks would), and are otherwise skipped with the
-  reason, repeated in the summary; `--nbdev-flags cifar10` runs them regardless;
+  reason, repeated in the summary; `--nbdev-flags cifar10` runs them regardless; `PROXPROP_DATA`
+  is set to `../shared/data/cifar10-jpeg.tar.gz` when that exists and nothing else is set;
 - `IN_TEST=1` is set, so `nbdev_export()` cells leave the package alone (they are skipped too);
 - notebooks cleaned by `nbdev_clean` (execution counts null, outputs kept) are compared
   against their stored outputs instead of failing with "Unrun reference cell has outputs";
@@ -103,8 +104,13 @@ def pytest_addoption(parser):
     group.addoption('--no-notebooks', action='store_true', help='do not collect notebooks')
 
 
+SHARED_DATA = _ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'  # this project's copy of CIFAR-10, next to the repo
+
+
 def pytest_configure(config):
     os.environ['IN_TEST'] = '1'  # nbdev_export() and friends become no-ops in the kernels
+    # The package never searches parent folders for data; the tests name this project's copy explicitly.
+    if not os.environ.get('PROXPROP_DATA') and SHARED_DATA.is_file(): os.environ['PROXPROP_DATA'] = str(SHARED_DATA)
     opt = config.option
     config._nbdev_lax = bool(getattr(opt, 'nbval_lax', False))
     # This plugin collects the notebooks; stop nbval's own collector from doing it twice.

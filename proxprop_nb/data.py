@@ -10,6 +10,8 @@ import io
 import json
 import os
 import pickle
+import re
+import subprocess
 import sys
 import tarfile
 import warnings
@@ -59,32 +61,60 @@ def _resolve(p:Path) -> Path|None:
     return next((q.resolve() for q in (p/n for n in _NAMES) if p.is_dir() and _kind(q)), None)
 
 # %% ../nbs/03_data.ipynb #c018
-def _unpickle(b:bytes) -> dict:
-    d = pickle.loads(b, encoding='latin1')
+_CIFAR_MD5 = {'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+              'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
+              'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
+              'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'}  # the original release, as torchvision checks it
+
+class _BatchUnpickler(pickle.Unpickler):
+    "An unpickler that admits only what a CIFAR-10 batch holds: containers, strings, numbers, numpy arrays"
+    _ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')} | {
+                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}  # _codecs.encode: bytes in protocol 2
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED: return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds (refused, not run)")
+
+# %% ../nbs/03_data.ipynb #c019
+def _unpickle(b:bytes, name:str) -> dict:
+    "The dict of a python batch, read by the restricted unpickler; ValueError naming the file otherwise"
+    try: d = _BatchUnpickler(io.BytesIO(b), encoding='latin1').load()
+    except Exception as e:
+        raise ValueError(f"{name}: not a readable CIFAR-10 python batch: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict): raise ValueError(f"{name}: a CIFAR-10 batch is a pickled dict, not a {type(d).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 def _read_batch(b:bytes, name:str):
-    d = _unpickle(b)
-    x, y = np.asarray(d['data'], dtype=np.uint8), np.asarray(d['labels'], dtype=np.int64)
+    d = _unpickle(b, name)
+    if 'data' not in d or 'labels' not in d: raise ValueError(f"{name}: a CIFAR-10 batch has 'data' and 'labels', this has {sorted(d)}")
+    x, y = np.asarray(d['data']), np.asarray(d['labels'])
+    if x.dtype != np.uint8: raise ValueError(f"{name}: pixels of dtype {x.dtype}; CIFAR-10 batches hold uint8 values 0-255")
+    if y.dtype.kind not in 'iu' or y.ndim != 1: raise ValueError(f"{name}: labels must be a list of integers, got {y.dtype} {y.shape}")
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
         raise ValueError(f"{name}: expected 'data' of shape (N, 3072) and N 'labels', got {x.shape} and {len(y)}")
-    return x.reshape(-1, 3, 32, 32), y
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        bad = sorted({int(v) for v in y if not 0 <= v <= 9})[:5]
+        raise ValueError(f"{name}: labels {bad} outside 0-9 (the ten CIFAR-10 classes)")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
-# %% ../nbs/03_data.ipynb #c019
+# %% ../nbs/03_data.ipynb #c020
 def _read_batches(read, where) -> dict:
     "Decode python batches into uint8 NCHW arrays and int64 labels, in stored order"
     tr = [_read_batch(read(f), f'{where}/{f}') for f in _BATCHES[:5]]
     x_test, y_test = _read_batch(read('test_batch'), f'{where}/test_batch')
     meta = read('batches.meta')
-    classes = CIFAR10_CLASSES if meta is None else tuple(_unpickle(meta)['label_names'])
+    classes = CIFAR10_CLASSES if meta is None else tuple(_unpickle(meta, f'{where}/batches.meta').get('label_names', ()))
     if classes != CIFAR10_CLASSES: raise ValueError(f"{where}/batches.meta: label names {classes}, expected {CIFAR10_CLASSES}")
     return dict(x_train=np.concatenate([x for x, _ in tr]), y_train=np.concatenate([y for _, y in tr]),
                 x_test=x_test, y_test=y_test)
 
+def _original_release(read) -> bool:
+    "Whether every batch file (and batches.meta) has the md5 sum of the original CIFAR-10 release"
+    return all((b := read(f)) is not None and hashlib.md5(b).hexdigest() == h for f, h in _CIFAR_MD5.items())
+
 def _file_reader(d:Path):
     return lambda name: (d/name).read_bytes() if (d/name).is_file() else None
 
-# %% ../nbs/03_data.ipynb #c022
+# %% ../nbs/03_data.ipynb #c025
 def _is_image(name:str) -> bool: return name.lower().endswith(_IMG_SUFFIXES) and not name.startswith('.')
 
 def _folder_listing(d:Path) -> dict:
@@ -93,41 +123,69 @@ def _folder_listing(d:Path) -> dict:
     return {s: {c: sorted(f'{s}/{c}/{f.name}' for f in (d/s/c).iterdir() if _is_image(f.name)) for c in cs}
             for s, cs in classes.items()}
 
-# %% ../nbs/03_data.ipynb #c023
-def _decode(names, read) -> np.ndarray:
+# %% ../nbs/03_data.ipynb #c026
+_IMAGE_MODES = ('RGB', 'L', 'P', 'RGBA', 'LA', 'PA', 'CMYK', 'YCbCr', '1')  # 8-bit modes PIL converts to RGB exactly
+
+def _decode_one(data:bytes, name:str) -> np.ndarray:
+    "One 32x32 8-bit image as an HWC uint8 array; ValueError naming the file for anything else"
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only: size and mode are checked before any pixel
+            if im.size != (32, 32): raise ValueError(f"{name}: image of size {im.size}, CIFAR-10 images are 32x32")
+            if im.mode not in _IMAGE_MODES: raise ValueError(f"{name}: image mode {im.mode!r}, CIFAR-10 images are 8-bit RGB")
+            return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
+    except ValueError: raise
+    except Exception as e: raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+def _decode(names, read, where='') -> np.ndarray:
     "Decode 32x32 images into one uint8 NCHW array"
     out = np.empty((len(names), 32, 32, 3), np.uint8)
     for i, n in enumerate(names):
-        with Image.open(io.BytesIO(read(n))) as im:
-            if im.size != (32, 32): raise ValueError(f"{n}: image of size {im.size}, CIFAR-10 images are 32x32")
-            out[i] = np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
+        b = read(n)
+        if not b: raise ValueError(f"{where}/{n}: empty file")
+        out[i] = _decode_one(b, f'{where}/{n}')
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
-# %% ../nbs/03_data.ipynb #c024
+# %% ../nbs/03_data.ipynb #c027
 def _read_imagefolder(listing:dict, read, where) -> dict:
     "Decode an ImageFolder listing into uint8 NCHW arrays and int64 labels, class by class"
     out = {}
     for s, by_class in listing.items():
         if tuple(by_class) != CIFAR10_CLASSES:
             raise ValueError(f"{where}/{s}: class folders {tuple(by_class)}, expected the CIFAR-10 classes {CIFAR10_CLASSES}")
+        empty = [c for c, ns in by_class.items() if not ns]
+        if empty: raise ValueError(f"{where}/{s}: class folders {empty} hold no images; CIFAR-10 has all ten classes")
         names = [n for ns in by_class.values() for n in ns]
         print(f"decoding {len(names)} images from {where}/{s} (once; the arrays are cached)", file=sys.stderr)
-        out[f'x_{s}'] = _decode(names, read)
+        out[f'x_{s}'] = _decode(names, read, where)
         out[f'y_{s}'] = np.repeat(np.arange(10), [len(ns) for ns in by_class.values()])
     return out
 
-# %% ../nbs/03_data.ipynb #c029
+# %% ../nbs/03_data.ipynb #c032
+_MAX_IMAGE_BYTES = 256 * 2**10  # a 32x32 image file is a few kB; more is not CIFAR-10
+_MAX_BATCH_BYTES = 64 * 2**20  # a python batch is 31 MB
+_MAX_ARCHIVE_BYTES = 2**30  # all members kept together: the JPEG archive needs ~100 MB, torchvision's 180 MB
+
 def _tar_members(archive:Path) -> dict:
-    "{name: bytes} of the image and python-batch files of `archive`, read in one pass"
+    "{name: bytes} of the image and python-batch files of `archive`, read in one pass, with bounded sizes"
     keep = lambda n: _is_image(n.rsplit('/', 1)[-1]) or n.rsplit('/', 1)[-1] in _BATCHES + ('batches.meta',)
     norm = lambda n: '/'.join(p for p in n.split('/') if p not in ('', '.'))
+    out, total = {}, 0
     try:
         with tarfile.open(archive, 'r:*') as t:
-            return {norm(m.name): t.extractfile(m).read() for m in t if m.isfile() and keep(m.name)}
-    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+            for m in t:
+                if not (m.isfile() and keep(m.name)): continue
+                limit = _MAX_IMAGE_BYTES if _is_image(m.name.rsplit('/', 1)[-1]) else _MAX_BATCH_BYTES
+                if m.size > limit: raise ValueError(f"{archive}: member {m.name} has {m.size:,} bytes, more than a CIFAR-10 "
+                                                    f"file ever has ({limit:,}); not a CIFAR-10 archive")
+                total += m.size
+                if total > _MAX_ARCHIVE_BYTES: raise ValueError(f"{archive}: its image and batch members exceed "
+                                                                f"{_MAX_ARCHIVE_BYTES:,} bytes; not a CIFAR-10 archive")
+                out[norm(m.name)] = t.extractfile(m).read()
+        return out
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as e:
         raise ValueError(f"{archive} is not a readable .tar.gz archive ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/03_data.ipynb #c030
+# %% ../nbs/03_data.ipynb #c033
 def _tar_layout(names, archive) -> tuple[str, str]:
     "The kind of source in an archive and its folder prefix ('' or 'folder/')"
     cands = set()
@@ -141,7 +199,7 @@ def _tar_layout(names, archive) -> tuple[str, str]:
         if any(n.startswith(p + 'test/') and n.count('/') == p.count('/') + 2 for n in names): return 'imagefolder-tar.gz', p
     raise ValueError(f"{archive} holds no CIFAR-10 source; expected {_LAYOUTS}")
 
-# %% ../nbs/03_data.ipynb #c031
+# %% ../nbs/03_data.ipynb #c034
 def _tar_listing(names, prefix:str) -> dict:
     "{split: {class: sorted image names}} of an ImageFolder inside an archive"
     out = {'train': {}, 'test': {}}
@@ -150,14 +208,29 @@ def _tar_listing(names, prefix:str) -> dict:
         if len(parts) == 3 and parts[0] in out and _is_image(parts[2]): out[parts[0]].setdefault(parts[1], []).append(n[len(prefix):])
     return {s: dict(sorted(by_class.items())) for s, by_class in out.items()}
 
-# %% ../nbs/03_data.ipynb #c037
-_CACHE_FORMAT = 1
+# %% ../nbs/03_data.ipynb #c040
+_CACHE_FORMAT = 2
 
 def _cache_dir(cache_dir=None) -> Path:
     "The cache folder: `cache_dir`, else $PROXPROP_CACHE, else ~/.cache/proxprop_nb"
     return Path(cache_dir or os.environ.get('PROXPROP_CACHE') or Path.home()/'.cache'/'proxprop_nb').expanduser()
 
-# %% ../nbs/03_data.ipynb #c038
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError, ValueError): return True
+    return True
+
+def _remove_dead_temps(folder:Path, pattern:str, pid_re:str) -> list:
+    "Delete the files in `folder` matching `pattern` whose writer (the pid matched by `pid_re`) is dead; their paths"
+    gone = []
+    for f in Path(folder).glob(pattern) if Path(folder).is_dir() else []:
+        m = re.search(pid_re, f.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True); gone.append(f)
+    return gone
+
+# %% ../nbs/03_data.ipynb #c041
 def _fingerprint(src:Path) -> str:
     "A hash of the absolute path, sizes and modification times of the files of `src`"
     h = hashlib.sha256(f'{_CACHE_FORMAT}|{src}'.encode())
@@ -168,7 +241,7 @@ def _fingerprint(src:Path) -> str:
         st = f.stat(); h.update(f'|{f.relative_to(src) if f != src else ""}:{st.st_size}:{st.st_mtime_ns}'.encode())
     return h.hexdigest()[:16]
 
-# %% ../nbs/03_data.ipynb #c040
+# %% ../nbs/03_data.ipynb #c043
 def _sha256(f:Path) -> str:
     h = hashlib.sha256()
     with open(f, 'rb') as fh:
@@ -186,7 +259,7 @@ def _save(f:Path, arrays:dict, meta:dict):
         part.unlink(missing_ok=True)
         warnings.warn(f"could not cache the decoded CIFAR-10 arrays in {f} ({e}); the next load decodes again")
 
-# %% ../nbs/03_data.ipynb #c041
+# %% ../nbs/03_data.ipynb #c044
 def _decode_source(src:Path) -> tuple[dict, dict]:
     "Decode `src` (any layout); return the arrays and a description of the source"
     kind, info = _kind(src), {}
@@ -196,28 +269,39 @@ def _decode_source(src:Path) -> tuple[dict, dict]:
         read, listing = (lambda n: members.get(pre + n)), (lambda: _tar_listing(members, pre))
         info = dict(sha256=_sha256(src), size=src.stat().st_size)
     else: read, listing = _file_reader(src), (lambda: _folder_listing(src))
-    arrays = _read_batches(read, src) if kind.startswith('torchvision-batches') else _read_imagefolder(listing(), read, src)
+    if kind.startswith('torchvision-batches'):
+        arrays, info['original_release'] = _read_batches(read, src), _original_release(read)
+    else: arrays = _read_imagefolder(listing(), read, src)
     return arrays, dict(kind=kind, **info)
 
-# %% ../nbs/03_data.ipynb #c042
+# %% ../nbs/03_data.ipynb #c045
+def _valid_arrays(a:dict) -> bool:
+    "Whether cached arrays have the shapes, dtypes and labels of CIFAR-10"
+    ok = lambda x, y: x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, 32, 32) and y.dtype == np.int64 \
+                      and len(x) == len(y) and (not len(y) or 0 <= y.min() <= y.max() <= 9)
+    return all(k in a for k in ('x_train', 'y_train', 'x_test', 'y_test')) and ok(a['x_train'], a['y_train']) and ok(a['x_test'], a['y_test'])
+
 def _decoded(src:Path, cache:Path) -> tuple[dict, dict]:
     "The arrays of `src` and its description, from the cache if it holds them"
     key = _fingerprint(src)
     f = cache/f'cifar10-{key}.npz'
+    _remove_dead_temps(cache, 'cifar10-*.npz.part-*', r'\.part-(\d+)$')  # left by a writer that was killed
     if f.is_file():
         try:
-            with np.load(f) as z: return {k: z[k] for k in z.files if k != 'meta'}, json.loads(str(z['meta']))
+            with np.load(f) as z:  # allow_pickle=False: a cache file cannot run code
+                a, meta = {k: z[k] for k in z.files if k != 'meta'}, json.loads(str(z['meta']))
+            if _valid_arrays(a): return a, meta
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile): pass  # unreadable: decode again
     arrays, meta = _decode_source(src)
     meta['fingerprint'] = key
     _save(f, arrays, meta)
     return arrays, meta
 
-# %% ../nbs/03_data.ipynb #c047
+# %% ../nbs/03_data.ipynb #c050
 class Cifar10NotFoundError(FileNotFoundError):
     "No CIFAR-10 source found: the message lists every place looked at and how to provide one"
 
-# %% ../nbs/03_data.ipynb #c048
+# %% ../nbs/03_data.ipynb #c051
 def _explicit(p, what:str) -> Path:
     "The source at a path the user named, or an error saying what is wrong"
     p = Path(p).expanduser()
@@ -226,7 +310,7 @@ def _explicit(p, what:str) -> Path:
     if src is None: raise ValueError(f"{what}{p} holds no CIFAR-10 source; expected {_LAYOUTS}")
     return src
 
-# %% ../nbs/03_data.ipynb #c049
+# %% ../nbs/03_data.ipynb #c052
 def _pkg_dir() -> Path: return Path(proxprop_nb.__file__).resolve().parent
 
 def _data_dirs() -> list[Path]:
@@ -234,25 +318,17 @@ def _data_dirs() -> list[Path]:
     repo = _pkg_dir().parent
     return [Path.cwd()/'data'] + ([repo/'data'] if (repo/'settings.ini').is_file() else [])
 
-def _shared_candidates() -> list[Path]:
-    "shared/data sources in the current folder, the package folder, or any of their parents"
-    here, pkg = Path.cwd().resolve(), _pkg_dir()
-    dirs = dict.fromkeys([here, *here.parents, pkg, *pkg.parents])
-    return [d/'shared'/'data'/n for d in dirs for n in ('cifar10-jpeg.tar.gz', 'cifar-10-batches-py')]
-
-# %% ../nbs/03_data.ipynb #c050
+# %% ../nbs/03_data.ipynb #c053
 def _lookup(data, cache:Path) -> tuple[Path, str]|None:
     "The local source and the rule that found it, or None"
     if data is not None: return _explicit(data, 'data='), 'argument'
     if os.environ.get('PROXPROP_DATA'): return _explicit(os.environ['PROXPROP_DATA'], '$PROXPROP_DATA='), 'PROXPROP_DATA'
     for d in _data_dirs():
         if (src := _resolve(d)) is not None: return src, 'data folder'
-    for p in _shared_candidates():
-        if (src := _resolve(p)) is not None: return src, 'shared/data'
     if _is_batches(cache/'cifar-10-batches-py'): return (cache/'cifar-10-batches-py').resolve(), 'cache'
     return None
 
-# %% ../nbs/03_data.ipynb #c051
+# %% ../nbs/03_data.ipynb #c054
 def find_cifar10(data=None,  # a source, or a folder holding one; None: look in the usual places
                  cache_dir=None  # the cache folder (default: $PROXPROP_CACHE, else ~/.cache/proxprop_nb)
                 ) -> Path|None:
@@ -260,22 +336,19 @@ def find_cifar10(data=None,  # a source, or a folder holding one; None: look in 
     found = _lookup(data, _cache_dir(cache_dir))
     return None if found is None else found[0]
 
-# %% ../nbs/03_data.ipynb #c057
+# %% ../nbs/03_data.ipynb #c060
 def _not_found(cache:Path, why:str) -> Cifar10NotFoundError:
     "The error for 'no CIFAR-10 anywhere', naming every place looked at"
-    shared = list(dict.fromkeys(str(p.parent) for p in _shared_candidates()))[:3]
     return Cifar10NotFoundError(
         f"No CIFAR-10 data found ({why}).\nA source is {_LAYOUTS}.\nLooked for one, in this order:\n"
         f"  1. the argument: load_cifar10(data=PATH) or find_cifar10(PATH)\n"
         f"  2. the environment variable PROXPROP_DATA=PATH\n"
         f"  3. ./data and <repo>/data: {', '.join(map(str, _data_dirs()))}\n"
-        f"  4. shared/data/cifar10-jpeg.tar.gz or shared/data/cifar-10-batches-py in the current folder, "
-        f"the package folder or any of their parents: {', '.join(shared)}, ...\n"
-        f"  5. a previous torchvision download: {cache/'cifar-10-batches-py'} "
+        f"  4. a previous torchvision download: {cache/'cifar-10-batches-py'} "
         f"(cache folder: $PROXPROP_CACHE, default ~/.cache/proxprop_nb)\n"
-        f"  6. a torchvision download into the cache folder: load_cifar10(download=True), which needs internet access")
+        f"  5. a torchvision download into the cache folder: load_cifar10(download=True), which needs internet access")
 
-# %% ../nbs/03_data.ipynb #c058
+# %% ../nbs/03_data.ipynb #c061
 def _download(cache:Path) -> Path:
     "Download the original CIFAR-10 python batches with torchvision into the cache folder"
     import torchvision  # imported here: slow to import, needed only for a download
@@ -283,7 +356,7 @@ def _download(cache:Path) -> Path:
     except Exception as e: raise _not_found(cache, f"the torchvision download failed: {type(e).__name__}: {e}") from e
     return (cache/'cifar-10-batches-py').resolve()
 
-# %% ../nbs/03_data.ipynb #c060
+# %% ../nbs/03_data.ipynb #c063
 def _take(x, idx): return x[idx.to(x.device)]
 
 def _subset(d, n_train:int, seed:int):
@@ -294,7 +367,7 @@ def _subset(d, n_train:int, seed:int):
     src.update(n_train=n_train, subset_seed=seed)
     return replace(d, x_train=_take(d.x_train, idx), y_train=_take(d.y_train, idx), source=src)
 
-# %% ../nbs/03_data.ipynb #c061
+# %% ../nbs/03_data.ipynb #c064
 def _as(x, device, dtype):
     "`x` on `device` as `dtype`; uint8 images become floats in [0, 1]"
     if device is not None: x = x.to(device)
@@ -306,7 +379,7 @@ def _to(d, device, dtype):
     xs = {k: _as(v, device, dtype) for k, v in vars(d).items() if k.startswith('x_')}
     return replace(d, **xs, **{k: _as(v, device, None) for k, v in vars(d).items() if k.startswith('y_')})
 
-# %% ../nbs/03_data.ipynb #c062
+# %% ../nbs/03_data.ipynb #c065
 @dataclass(repr=False)
 class Cifar10:
     "CIFAR-10 split into training, validation and test tensors, with a description of the source"
@@ -336,7 +409,7 @@ class Cifar10:
         return (f"Cifar10(train={len(x)}, val={len(self.x_val)}, test={len(self.x_test)}; {str(x.dtype)[6:]} on {x.device}; "
                 f"{s.get('kind')} {Path(s.get('path', '?')).name!r})")
 
-# %% ../nbs/03_data.ipynb #c066
+# %% ../nbs/03_data.ipynb #c069
 def _split(arrays:dict, meta:dict, split_seed:int, n_val:int):
     "Training and validation arrays; ImageFolder training images interleaved by `split_seed` first"
     x, y = arrays['x_train'], arrays['y_train']
@@ -346,7 +419,7 @@ def _split(arrays:dict, meta:dict, split_seed:int, n_val:int):
         x, y = x[perm], y[perm]
     return x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
 
-# %% ../nbs/03_data.ipynb #c067
+# %% ../nbs/03_data.ipynb #c070
 def load_cifar10(data=None,  # a source or a folder holding one; None: look in the usual places (see `find_cifar10`)
                  cache_dir=None,  # cache folder for decoded arrays and downloads (default: $PROXPROP_CACHE, else ~/.cache/proxprop_nb)
                  download=True,  # download with torchvision into the cache folder if no local source is found
@@ -365,13 +438,13 @@ def load_cifar10(data=None,  # a source or a folder holding one; None: look in t
     return Cifar10(x_tr, y_tr, x_va, y_va, torch.from_numpy(arrays['x_test']), torch.from_numpy(arrays['y_test']),
                    CIFAR10_CLASSES, source)
 
-# %% ../nbs/03_data.ipynb #c081
+# %% ../nbs/03_data.ipynb #c084
 def _batches(x, y, idx, batch_size, stop):
     for i in range(0, stop, batch_size):
         if idx is None: yield x[i:i + batch_size], y[i:i + batch_size]
         else: j = idx[i:i + batch_size]; yield x[j], y[j]
 
-# %% ../nbs/03_data.ipynb #c082
+# %% ../nbs/03_data.ipynb #c085
 def minibatches(x:torch.Tensor, # inputs, first dimension the samples, already on the device
                 y:torch.Tensor, # targets, same length as `x`
                 batch_size:int, # samples per batch (the last one may be smaller)

@@ -30,8 +30,6 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv('PROXPROP_DATA', raising=False)
     monkeypatch.setenv('PROXPROP_CACHE', str(tmp_path/'cache'))
     monkeypatch.setattr(data, '_pkg_dir', lambda: tmp_path/'site'/'proxprop_nb')
-    if any(p.exists() for p in data._shared_candidates()):
-        pytest.skip('a shared/data source exists above the temporary folder')
     return tmp_path
 
 
@@ -40,7 +38,7 @@ def test_no_data_one_clear_error(isolated):
     with pytest.raises(data.Cifar10NotFoundError) as e:
         data.load_cifar10(download=False)
     msg = str(e.value)
-    for part in ['download=False', 'PROXPROP_DATA', 'load_cifar10(data=PATH)', './data', 'shared/data/cifar10-jpeg.tar.gz',
+    for part in ['download=False', 'PROXPROP_DATA', 'load_cifar10(data=PATH)', './data',
                  str(isolated/'cache'/'cifar-10-batches-py'), 'PROXPROP_CACHE', 'download=True', 'ImageFolder']:
         assert part in msg, part
     assert isinstance(e.value, FileNotFoundError)
@@ -86,17 +84,58 @@ def test_data_folder_and_precedence(isolated, monkeypatch):
         data.find_cifar10()
 
 
-def test_shared_data_next_to_cwd_or_package(isolated, monkeypatch):
+def test_no_search_in_parent_folders(isolated, monkeypatch):
+    "A shared/data folder above the current folder or the package is never looked at (anyone could have made it)"
     shared = isolated/'ci'/'shared'/'data'/'cifar-10-batches-py'
     write_batches(shared)
     (isolated/'ci'/'main'/'nbs').mkdir(parents=True)
     monkeypatch.chdir(isolated/'ci'/'main'/'nbs')  # a clone at ci/main, running a notebook in nbs/
-    assert data.find_cifar10() == shared.resolve()
-    monkeypatch.chdir(isolated/'cwd')  # elsewhere, but the package lives in the clone
-    assert data.find_cifar10() is None
     monkeypatch.setattr(data, '_pkg_dir', lambda: isolated/'ci'/'main'/'proxprop_nb')
+    assert data.find_cifar10() is None
+    monkeypatch.setenv('PROXPROP_DATA', str(shared))  # named: found
     assert data.find_cifar10() == shared.resolve()
-    assert data.load_cifar10(n_val=2).source['found_by'] == 'shared/data'
+    assert data.load_cifar10(n_val=2).source['found_by'] == 'PROXPROP_DATA'
+
+
+class Payload:
+    "Loaded by pickle.loads, this would create the marker folder"
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self):
+        import os
+        return (os.makedirs, (str(self.marker),))
+
+
+def plant(folder, marker):
+    "A cifar-10-batches-py folder whose first batch carries a payload"
+    write_batches(folder)
+    (folder/'data_batch_1').write_bytes(pickle.dumps({'data': Payload(marker), 'labels': [0]}, protocol=2))
+
+
+def test_planted_payload_never_runs(isolated, monkeypatch):
+    marker = isolated/'payload-ran'
+    plant(isolated/'cwd'/'data'/'cifar-10-batches-py', marker)  # found by the default lookup (./data)
+    with pytest.raises(ValueError, match=r'data_batch_1: not a readable CIFAR-10 python batch.*refers to os.makedirs'):
+        data.load_cifar10(download=False)
+    plant(isolated/'explicit'/'cifar-10-batches-py', marker)  # named explicitly, as a folder
+    with pytest.raises(ValueError, match='refused, not run'):
+        data.load_cifar10(isolated/'explicit', download=False)
+    import tarfile
+    with tarfile.open(isolated/'evil.tar.gz', 'w:gz') as t:  # and as an archive
+        t.add(isolated/'explicit'/'cifar-10-batches-py', arcname='cifar-10-batches-py')
+    with pytest.raises(ValueError, match='refers to os.makedirs'):
+        data.load_cifar10(isolated/'evil.tar.gz', download=False)
+    assert not marker.exists()
+
+
+def test_original_release_is_recognised_by_md5(isolated, monkeypatch):
+    d = isolated/'b'/'cifar-10-batches-py'
+    write_batches(d)
+    assert data.load_cifar10(d.parent, n_val=2).source['original_release'] is False
+    sums = {f: data.hashlib.md5((d/f).read_bytes()).hexdigest() for f in data._BATCHES}
+    (d/'batches.meta').write_bytes(pickle.dumps({'label_names': list(data.CIFAR10_CLASSES)}, protocol=2))
+    sums['batches.meta'] = data.hashlib.md5((d/'batches.meta').read_bytes()).hexdigest()
+    monkeypatch.setattr(data, '_CIFAR_MD5', sums)  # pretend these are the original files
+    assert data._original_release(data._file_reader(d)) is True
 
 
 def test_repo_data_folder(isolated, monkeypatch):
