@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import proxprop_nb
 from .layers import ProxPropMixin, proxpropify, unproxpropify
-from .train import mlp, convnet, MLP_SIZES, MODELS, make_optimizer, environment, default_device, write_json, read_json, _sync
+from .train import (mlp, convnet, MLP_SIZES, MODELS, make_optimizer, environment, default_device, write_json, read_json, _sync,
+                               _device_problem)
 
 # %% auto #0
 __all__ = ['MODES', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'machine_info', 'benchmark',
@@ -233,6 +234,15 @@ def format_table(res:dict # a `benchmark` result
     return '\n'.join(lines)
 
 # %% ../nbs/06_bench.ipynb #c029
+def _check_json_target(p, j:Path):
+    "Refuse a --json file that cannot be appended to, before the benchmark runs"
+    try:
+        if j.exists() and not isinstance(read_json(j), list): p.error(f'--json {j}: holds something else than a list of results')
+        j.parent.mkdir(parents=True, exist_ok=True)
+        probe = j.with_name(f'.{j.name}.probe.{os.getpid()}'); probe.write_bytes(b''); probe.unlink()
+    except (OSError, ValueError) as e: p.error(f'--json {j}: cannot be read or written ({e}); checked before the benchmark runs')
+
+# %% ../nbs/06_bench.ipynb #c030
 def _parse(argv):
     p = argparse.ArgumentParser(prog='proxprop-bench', description='Time a ProxProp training step against plain backprop.')
     p.add_argument('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS)
@@ -250,8 +260,15 @@ def _parse(argv):
     p.add_argument('--quick', action='store_true', help='tiny sizes, 3 repeats: checks that it runs')
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0 or any(b < 1 for b in a.batch_size): p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
+    if a.threads is not None and a.threads < 1: p.error(f'--threads {a.threads}: use an integer >= 1 (or leave it out for torch\'s default)')
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
     except ValueError: p.error(f'--widths takes comma separated integers, e.g. 4000,1000,4000, not {a.widths}')
+    if any(w is not None and (len(w) != 3 or min(w) < 1) for w in a.widths): p.error('--widths: three hidden widths >= 1 each, e.g. 4000,1000,4000')
+    if (why := _device_problem(a.device)) is not None: p.error(f'--device {a.device}: {why}')
+    if a.tau_prox is not None:
+        try: proxprop_nb.solvers.check_prox_args(a.tau_prox)
+        except ValueError as e: p.error(f'--tau-prox: {e}')
+    if a.json: _check_json_target(p, Path(a.json))
     a.modes = tuple(m.strip() for m in a.modes.split(','))
     a.prox = dict(solver=a.solver, **({} if a.cg_tol is None else dict(cg_tol=a.cg_tol)))
     for m in a.modes:
@@ -260,7 +277,7 @@ def _parse(argv):
             except ValueError as e: p.error(str(e))
     return a
 
-# %% ../nbs/06_bench.ipynb #c030
+# %% ../nbs/06_bench.ipynb #c031
 def run(argv=None) -> list:
     "Run `proxprop-bench` with command line arguments `argv`; return the results"
     a = _parse(argv)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from .data import Cifar10, Cifar10NotFoundError, load_cifar10
-from .train import RunConfig, run_name, run_paths, train, prepare_data, read_json, default_device, _data_key, _done
+from .train import (RunConfig, run_name, run_paths, train, prepare_data, read_json, default_device, _data_key, _done,
+                               _device_problem, _prepare_out)
 
 # %% auto #0
 __all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'Experiment',
@@ -100,6 +102,9 @@ def protocol(cfg:RunConfig # a run's configuration
 def _is_done(cfg, out_dir): return _done(run_paths(out_dir, cfg)[0], cfg) is not None  # refuses a different configuration under the same name
 
 # %% ../nbs/05_experiments.ipynb #c016
+def _run_error(cfg, e) -> dict:
+    return dict(name=run_name(cfg), status='error', error=f'{type(e).__name__}: {e}', config=cfg.to_dict())
+
 def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
                    out_dir, # the results folder
                    data=None, # a `Cifar10`, or a CIFAR-10 source for `load_cifar10`; None: look in the usual places
@@ -107,19 +112,27 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
                    progress:bool=True, # text progress bars on stderr
                    log=print, # called with progress lines; None: silent
                    **kw # options of `experiment_configs`: quick, epochs, seed, n_train, methods, taus, cg_variant, arch, sizes
-                  ) -> list: # the results record of every run
-    "Run (or resume, or skip) every run of an experiment into `out_dir`"
+                  ) -> list: # the results record of every run; status 'error' (with the message) for a run that could not run
+    "Run (or resume, or skip) every run of an experiment into `out_dir`; a run that fails does not stop the others"
     cfgs, log, device = experiment_configs(experiment, **kw), log or (lambda s: None), device or default_device()
-    todo = [c for c in cfgs if not _is_done(c, out_dir)]
-    log(f'{experiment}: {len(cfgs)} runs ({len(cfgs) - len(todo)} done already) -> {Path(out_dir)}')
+    todo, errors = [], {}
+    for c in cfgs:
+        try:
+            if not _is_done(c, out_dir): todo.append(c)
+        except ValueError as e: errors[c] = e  # a file of another configuration under this run's name
+    log(f'{experiment}: {len(cfgs)} runs ({len(cfgs) - len(todo) - len(errors)} done already) -> {Path(out_dir)}')
     cifar = data if isinstance(data, Cifar10) or not todo else load_cifar10(data)
     prepared, rows = {}, []
     for i, cfg in enumerate(cfgs, 1):
         log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
+        if cfg in errors: rows.append(_run_error(cfg, errors[cfg])); log(f"{run_name(cfg)}: {rows[-1]['error']}"); continue
         key = str(_data_key(cfg))
-        if cfg in todo and key not in prepared: prepared[key] = prepare_data(cifar, cfg, device)
         meta = dict(experiment=experiment, protocol=protocol(cfg), quick=bool(kw.get('quick')))
-        rows.append(train(cfg, prepared.get(key, cifar), out_dir, device, progress, log, meta=meta))
+        try:
+            if cfg in todo and key not in prepared: prepared[key] = prepare_data(cifar, cfg, device)
+            rows.append(train(cfg, prepared.get(key, cifar), out_dir, device, progress, log, meta=meta))
+        except (ValueError, OSError) as e:
+            rows.append(_run_error(cfg, e)); log(f"{run_name(cfg)}: failed, the sweep goes on: {rows[-1]['error']}")
     return rows
 
 # %% ../nbs/05_experiments.ipynb #c021
@@ -153,11 +166,15 @@ def _machine_text(env:dict) -> str:
 # %% ../nbs/05_experiments.ipynb #c023
 def load_results(folder # a results folder, as written by `run_experiment`
                 ) -> list:
-    "The results files of `folder` as tidy rows, one flat dict per run (history included); [] if there are none"
+    "The results files of `folder` as tidy rows, one flat dict per run (history included); a file that is not one is skipped with a warning"
     rows = []
     for p in sorted(Path(folder).glob('*.json')) if Path(folder).is_dir() else []:
-        r = read_json(p)
-        if isinstance(r, dict) and r.get('format') == 1 and 'config' in r: rows.append(_row(r))
+        try:
+            r = read_json(p)
+            if not (isinstance(r, dict) and r.get('format') == 1 and 'config' in r): raise ValueError('not a results file of proxprop_nb')
+            rows.append(_row(r))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            warnings.warn(f"{p}: skipped ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
     order = list(METHODS)
     return sorted(rows, key=lambda r: (str(r['experiment']), order.index(r['method']) if r['method'] in order else len(order),
                                        r['cg_variant'], -r['lr'], r['seed'], r['name']))
@@ -309,9 +326,7 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     p = _parser()
     a = p.parse_args(argv)
     if a.device is not None:
-        try: dev = torch.device(a.device)
-        except RuntimeError: p.error(f'--device {a.device}: not a torch device (e.g. cpu, cuda, cuda:1)')
-        if dev.type == 'cuda' and not torch.cuda.is_available(): p.error(f'--device {a.device}: no GPU is available')
+        if (why := _device_problem(a.device)) is not None: p.error(f'--device {a.device}: {why}')
     if a.threads: torch.set_num_threads(a.threads)
     kw = dict(quick=a.quick, epochs=a.epochs, seed=a.seed, n_train=a.n_train, methods=a.methods, taus=a.taus, cg_variant=a.cg_variant, arch=a.arch)
     try: cfgs = experiment_configs(a.experiment, **kw)
@@ -319,14 +334,18 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     out = a.out or Path('results')/(a.experiment + ('-quick' if a.quick else ''))
     print(f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, device {a.device or default_device()}, '
           f'CPU threads: {torch.get_num_threads()}\nresults: {out.resolve()}', flush=True)
+    try: _prepare_out(out, 'proxprop-experiment')  # a results folder that cannot take files fails now, not after an epoch
+    except OSError as e: p.exit(1, f'proxprop-experiment: error: {e.strerror or e}\n')
     data = None
     if any(not _is_done(c, out) for c in cfgs):
         try: data = load_cifar10(a.data)
         except (Cifar10NotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment: error: {e}\n')
     rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress, print, **kw)
-    tidy = [_row(r) for r in rows]
+    tidy = [_row(r) for r in rows if r['status'] in ('finished', 'diverged')]
     print(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
-    return 0
+    other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
+    for r in other: print(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
+    return 1 if any(r['status'] == 'error' for r in other) else 0
 
 # %% ../nbs/05_experiments.ipynb #c045
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.experiments

@@ -32,8 +32,8 @@ def parse_mode(optimization_mode:str, # 'prox_exact', 'prox_cgN' or 'gradient'
     "Split an optimization mode into its kind and number of CG iterations, or raise ValueError"
     if optimization_mode == 'prox_exact': return 'exact', 0
     if optimization_mode == 'gradient': return 'gradient', 0
-    m = re.fullmatch(r'prox_cg(\d+)', str(optimization_mode))
-    if m and int(m.group(1)) >= 1: return 'cg', int(m.group(1))
+    m = re.fullmatch(r'prox_cg([1-9][0-9]*)', str(optimization_mode), flags=re.ASCII)  # ASCII digits, no leading zero
+    if m: return 'cg', int(m.group(1))
     raise ValueError(f"optimization_mode={optimization_mode!r} is not valid: use {MODES}")
 
 # %% ../nbs/01_solvers.ipynb #c008
@@ -63,6 +63,8 @@ def check_prox_args(tau_prox=1.0, # proximal step size tau_theta > 0
     kind, n = parse_mode(optimization_mode)
     if isinstance(tau_prox, bool) or not isinstance(tau_prox, numbers.Real) or not math.isfinite(tau_prox) or tau_prox <= 0:
         raise ValueError(f"tau_prox={tau_prox!r} is not valid: use a finite number > 0")
+    if 1 / tau_prox > torch.finfo(torch.float32).max:
+        raise ValueError(f"tau_prox={tau_prox!r} is not valid: 1/tau_prox overflows float32; use tau_prox >= 3e-39")
     if isinstance(cg_tol, bool) or not isinstance(cg_tol, numbers.Real) or not math.isfinite(cg_tol) or cg_tol < 0:
         raise ValueError(f"cg_tol={cg_tol!r} is not valid: use a finite number >= 0 (0 runs exactly N iterations)")
     if cg_variant not in CG_VARIANTS: raise ValueError(f"cg_variant={cg_variant!r} is not valid: use one of {CG_VARIANTS}")
@@ -557,7 +559,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     n = Cg * math.prod(ksize)
     Gs = x.new_zeros(geo.groups, n + bias, n + bias)
     P = math.prod(_out_size(m, k, s, p, d) for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
-    step = max(1, GRAM_CHUNK // max(1, x[0].numel() // geo.groups))  # samples per chunk: G is a sum over samples
+    step = max(1, GRAM_CHUNK // max(1, math.prod(x.shape[1:]) // geo.groups))  # samples per chunk: G is a sum over samples
     for gi in range(geo.groups):
         for i in range(0, x.shape[0], step):
             xg = x[i:i + step, gi * Cg:(gi + 1) * Cg]

@@ -4,14 +4,18 @@
 
 # %% ../nbs/04_train.ipynb #c002
 from __future__ import annotations
+import errno
 import hashlib
+import io
 import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,13 +28,13 @@ from tqdm import tqdm
 import proxprop_nb
 from .solvers import check_prox_args, parse_mode
 from .layers import proxpropify
-from .data import Cifar10, load_cifar10, minibatches
+from .data import Cifar10, load_cifar10, minibatches, N_VAL, _remove_dead_temps, _pid_alive
 
 # %% auto #0
-__all__ = ['MLP_SIZES', 'CONVNET_CHANNELS', 'OPTIMIZERS', 'MODELS', 'HISTORY_KEYS', 'mlp', 'convnet', 'make_optimizer',
+__all__ = ['MLP_SIZES', 'CONVNET_CHANNELS', 'OPTIMIZERS', 'MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'mlp', 'convnet', 'make_optimizer',
            'RunConfig', 'run_name', 'synthetic_cifar10', 'prepare_data', 'evaluate', 'epoch_generator', 'train_epoch',
-           'write_json', 'read_json', 'source_hash', 'environment', 'save_checkpoint', 'load_checkpoint',
-           'default_device', 'build_model', 'run_paths', 'train', 'format_history']
+           'write_json', 'read_json', 'source_hash', 'environment', 'RunFileError', 'save_checkpoint',
+           'load_checkpoint', 'default_device', 'build_model', 'run_paths', 'data_identity', 'train', 'format_history']
 
 # %% ../nbs/04_train.ipynb #c006
 MLP_SIZES = (3072, 4000, 1000, 4000, 10)
@@ -79,6 +83,7 @@ def make_optimizer(params, # the model's parameters
 
 # %% ../nbs/04_train.ipynb #c019
 MODELS = ('mlp', 'convnet')
+N_TRAIN = 50000 - N_VAL  # training images of the paper's split
 
 def _check(ok, msg):
     if not ok: raise ValueError(msg)
@@ -94,6 +99,10 @@ def _validate(c):
     check_prox_args(c.tau_prox, c.optimization_mode, c.cg_tol, c.cg_variant)
     for k in ('epochs', 'batch_size'): _check(_pos_int(getattr(c, k)), f"{k}={getattr(c, k)!r} is not valid: use an integer >= 1")
     for k in ('n_train', 'n_eval'): _check(_pos_int(getattr(c, k), True), f"{k}={getattr(c, k)!r} is not valid: use an integer >= 1 or None")
+    _check(c.n_train is None or c.n_train <= N_TRAIN, f"n_train={c.n_train} is not valid: the training set has {N_TRAIN:,} images")
+    _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed < 2**32 and
+           isinstance(c.subset_seed, int) and 0 <= c.subset_seed < 2**32,
+           f"seed={c.seed!r}, subset_seed={c.subset_seed!r}: use integers 0 <= seed < 2**32")
     _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} is not valid: use 0 <= momentum < 1")
     _check(c.arch in ('official', 'paper'), f"arch={c.arch!r} is not valid: use 'official' or 'paper'")
 
@@ -261,14 +270,25 @@ def _json_safe(o):
     if isinstance(o, (list, tuple)): return [_json_safe(v) for v in o]
     return o
 
+_WHY = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded', errno.EROFS: 'the file system is read-only',
+        errno.EACCES: 'permission denied', errno.EPERM: 'permission denied', errno.ENOTDIR: 'a part of the path is a file, not a folder',
+        errno.EEXIST: 'a part of the path is a file, not a folder',
+        errno.EISDIR: 'it is a folder'}
+
+def _write_error(path, e:OSError) -> OSError:
+    "The OSError of a failed write, in plain words, naming the file and the way out"
+    why = _WHY.get(e.errno, e.strerror or str(e))
+    return OSError(e.errno, f"cannot write {path}: {why}; free space, fix the permissions, or choose another results folder")
+
 def _atomic_write(path:Path, write):
-    "Call write(tmp) on a temporary file next to `path`, then move it over `path`"
+    "Call write(tmp) on a temporary file next to `path`, then move it over `path`; OSError in plain words"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e: raise _write_error(path, e) from None
     finally:
         if tmp.exists(): tmp.unlink()
 
@@ -285,8 +305,10 @@ def write_json(path, # the file to write
 
 def read_json(path # a results file
              ) -> dict:
-    "Read a results file"
-    with open(path) as f: return json.load(f)
+    "Read a results file; ValueError naming the file if it is not JSON"
+    try:
+        with open(path, encoding='utf-8') as f: return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/04_train.ipynb #c049
 def _cpu_model() -> str:
@@ -338,17 +360,37 @@ def environment(device='cpu' # the device a run uses
     return env
 
 # %% ../nbs/04_train.ipynb #c054
+class RunFileError(ValueError):
+    "A checkpoint or results file that cannot be used as it is; the message names the file and the way out"
+
+_CKPT_KEYS = {'config', 'model', 'optimizer', 'epoch', 'history', 'rng', 'started', 'resumed_at_epochs'}
+
 def save_checkpoint(path, # the checkpoint file
                     state:dict # tensors and plain Python values
                    ):
-    "Save a checkpoint atomically (a temporary file, then os.replace)"
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    "Save a checkpoint atomically and durably: serialized in memory, written to a temporary file, fsynced, moved"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    def write(tmp):
+        with open(tmp, 'wb') as f: f.write(buf.getbuffer()); f.flush(); os.fsync(f.fileno())
+    _atomic_write(path, write)
 
 def load_checkpoint(path, # the checkpoint file
                     device='cpu' # where its tensors go
                    ) -> dict:
-    "Load a checkpoint written by `save_checkpoint`"
-    return torch.load(path, map_location=device, weights_only=True)
+    "Load a checkpoint written by `save_checkpoint` (tensors and plain values only); `RunFileError` if it is damaged"
+    try: s = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e: raise RunFileError(f"{path} is damaged: it does not load as a checkpoint ({type(e).__name__})") from None
+    if not isinstance(s, dict) or not _CKPT_KEYS <= set(s):
+        raise RunFileError(f"{path} is damaged: not a checkpoint of proxprop_nb.train")
+    return s
+
+def _move_aside(path:Path, why:str) -> Path:
+    "Rename a file that cannot be used to NAME.damaged-TIME, with a warning; the run then starts afresh"
+    bad = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}")
+    os.replace(path, bad)
+    warnings.warn(f"{why}; moved to {bad.name}, and the run starts again", RuntimeWarning, stacklevel=3)
+    return bad
 
 # %% ../nbs/04_train.ipynb #c056
 HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time', 'eval_time', 'time')
@@ -392,9 +434,20 @@ def run_paths(out_dir, # the results folder
     return Path(out_dir)/f'{name}.json', Path(out_dir)/f'{name}.ckpt'
 
 def _same_config(stored:dict, cfg:RunConfig, path):
-    if RunConfig.from_dict(stored) != cfg:
+    try: other = RunConfig.from_dict(stored)
+    except (TypeError, ValueError) as e: raise RunFileError(f"{path} is damaged: its configuration is not valid ({e})") from None
+    if other != cfg:
         diff = {k: (stored.get(k), v) for k, v in cfg.to_dict().items() if stored.get(k) != v}
         raise ValueError(f"{path} belongs to another configuration (stored vs requested: {diff}); use another results folder")
+
+def data_identity(source:dict|None # a `Cifar10.source`, or the `data` of a results file
+                 ) -> dict:
+    "What identifies the images a run sees: the kind, the content (an archive's sha256, else the fingerprint, or a seed) and the split"
+    s = source or {}
+    keys = ('kind', 'sha256') if s.get('sha256') else ('kind', 'fingerprint', 'seed')
+    return {k: s.get(k) for k in keys + ('split_seed', 'n_val', 'n_test') if s.get(k) is not None}
+
+def _differ(a:dict, b:dict) -> dict: return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 # %% ../nbs/04_train.ipynb #c061
 def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta):
@@ -410,9 +463,15 @@ def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, met
 # %% ../nbs/04_train.ipynb #c063
 def _start(cfg, model, opt, d, device, ckpt, bs):
     "(history, first epoch to run, start time, resumed epochs): from the checkpoint if there is one, else after recording epoch 0"
+    s = None
     if ckpt is not None and ckpt.exists():
-        s = load_checkpoint(ckpt)  # on the CPU: the random states must stay there; load_state_dict copies to the device
+        try: s = load_checkpoint(ckpt)  # on the CPU: the random states must stay there; load_state_dict copies to the device
+        except RunFileError as e: _move_aside(ckpt, str(e))
+    if s is not None:
         _same_config(s['config'], cfg, ckpt)
+        if s.get('data') is not None and (diff := _differ(s['data'], data_identity(d.source))):
+            raise RunFileError(f"{ckpt} was written on other data (checkpoint vs now: {diff}); resume it with the data it "
+                               "started on, or move the checkpoint away to start the run again on this data")
         model.load_state_dict(s['model']); opt.load_state_dict(s['optimizer'])
         torch.set_rng_state(s['rng']['torch'])
         if device.type == 'cuda' and s['rng'].get('cuda') is not None: torch.cuda.set_rng_state(s['rng']['cuda'], device)
@@ -421,41 +480,105 @@ def _start(cfg, model, opt, d, device, ckpt, bs):
     _record(h, 0, d, model, None, 0.0, device, bs)
     return h, 1, started, []
 
-def _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device):
+def _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device, d):
     if ckpt is None: return
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
     save_checkpoint(ckpt, dict(config=cfg.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, history=h,
-                               rng=rng, started=started, resumed_at_epochs=resumed))
+                               rng=rng, started=started, resumed_at_epochs=resumed, data=data_identity(d.source)))
 
 # %% ../nbs/04_train.ipynb #c064
 def _epoch_line(name, h):
     return (f"{name} epoch {h['epoch'][-1]}: train loss {h['train_loss'][-1]:.4g}, val acc {h['val_acc'][-1]:.4f} "
             f"({h['train_time'][-1]:.1f} s train, {h['eval_time'][-1]:.1f} s eval)")
 
-def _done(path, cfg):
-    "The stored results of `cfg` if `path` holds a finished or diverged run, else None"
+def _done(path, cfg, data=None):
+    "The stored results of `cfg` if `path` holds a finished or diverged run, else None; a damaged file is moved aside"
     if not path.exists(): return None
-    r = read_json(path)
-    _same_config(r['config'], cfg, path)
-    return r if r.get('status') in ('finished', 'diverged') else None
+    try:
+        r = read_json(path)
+        if not (isinstance(r, dict) and {'config', 'status', 'history'} <= set(r)): raise RunFileError(f"{path} is damaged: not a results file")
+        _same_config(r['config'], cfg, path)
+    except RunFileError as e: _move_aside(path, str(e)); return None
+    except ValueError as e:
+        if 'belongs to another configuration' in str(e): raise
+        _move_aside(path, str(e)); return None
+    if r.get('status') not in ('finished', 'diverged'): return None
+    if data is not None and (diff := _differ(data_identity(r.get('data')), data_identity(data.source))):
+        warnings.warn(f"{path}: {r['status']} on other data (file vs now: {diff}); skipped, not trained again; "
+                      "move the file away to train this run on this data", RuntimeWarning, stacklevel=2)
+    ckpt = path.with_suffix('.ckpt')
+    if ckpt.exists(): ckpt.unlink()  # a stale checkpoint of a run that has its results
+    return r
 
 # %% ../nbs/04_train.ipynb #c065
+def _lock(out_dir:Path, name:str):
+    "Take the run's lock file (O_EXCL); the holder's record instead if another live process holds it"
+    f, me = Path(out_dir)/f'.{name}.lock', dict(pid=os.getpid(), host=socket.gethostname(), started=_now())
+    for _ in range(3):
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try: holder = json.loads(f.read_text())
+            except (OSError, ValueError): holder = {}
+            if holder.get('host') == me['host'] and isinstance(holder.get('pid'), int) and not _pid_alive(holder['pid']):
+                f.unlink(missing_ok=True); continue  # stale: its process is gone
+            if holder: return holder
+            time.sleep(0.1); continue  # being written right now
+        with os.fdopen(fd, 'w') as fh: json.dump(me, fh)
+        return f
+    return dict(pid=None, host=None, lock=str(f))
+
+def _prepare_out(out_dir:Path, name:str):
+    "Check that `out_dir` can take the run's files, and remove temporary files of dead writers there"
+    probe = Path(out_dir)/f'.{name}.probe.{os.getpid()}'
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b''); probe.unlink()
+    except OSError as e: raise _write_error(Path(out_dir), e) from None
+    _remove_dead_temps(out_dir, f'.{name}.*.tmp', r'\.(\d+)\.tmp$')
+
+def _device_problem(device) -> str|None:
+    "What keeps training from running on `device`, in words, or None"
+    try: dev = torch.device(device or default_device())
+    except RuntimeError: return "not a torch device: use 'cpu' or 'cuda' (or 'cuda:1')"
+    if dev.type not in ('cpu', 'cuda'): return f"{dev.type!r} is not supported: use 'cpu' or 'cuda'"
+    if dev.type == 'cuda' and not torch.cuda.is_available(): return 'no GPU is available'
+    return None
+
+def _check_device(device) -> torch.device:
+    "`device` as a torch.device if training can run there; ValueError naming it and what is allowed otherwise"
+    if (why := _device_problem(device)) is not None: raise ValueError(f"device={device!r}: {why}")
+    return torch.device(device or default_device())
+
+# %% ../nbs/04_train.ipynb #c066
 def train(cfg:RunConfig, # the run's configuration
           data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration (a sweep prepares it once)
           out_dir=None, # results folder for the checkpoint and results file; None: keep nothing on disk
-          device=None, # torch device; None: 'cuda' if available, else 'cpu'
+          device=None, # 'cpu' or 'cuda'; None: 'cuda' if available, else 'cpu'
           progress:bool=True, # show a text progress bar on stderr
           log=None, # called with one line per epoch, e.g. print; None: silent
           stop_after:int|None=None, # stop after this many epochs in this call, keeping the checkpoint (a time box)
           deadline:float|None=None, # a time.time(): stop before an epoch that would end after it, keeping the checkpoint
           meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
           eval_batch_size:int=1000 # chunk size of the evaluations
-         ) -> dict: # the results record (status 'finished', 'diverged', or 'stopped' by stop_after or deadline)
+         ) -> dict: # the results record (status 'finished', 'diverged', 'stopped', or 'running elsewhere')
     "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
-    device, log = torch.device(device or default_device()), log or (lambda s: None)
+    device, log = _check_device(device), log or (lambda s: None)
     path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
-    if path is not None and (r := _done(path, cfg)) is not None:
+    if path is not None and (r := _done(path, cfg, data)) is not None:
         log(f'{r["name"]}: already {r["status"]} in {path.parent}, skipped'); return r
+    lock = None
+    if path is not None:
+        _prepare_out(path.parent, run_name(cfg))
+        lock = _lock(path.parent, run_name(cfg))
+        if isinstance(lock, dict):
+            log(f"{run_name(cfg)}: running in another process ({lock}), skipped")
+            return dict(name=run_name(cfg), status='running elsewhere', holder=lock, config=cfg.to_dict())
+    try: return _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size)
+    finally:
+        if lock is not None: lock.unlink(missing_ok=True)
+
+def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size):
     d = _data_for(data, cfg, device)
     model = build_model(cfg).to(device)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
@@ -471,7 +594,7 @@ def train(cfg:RunConfig, # the run's configuration
         if ckpt.exists(): ckpt.unlink()
     return _json_safe(r)  # what the file holds
 
-# %% ../nbs/04_train.ipynb #c067
+# %% ../nbs/04_train.ipynb #c068
 def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None):
     "Run epochs first..cfg.epochs; return (status, diverged_at)"
     name, steps = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size)
@@ -493,12 +616,12 @@ def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress
             if not math.isfinite(h['train_loss'][-1]):
                 log(f'{name}: diverged in epoch {epoch} (full-batch loss {h["train_loss"][-1]})')
                 return 'diverged', dict(epoch=epoch, step=None, where='full-batch loss')
-            _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device)
+            _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device, d)
             bar.set_postfix_str(f"epoch {epoch}: full-batch loss {h['train_loss'][-1]:.4g}, val acc {h['val_acc'][-1]:.3f}")
             with tqdm.external_write_mode(): log(_epoch_line(name, h))
     return 'finished', None
 
-# %% ../nbs/04_train.ipynb #c069
+# %% ../nbs/04_train.ipynb #c070
 def format_history(r:dict # a results record, as `train` returns it
                   ) -> str:
     "The history of a run as a text table, one line per epoch"

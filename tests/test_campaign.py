@@ -69,7 +69,7 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(thread_pool, tmp_path):
     plan = small_plan(2)
     (tmp_path/'table1').mkdir()
     bad = run_paths(tmp_path/'table1', plan[0][1])[0]
-    bad.write_text(json.dumps(dict(config=dict(plan[1][1].to_dict()), status='finished')))  # another run's file under its name
+    bad.write_text(json.dumps(dict(config=plan[1][1].to_dict(), status='finished', history={})))  # another run's file, its name
     recs = C.schedule_runs(plan, thread_pool, tmp_path, C.RunEstimator({('mlp', 'plain'): 1e-4}), time.time() + 600, 1, 200, 100,
                            log=lambda s: None)
     assert recs[0]['outcome'] == 'error' and 'another configuration' in recs[0]['error']
