@@ -165,8 +165,9 @@ def route_times(layer:str, # 'linear' or 'conv2d'
                 device='cpu', # where to run (synchronised around each timing on CUDA)
                ) -> dict: # route -> dict(ms, flops); 'auto': the flop model's route; 'fastest': the fastest timed
     "Time the proximal step of one layer by each route, with the flop model's cost of each; for a conv2d also each patch-Gram route"
-    from proxprop_nb.solvers import (prox_linear, prox_conv, linear_flops, conv_flops, conv_gram, conv_gram_flops, choose_route,
-                                     check_prox_args, ConvGeometry, RouteChooser)
+    from proxprop_nb.solvers import choose_route, check_prox_args, RouteChooser
+    from proxprop_nb.linear import prox_linear, linear_flops
+    from proxprop_nb.conv import prox_conv, conv_flops, conv_gram, conv_gram_flops, ConvGeometry
     g, dev, model = torch.Generator().manual_seed(seed), torch.device(device), RouteChooser('model')
     spec = lambda r: check_prox_args(tau_prox, mode, cg_tol=0, solver=r)
     kind, n = spec('auto').kind, spec('auto').n_iter

@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .solvers import (ProxSpec, check_prox_args, prox_linear, prox_conv, ConvGeometry, conv_forward, conv_backward,
-                                 block_cg, dense_solve, work_dtype)
+from .solvers import ProxSpec, check_prox_args, block_cg, dense_solve, work_dtype
+from .linear import prox_linear
+from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward
 
 # %% auto #0
 __all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'ProxPropConv2d', 'proxprop_module',

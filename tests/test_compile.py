@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxpropify
-from proxprop_nb.solvers import check_prox_args, prox_linear, prox_conv, ConvGeometry, block_cg
+from proxprop_nb.solvers import check_prox_args, block_cg
+from proxprop_nb.linear import prox_linear
+from proxprop_nb.conv import prox_conv, ConvGeometry
 
 SYNCS = ('__bool__', 'item', 'tolist', '__float__', '__int__', '__index__', '__len__')
 
@@ -59,7 +61,7 @@ def test_conv_cg_makes_no_host_sync_at_zero_tol(route):
 
 def test_sync_free_early_stop_reads_nothing_on_the_host():
     "The device-side early stop (the default on CUDA) counts no host read, and gives the host-side stop's result"
-    from proxprop_nb.solvers import dual_cg
+    from proxprop_nb.linear import dual_cg
     x, g = torch.randn(30, 12, dtype=torch.float64), torch.randn(30, 5, dtype=torch.float64)
     K = x @ x.T
     with CountSyncs() as c:

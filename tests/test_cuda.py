@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxprop_module, proxpropify, unproxpropify
-from proxprop_nb.solvers import (check_prox_args, prox_linear, prox_conv, conv_gram, ConvGeometry, RouteChooser,
-                                 route_chooser)
+from proxprop_nb.solvers import check_prox_args, RouteChooser, route_chooser
+from proxprop_nb.linear import prox_linear
+from proxprop_nb.conv import prox_conv, conv_gram, ConvGeometry
 from proxprop_nb.train import mlp, convnet
 
 DEV = os.environ.get('PROXPROP_TEST_DEVICE', 'cuda')  # 'cpu' rehearses these tests on a machine without a GPU

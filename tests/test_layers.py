@@ -10,7 +10,9 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxprop_module, proxpropify, unproxpropify
-from proxprop_nb.solvers import check_prox_args, prox_linear, prox_conv, ConvGeometry
+from proxprop_nb.solvers import check_prox_args
+from proxprop_nb.linear import prox_linear
+from proxprop_nb.conv import prox_conv, ConvGeometry
 
 f64 = torch.float64
 
