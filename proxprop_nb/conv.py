@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .solvers import (ProxSpec, block_cg, work_dtype, dense_solve, choose_route, route_chooser, RouteChooser,
-                                 _exact_or_cg, _pick)
+from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, dense_solve, choose_route, route_chooser,
+                                 RouteChooser, _exact_or_cg, _pick)
 
 # %% auto #0
 __all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'conv_gram',
@@ -78,14 +78,15 @@ def _conv_operator(x, weight, bias:bool, geo, beta, single=False):
 def _conv_matrix_free(x, weight, bias, geo, spec, grad):
     "CG on (phi* phi + beta I) D = grad with phi the convolution and phi* its weight gradient"
     apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta, single=spec.cg_variant == 'official')
-    X, _ = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
-    return from_rows(X)
+    cg = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
+    return (*from_rows(cg.solution), SolveInfo.of('matrix_free', cg, x.dtype))
 
 # %% ../nbs/01b_conv.ipynb #c011
 def _conv_dense(x, weight, bias, geo, spec, grad):
     "Exact step: the per-row operator formed densely, then one SPD solve for all rows"
     apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
-    return from_rows(dense_solve(apply_M, to_rows(*grad), 'transposed convolution'))
+    X, fallback = dense_solve(apply_M, to_rows(*grad), 'transposed convolution')
+    return (*from_rows(X), SolveInfo.of('dense>cg' if fallback else 'dense', fallback, x.dtype))
 
 # %% ../nbs/01b_conv.ipynb #c013
 def _wgrad(go, inp, ksize, stride, dilation, groups=1):
@@ -251,10 +252,11 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
               spec:ProxSpec, # the step's settings
               need_input_grad:bool=True, # also return the input gradient
               chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: `route_chooser(x.device)`
-             ) -> tuple: # (grad_input or None, grad_weight, grad_bias or None, route)
+             ) -> tuple: # (grad_input or None, grad_weight, grad_bias or None, SolveInfo)
     "Input gradient and ProxProp direction of a convolution layer, by the cheapest route"
     if spec.kind == 'gradient':  # autograd's gradients, in the dtype of the forward computation (g's)
-        return (*conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (need_input_grad, True, bias)), 'gradient')
+        grads = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (need_input_grad, True, bias))
+        return (*grads, SolveInfo('gradient', dtype=g.dtype))
     wd = work_dtype(x.dtype, g.dtype)
     gx, gw, gb = _conv_grads(x, g, weight, geo, need_input_grad, bias, wd)
     xw, ksize, chooser = x.to(wd), weight.shape[2:], chooser or route_chooser(x.device)
@@ -263,11 +265,19 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
             for r in flops if r in _CONV_OPERATOR_ROUTES}
     if 'primal' in flops: runs['primal'] = functools.partial(_conv_primal, xw, gw, gb, ksize, geo, spec, chooser)
     key = ('conv', str(x.device), wd, tuple(x.shape), tuple(weight.shape), geo, bias, spec)
-    route, (W, b) = _pick(flops, runs, spec.solver, chooser, key)
-    return gx, W, b, route
+    _, (W, b, info) = _pick(flops, runs, spec.solver, chooser, key)
+    return gx, W, b, info
 
 # %% ../nbs/01b_conv.ipynb #c026
 _CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
+
+def _combine(route:str, results:list, dtype) -> SolveInfo:
+    "One record for the per-group solves of a layer: the most iterations and the largest residual of any group"
+    cg = [r for r in results if r is not None]
+    if not cg: return SolveInfo(route, dtype=dtype)
+    top = lambda vs: None if any(v is None for v in vs) else (max(vs) if all(isinstance(v, int) for v in vs)
+                                                              else torch.stack([torch.as_tensor(v) for v in vs]).max())
+    return SolveInfo(route, top([r.iterations for r in cg]), top([r.residual for r in cg]), dtype)
 
 def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None):
     "Exact or CG step on the patch Gram matrices, one per group"
@@ -275,11 +285,15 @@ def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None):
     G = conv_gram(x, ksize, geo, bias, spec.beta, chooser=chooser)
     M, Mg = gw.shape[0], gw.shape[0] // geo.groups
     rhs = torch.cat([gw.reshape(M, -1), gb[:, None]], 1) if bias else gw.reshape(M, -1)
-    D = torch.empty_like(rhs)
+    D, results = torch.empty_like(rhs), []
     for gi in range(geo.groups):
         rows = slice(gi * Mg, (gi + 1) * Mg)
         if spec.kind == 'cg':
-            (D[rows],), _ = block_cg(lambda P: [P[0] @ G[gi]], [rhs[rows]], spec.n_iter, spec.cg_tol, spec.cg_variant)
-        else: D[rows] = _exact_or_cg(G[gi], rhs[rows], 'convolution')
+            results.append(block_cg(lambda P: [P[0] @ G[gi]], [rhs[rows]], spec.n_iter, spec.cg_tol, spec.cg_variant))
+            D[rows] = results[-1].solution[0]
+        else:
+            D[rows], fallback = _exact_or_cg(G[gi], rhs[rows], 'convolution')
+            results.append(fallback)
+    fell_back = spec.kind == 'exact' and any(r is not None for r in results)
     n = rhs.shape[1] - bias
-    return D[:, :n].reshape(gw.shape), (D[:, n] if bias else None)
+    return D[:, :n].reshape(gw.shape), (D[:, n] if bias else None), _combine('primal>cg' if fell_back else 'primal', results, x.dtype)

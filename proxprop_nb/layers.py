@@ -87,8 +87,8 @@ class _ProxLinearFn(_ProxFn):
         with _amp_off(g):
             if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)  # in the forward's dtype, as autograd
             if _ProxFn.needs_param_grad(ctx):
-                gw, gb, ctx.layer.last_route = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                                                           ctx.has_bias, ctx.spec)
+                gw, gb, info = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), ctx.has_bias, ctx.spec)
+                ctx.layer.last_route = info.route
                 gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
         return gx, gw, gb, None, None
 
@@ -127,8 +127,8 @@ class _ProxConvFn(_ProxFn):
             if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
                 gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
                 return gx.to(x.dtype), None, None, None, None, None
-            gx, gw, gb, ctx.layer.last_route = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec,
-                                                         ctx.needs_input_grad[0])
+            gx, gw, gb, info = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
+            ctx.layer.last_route = info.route
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
                 (gb.to(weight.dtype) if gb is not None else None), None, None, None)
 
@@ -247,11 +247,11 @@ def _generic_step(self, out, x, p_, grad, spec):
         return [a.reshape(1, -1) + spec.beta * q for a, q in zip(phi_adj(z), P)]
     rhs = [q.reshape(1, -1) for q in grad]
     if spec.kind == 'cg':
-        X, _ = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
+        X = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant).solution
         self.last_route = 'matrix_free'
     else:
-        X = dense_solve(apply_M, rhs, type(self).__name__)
-        self.last_route = 'dense'
+        X, fallback = dense_solve(apply_M, rhs, type(self).__name__)
+        self.last_route = 'dense>cg' if fallback else 'dense'
     return [q.view(p.shape).to(p.dtype) for q, p in zip(X, p_)]
 
 _ProxGenericMixin._prox_generic = _generic_step

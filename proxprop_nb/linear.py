@@ -8,8 +8,8 @@ import functools
 
 import torch
 
-from .solvers import (ProxSpec, block_cg, work_dtype, spd_inverse, choose_route, route_chooser, RouteChooser,
-                                 _safe_div, _early_stop, _exact_or_cg, _pick)
+from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, spd_inverse, choose_route, route_chooser,
+                                 RouteChooser, _safe_div, _early_stop, _relative_residual, _exact_or_cg, _pick)
 
 # %% auto #0
 __all__ = ['linear_primal_gram', 'linear_dual_gram', 'dual_cg', 'linear_flops', 'prox_linear']
@@ -40,39 +40,43 @@ def linear_dual_gram(x:torch.Tensor, # inputs (N, d)
     return K
 
 # %% ../nbs/01a_linear.ipynb #c009
-def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without beta
+def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal beta
             g:torch.Tensor, # output gradients (N, out): one system per column
-            beta:float, # 1/tau_prox
+            beta:float, # the proximal beta = 1/tau_prox, on the diagonal of A^T A + beta I
             n_iter:int, # maximum number of CG iterations
-            tol:float=0., # relative residual for early stopping (0: run n_iter)
+            tol:float=0., # stop once max_j |r_j| < tol * rms_j |r0_j| over the columns j (0: run n_iter)
             variant:str='textbook', # 'textbook' or 'official'
             sync_free:bool|None=None, # stop early without reading the residual on the host; None: on CUDA
-           ) -> tuple: # (Y, iterations run) with direction D = Y^T A
+           ) -> CGResult: # solution Y (the direction is D = Y^T A); residual only when CG stopped early
     "CG on (A^T A + beta I) D = A^T g run in the batch space of A"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
+    # Legend: primal CG's residual r = A^T s, direction p = A^T q, iterate D = A^T y; w = K s, u = K q, so that
+    # r^T r = s^T w, M p = A^T (u + beta q) and p^T M p = u^T u + beta q^T u. Only s, q, y (N x out) are stored.
     s, q, y = g.clone(), g, torch.zeros_like(g)  # q is replaced, never updated in place, in the first iteration
     w = K @ s
     u, rho = w, (s * w).sum(0)
-    stop = tol**2 * rho.mean() if tol > 0 else None
+    rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
     sync_free = g.device.type == 'cuda' if sync_free is None else sync_free
     live = rho.new_ones(()) if sync_free and stop is not None else None
-    iters = rho.new_zeros(())
+    iters, residual = rho.new_zeros(()), None
     for k in range(1, n_iter + 1):
         alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0) + eps)
         if live is not None: alpha, iters = alpha * live, iters + live  # frozen once converged
-        y.addcmul_(q, alpha)
+        y.addcmul_(q, alpha)  # D += alpha p
         if k == n_iter: break
-        s.addcmul_(u, alpha, value=-1).addcmul_(q, alpha, value=-beta)
+        s.addcmul_(u, alpha, value=-1).addcmul_(q, alpha, value=-beta)  # r -= alpha M p
         w = torch.mm(K, s, out=w if k > 1 else None)
-        rho_new = (s * w).sum(0)
+        rho_new = (s * w).sum(0)  # r^T r
         done, live = _early_stop(stop, rho_new, live)
-        if done: break
-        b = _safe_div(rho_new, rho + eps)
-        if k == 1: q, u = (s * (1 + b), w * (1 + b)) if official else (torch.addcmul(s, q, b), torch.addcmul(w, u, b))
-        else: q.mul_(b).add_(s); u.mul_(b).add_(w)
+        if done: residual = _relative_residual(rho_new, rho0); break
+        cg_beta = _safe_div(rho_new, rho + eps)  # CG's beta_k: p = r + beta_k p
+        if k == 1: q, u = ((s * (1 + cg_beta), w * (1 + cg_beta)) if official
+                           else (torch.addcmul(s, q, cg_beta), torch.addcmul(w, u, cg_beta)))
+        else: q.mul_(cg_beta).add_(s); u.mul_(cg_beta).add_(w)
         rho = rho_new
-    return y, (k if live is None else iters)
+    if live is not None: residual = _relative_residual(rho_new, rho0) if n_iter > 1 else None  # at the (device) stop
+    return CGResult(y, k if live is None else iters, residual)
 
 # %% ../nbs/01a_linear.ipynb #c014
 def linear_flops(N:int, # batch size (rows of A)
@@ -95,18 +99,18 @@ def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
                 bias:bool, # whether the layer has a bias
                 spec:ProxSpec, # the step's settings, from `check_prox_args`
                 chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: `route_chooser(x.device)`
-               ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, route)
+               ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, SolveInfo)
     "The ProxProp direction (A^T A + I/tau_prox)^-1 grad for an nn.Linear layer, by the cheapest route"
     if spec.kind == 'gradient':  # autograd's gradient, in the dtype of the forward computation (g's)
-        return g.T @ x.to(g.dtype), (g.sum(0) if bias else None), 'gradient'
+        return g.T @ x.to(g.dtype), (g.sum(0) if bias else None), SolveInfo('gradient', dtype=g.dtype)
     wd = work_dtype(x.dtype, g.dtype)
     x, g = x.to(wd), g.to(wd)
     (N, d), out = x.shape, g.shape[1]
     flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
     runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
     key = ('linear', str(x.device), wd, N, d, out, bias, spec)
-    route, (W, b) = _pick(flops, runs, spec.solver, chooser or route_chooser(x.device), key)
-    return W, b, route
+    _, out = _pick(flops, runs, spec.solver, chooser or route_chooser(x.device), key)
+    return out
 
 # %% ../nbs/01a_linear.ipynb #c018
 def _split(D, d, bias):
@@ -116,23 +120,30 @@ def _split(D, d, bias):
 def _linear_dual(x, g, bias, spec):
     K = linear_dual_gram(x, bias)
     if spec.kind == 'cg':
-        y, _ = dual_cg(K, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant)
+        cg = dual_cg(K, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant)
+        y, info = cg.solution, SolveInfo.of('dual', cg, x.dtype)
     else:
         K.diagonal().add_(spec.beta)
         Kinv = spd_inverse(K)
-        if Kinv is None: return _linear_primal(x, g, bias, spec)  # the primal system, which falls back to CG if it fails too
+        if Kinv is None:  # the primal system, which falls back to CG if it fails too
+            W, b, info = _linear_primal(x, g, bias, spec)
+            return W, b, SolveInfo.of('dual>' + info.route, info, x.dtype)
+        info = SolveInfo('dual', dtype=x.dtype)
         if x.shape[1] + bias < g.shape[1]:  # D^T = g^T (Kinv A): the cheaper order
-            return g.T @ (Kinv @ x), (g.T @ Kinv.sum(1) if bias else None)
+            return g.T @ (Kinv @ x), (g.T @ Kinv.sum(1) if bias else None), info
         y = Kinv @ g
-    return y.T @ x, (y.sum(0) if bias else None)
+    return y.T @ x, (y.sum(0) if bias else None), info
 
 def _linear_primal(x, g, bias, spec):
     G = linear_primal_gram(x, bias, spec.beta)
     rhs = torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x
     if spec.kind == 'cg':
-        (D,), _ = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant)
-    else: D = _exact_or_cg(G, rhs, 'primal')
-    return _split(D, x.shape[1], bias)
+        cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant)
+        D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
+    else:
+        D, fallback = _exact_or_cg(G, rhs, 'primal')
+        info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype)
+    return (*_split(D, x.shape[1], bias), info)
 
 def _linear_matrix_free(x, g, bias, spec):
     def apply_M(P):
@@ -140,7 +151,7 @@ def _linear_matrix_free(x, g, bias, spec):
         if bias: z = z + P[1]
         return [z.T @ x + spec.beta * P[0]] + ([z.sum(0) + spec.beta * P[1]] if bias else [])
     rhs = [g.T @ x] + ([g.sum(0)] if bias else [])
-    X, _ = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
-    return X[0], (X[1] if bias else None)
+    cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
+    return cg.solution[0], (cg.solution[1] if bias else None), SolveInfo.of('matrix_free', cg, x.dtype)
 
 _LINEAR_ROUTES = {'dual': _linear_dual, 'primal': _linear_primal, 'matrix_free': _linear_matrix_free}

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args', 'rowdot', 'rowscale',
-           'block_cg', 'work_dtype', 'spd_inverse', 'dense_solve', 'choose_route', 'warm_timer', 'RouteChooser',
-           'route_chooser', 'set_route_choice']
+           'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse', 'dense_solve', 'choose_route',
+           'warm_timer', 'RouteChooser', 'route_chooser', 'set_route_choice']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -81,6 +81,27 @@ def rowscale(alpha, x):
     return alpha.view(-1, *([1] * (x.dim() - 1))) * x
 
 # %% ../nbs/01_solvers.ipynb #c015
+@dataclass(frozen=True)
+class CGResult:
+    "What CG returns"
+    solution:list # the solution tensors (block_cg), or the batch-space solution (dual_cg)
+    iterations:int|torch.Tensor # iterations run: an int, or a device tensor when the early stop runs on the device
+    residual:torch.Tensor|None # the final relative residual, the quantity `cg_tol` bounds (see block_cg); None: not computed
+
+@dataclass(frozen=True)
+class SolveInfo:
+    "How one proximal step was solved: what a layer exposes as `last_solve` after its backward pass"
+    route:str # the route that produced the direction, fallbacks included, e.g. 'dual', 'dual>primal', 'primal>cg'
+    iterations:int|torch.Tensor|None=None # CG iterations run (a device tensor on CUDA with early stopping); None: exact
+    residual:torch.Tensor|None=None # CG's final relative residual (see block_cg); None: exact, or not computed
+    dtype:torch.dtype|None=None # the dtype the system was solved in
+
+    @classmethod
+    def of(cls, route:str, cg:CGResult|None, dtype) -> SolveInfo:
+        "The record of a step by `route` whose CG (None: an exact solve) returned `cg`"
+        return cls(route, None, None, dtype) if cg is None else cls(route, cg.iterations, cg.residual, dtype)
+
+# %% ../nbs/01_solvers.ipynb #c016
 def _safe_div(num, den):
     "num/den, with 0 where den == 0 (NaN and inf still propagate)"
     return torch.where(den == 0, torch.zeros_like(num), num / den)
@@ -91,39 +112,44 @@ def _early_stop(stop, rho_new, live):
     if live is None: return bool(rho_new.max() < stop), None
     return False, live * (rho_new.max() >= stop).to(live.dtype)
 
+def _relative_residual(rho, rho0):
+    "sqrt(max_i rho_i / mean_i rho0_i): the relative residual the stopping rule compares with cg_tol"
+    return _safe_div(rho.max(), rho0.mean()).sqrt()
+
 def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to each row
              rhs:list, # right-hand sides, rows in dimension 0
              n_iter:int, # maximum number of CG iterations
-             tol:float=0., # relative residual for early stopping (0: run n_iter)
+             tol:float=0., # stop once max_i |r_i| < tol * rms_i |r0_i| over the rows i (0: run n_iter)
              variant:str='textbook', # 'textbook' or 'official' (the official code's iteration)
              sync_free:bool|None=None, # stop early without reading the residual on the host; None: on CUDA
-            ) -> tuple: # (solution list, iterations run: an int, or with sync_free and tol > 0 a device tensor)
+            ) -> CGResult: # the solution list, the iterations run and the final relative residual
     "Solve M X = rhs row by row with conjugate gradients from X = 0"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
     X = [torch.zeros_like(b) for b in rhs]
+    if n_iter < 1: return CGResult(X, 0, None)
     R = list(rhs)  # never updated in place
     P, rho = R, rowdot(R, R)
-    stop = tol**2 * rho.mean() if tol > 0 else None
+    rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
     sync_free = rhs[0].device.type == 'cuda' if sync_free is None else sync_free
     live = rho.new_ones(()) if sync_free and stop is not None else None
-    iters = rho.new_zeros(())
+    iters, done = rho.new_zeros(()), False
     for k in range(1, n_iter + 1):
         MP = apply_M(P)
         alpha = _safe_div(rho, rowdot(P, MP) + eps)
         if live is not None: alpha, iters = alpha * live, iters + live  # frozen once converged
         X = [x + rowscale(alpha, p) for x, p in zip(X, P)]
-        if k == n_iter: break
         R = [r - rowscale(alpha, mp) for r, mp in zip(R, MP)]
         rho_new = rowdot(R, R)
+        if k == n_iter: break
         done, live = _early_stop(stop, rho_new, live)
         if done: break
-        beta = _safe_div(rho_new, rho + eps)
+        cg_beta = _safe_div(rho_new, rho + eps)  # CG's beta_k (not the proximal beta = 1/tau_prox)
         P_prev = R if official and k == 1 else P  # the official code's P aliases R in its first iteration
-        P, rho = [r + rowscale(beta, p) for r, p in zip(R, P_prev)], rho_new
-    return X, (k if live is None else iters)
+        P, rho = [r + rowscale(cg_beta, p) for r, p in zip(R, P_prev)], rho_new
+    return CGResult(X, k if live is None else iters, _relative_residual(rho_new, rho0) if n_iter else None)
 
-# %% ../nbs/01_solvers.ipynb #c024
+# %% ../nbs/01_solvers.ipynb #c025
 def work_dtype(*dtypes):
     "The dtype to solve in: float64 if any of `dtypes` is float64, else float32 (half precision is solved in float32)"
     return torch.float64 if torch.float64 in dtypes else torch.float32
@@ -136,27 +162,28 @@ def spd_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch o
         if not bool((info != 0).any()): return torch.cholesky_inverse(L).to(A.dtype)
     return None
 
-# %% ../nbs/01_solvers.ipynb #c027
+# %% ../nbs/01_solvers.ipynb #c028
 def _fallback_warning(what, n):
     warnings.warn(f"ProxProp: the Cholesky factorization of the {what} Gram matrix failed in float32 and float64 "
-                  f"(tau_prox too large for this data?); falling back to {n} CG iterations for this step.", RuntimeWarning, stacklevel=3)
+                  f"(tau_prox too large for this data?); falling back to {n} CG iterations for this step.",
+                  RuntimeWarning, stacklevel=3)
 
-def _exact_or_cg(G, rhs_rows, what):
+def _exact_or_cg(G, rhs_rows, what) -> tuple: # (solution, CGResult of the CG fallback, or None after an exact solve)
     "Rows of rhs_rows times G^-1 for an SPD G, or CG on G if the factorization fails; NaN if G is not finite"
     Ginv = spd_inverse(G)
-    if Ginv is not None: return rhs_rows @ Ginv
-    if not bool(torch.isfinite(G).all()): return torch.full_like(rhs_rows, float('nan'))
+    if Ginv is not None: return rhs_rows @ Ginv, None
+    if not bool(torch.isfinite(G).all()): return torch.full_like(rhs_rows, float('nan')), None
     n = min(G.shape[0], 200)
     _fallback_warning(what, n)
-    (X,), _ = block_cg(lambda P: [P[0] @ G], [rhs_rows], n, tol=1e-7)
-    return X
+    cg = block_cg(lambda P: [P[0] @ G], [rhs_rows], n, tol=1e-7)
+    return cg.solution[0], cg
 
-# %% ../nbs/01_solvers.ipynb #c029
+# %% ../nbs/01_solvers.ipynb #c030
 def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SPD operator applied to each row
                 rhs:list, # right-hand sides, rows in dimension 0
                 what:str, # the layer, for the warning if the factorization fails
-               ) -> list: # the solutions, shaped like rhs
-    "Exact solve of M X = rhs for an operator given only as products: M formed column by column (one column per row and product), one SPD solve"
+               ) -> tuple: # (the solutions, shaped like rhs; the CGResult of a CG fallback, or None)
+    "Exact solve of M X = rhs for an operator given only as products: M formed one column per row and product"
     R, sizes = rhs[0].shape[0], [t[0].numel() for t in rhs]
     n = sum(sizes)
     cols = []
@@ -167,10 +194,10 @@ def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SP
         E[ar, j + ar] = 1
         MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), rhs)])
         cols.append(torch.cat([m.reshape(R, -1) for m in MP], 1)[:k])
-    X = _exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
-    return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)]
+    X, fallback = _exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
+    return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)], fallback
 
-# %% ../nbs/01_solvers.ipynb #c031
+# %% ../nbs/01_solvers.ipynb #c032
 def choose_route(flops:dict, # route -> flops, as from `linear_flops`
                  solver:str='auto', # 'auto' or a forced route
                 ) -> str:
@@ -180,7 +207,7 @@ def choose_route(flops:dict, # route -> flops, as from `linear_flops`
     if solver not in flops: raise ValueError(f"solver={solver!r} is not available here: use one of {sorted(flops)} or 'auto'")
     return solver
 
-# %% ../nbs/01_solvers.ipynb #c034
+# %% ../nbs/01_solvers.ipynb #c035
 ROUTE_POLICIES = ('model', 'measure')
 
 def warm_timer(run, # computes one step by one route
@@ -219,7 +246,7 @@ class RouteChooser:
 
     def __repr__(self): return f"RouteChooser({self.policy!r}, {len(self.choices)} measured choices)"
 
-# %% ../nbs/01_solvers.ipynb #c035
+# %% ../nbs/01_solvers.ipynb #c036
 _DEFAULT_POLICY = {'cuda': 'measure'}  # other device types: 'model'
 _CHOOSERS = {}
 

@@ -70,7 +70,7 @@ def test_linear_routes(route, mode, N, dtype):
     x, g = torch.randn(N, 30, generator=gen, dtype=f64), torch.randn(N, 7, generator=gen, dtype=f64)
     spec = check_prox_args(0.3, mode, cg_tol=0, solver=route)
     W, b, r = prox_linear(x.to(DEV, dtype), g.to(DEV, dtype), True, spec)
-    assert r == route and W.device.type == torch.device(DEV).type and W.dtype == dtype
+    assert r.route == route and W.device.type == torch.device(DEV).type and W.dtype == dtype
     W_ref, b_ref = dense_linear(x, g, True, 0.3) if mode == 'prox_exact' else prox_linear(x, g, True, spec)[:2]
     assert rel(W, W_ref) < TOL[dtype] and rel(b, b_ref) < TOL[dtype]
 
@@ -100,7 +100,7 @@ def test_conv_routes(solver, mode, kw, dtype):
     g = torch.randn_like(conv(x))
     geo, spec = ConvGeometry.of(conv), check_prox_args(0.4, mode, cg_tol=0, solver=solver)
     gx, W, b, r = prox_conv(x.to(DEV, dtype), g.to(DEV, dtype), conv.weight.detach().to(DEV, dtype), True, geo, spec)
-    assert r == solver
+    assert r.route == solver
     if mode == 'prox_exact': W_ref, b_ref = jacobian_direction(conv, x, g, 0.4)
     else: _, W_ref, b_ref, _ = prox_conv(x, g, conv.weight.detach(), True, geo, spec)
     gx_ref = torch.autograd.grad((conv(x.requires_grad_()) * g).sum(), x)[0]
@@ -148,7 +148,8 @@ def test_measured_route_choice_on_cuda():
     gen = torch.Generator().manual_seed(0)
     x, g = torch.rand(64, 65, generator=gen).to(DEV), torch.randn(64, 20, generator=gen).to(DEV)
     spec = check_prox_args(0.5, 'prox_cg3', cg_tol=0)
-    W, b, route = prox_linear(x, g, True, spec, RouteChooser('measure', torch.cuda.synchronize if DEV == 'cuda' else lambda: None))
+    W, b, info = prox_linear(x, g, True, spec, RouteChooser('measure', torch.cuda.synchronize if DEV == 'cuda' else lambda: None))
+    route = info.route
     assert route in ('dual', 'primal', 'matrix_free')
     W_forced, b_forced, _ = prox_linear(x, g, True, check_prox_args(0.5, 'prox_cg3', cg_tol=0, solver=route))
     assert rel(W, W_forced) < 1e-6 and rel(b, b_forced) < 1e-6

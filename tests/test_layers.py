@@ -104,12 +104,13 @@ def test_cg_tol_stops_early_and_zero_runs_all():
     B = torch.randn(3, 60, generator=gen, dtype=f64)
     res = lambda X: ((B - X @ M) ** 2).sum(1)
     tol = 1e-3
-    (X_tol,), k = block_cg(lambda P: [P[0] @ M], [B], 200, tol=tol)
+    cg = block_cg(lambda P: [P[0] @ M], [B], 200, tol=tol)
+    (X_tol,), k = cg.solution, cg.iterations
     assert 1 < k < 200
     assert res(X_tol).max() < tol ** 2 * (B ** 2).sum(1).mean()
-    (X_prev,), _ = block_cg(lambda P: [P[0] @ M], [B], k - 1)
+    X_prev = block_cg(lambda P: [P[0] @ M], [B], k - 1).solution[0]
     assert res(X_prev).max() >= tol ** 2 * (B ** 2).sum(1).mean()
-    _, k0 = block_cg(lambda P: [P[0] @ M], [B], 7, tol=0)
+    k0 = block_cg(lambda P: [P[0] @ M], [B], 7, tol=0).iterations
     assert k0 == 7
 
 
