@@ -122,6 +122,13 @@ def machine_info(device='cpu') -> dict:
     return dict(env, threads=env['torch_threads'], device_name=env['gpu'] or env['cpu'])
 
 # %% ../nbs/06_bench.ipynb #c016
+def _solve_record(s) -> dict|None:
+    "A layer's `last_solve` as plain numbers: route, CG iterations, final relative residual, dtype"
+    if s is None: return None
+    num = lambda v: None if v is None else float(v)
+    return dict(route=s.route, cg_iterations=num(s.iterations), residual=num(s.residual), dtype=str(s.dtype))
+
+# %% ../nbs/06_bench.ipynb #c017
 def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               batch_size:int=500, # samples per step
               modes=MODES, # 'plain' first (the baseline), then ProxProp optimization modes
@@ -148,14 +155,15 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
         ms = [t * 1e3 for t in times[m]]
         out['modes'][m] = dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), times_ms=ms,
                                peak_bytes=step_peak_memory(s, held_bytes(s, x, y), device),
-                               routes=[l.last_route for l in s.model.modules() if isinstance(l, ProxPropMixin)])
+                               routes=[l.last_route for l in s.model.modules() if isinstance(l, ProxPropMixin)],
+                               solves=[_solve_record(l.last_solve) for l in s.model.modules() if isinstance(l, ProxPropMixin)])
     base = out['modes']['plain']
     for r in out['modes'].values():
         r['ratio'] = r['median_ms'] / base['median_ms']
         r['memory_ratio'] = r['peak_bytes'] / base['peak_bytes']
     return out
 
-# %% ../nbs/06_bench.ipynb #c020
+# %% ../nbs/06_bench.ipynb #c021
 def route_times(layer:str, # 'linear' or 'conv2d'
                 shape:tuple, # (N, d, out) for linear; (N, C, H, M, k) for a 'same'-padded conv2d
                 mode:str='prox_exact', # a ProxProp optimization_mode
@@ -199,7 +207,7 @@ def route_times(layer:str, # 'linear' or 'conv2d'
     out['auto'], out['fastest'] = choose_route({r: flops[r] for r in steps}), min(steps, key=lambda r: out[r]['ms'])
     return out
 
-# %% ../nbs/06_bench.ipynb #c023
+# %% ../nbs/06_bench.ipynb #c024
 def exact_solve_times(N:int, # batch size: the dual system is N x N
                       d:int, # fan-in (columns of A)
                       out:int, # output features: right-hand sides
@@ -221,7 +229,7 @@ def exact_solve_times(N:int, # batch size: the dual system is N x N
     res['max_rel_diff'] = ((outs['inverse'] - outs['cholesky_solve']).abs().max() / outs['cholesky_solve'].abs().max()).item()
     return res
 
-# %% ../nbs/06_bench.ipynb #c026
+# %% ../nbs/06_bench.ipynb #c027
 def format_table(res:dict # a `benchmark` result
                 ) -> str:
     "The result as a text table: time per step and peak memory of each mode, relative to plain backprop"
@@ -234,7 +242,7 @@ def format_table(res:dict # a `benchmark` result
                      f"{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x  {','.join(r['routes'])}")
     return '\n'.join(lines)
 
-# %% ../nbs/06_bench.ipynb #c029
+# %% ../nbs/06_bench.ipynb #c030
 def _check_json_target(p, j:Path):
     "Refuse a --json file that cannot be appended to, before the benchmark runs"
     try:
@@ -243,7 +251,7 @@ def _check_json_target(p, j:Path):
         probe = j.with_name(f'.{j.name}.probe.{os.getpid()}'); probe.write_bytes(b''); probe.unlink()
     except (OSError, ValueError) as e: p.error(f'--json {j}: cannot be read or written ({e}); checked before the benchmark runs')
 
-# %% ../nbs/06_bench.ipynb #c030
+# %% ../nbs/06_bench.ipynb #c031
 def _parse(argv):
     p = argparse.ArgumentParser(prog='proxprop-bench', description='Time a ProxProp training step against plain backprop.')
     p.add_argument('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS)
@@ -278,7 +286,7 @@ def _parse(argv):
             except ValueError as e: p.error(str(e))
     return a
 
-# %% ../nbs/06_bench.ipynb #c031
+# %% ../nbs/06_bench.ipynb #c032
 def run(argv=None) -> list:
     "Run `proxprop-bench` with command line arguments `argv`; return the results"
     a = _parse(argv)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .solvers import ProxSpec, check_prox_args, block_cg, dense_solve, work_dtype
+from .solvers import ProxSpec, SolveInfo, check_prox_args, block_cg, dense_solve, work_dtype
 from .linear import prox_linear
 from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward
 
@@ -24,6 +24,10 @@ __all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear',
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
 
+def _solved(layer, info:SolveInfo):
+    "Record how `layer`'s step was solved (not while torch.compile traces the backward: a graph holds no records)"
+    if not torch.compiler.is_compiling(): object.__setattr__(layer, '_last_solve', info)
+
 class ProxPropMixin:
     "The ProxProp settings of a layer: validated on assignment, snapshotted at every forward pass"
     def _init_prox(self, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2, cg_variant='textbook', solver='auto'):
@@ -31,7 +35,16 @@ class ProxPropMixin:
                                                cg_variant=cg_variant, solver=solver))
         self._spec = check_prox_args(**self._prox)
         self._check_supported(self._spec)
-        self.last_route = None  # the solver route of the latest backward pass, for inspection
+
+    @property
+    def last_solve(self) -> SolveInfo|None:
+        "How the latest backward pass solved this layer's step: route, CG iterations and residual, dtype (None before one)"
+        return self.__dict__.get('_last_solve')
+
+    @property
+    def last_route(self) -> str|None:
+        "The route of the latest backward pass: `last_solve.route`"
+        return None if self.last_solve is None else self.last_solve.route
 
     def _check_supported(self, spec): pass
 
@@ -88,7 +101,7 @@ class _ProxLinearFn(_ProxFn):
             if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)  # in the forward's dtype, as autograd
             if _ProxFn.needs_param_grad(ctx):
                 gw, gb, info = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), ctx.has_bias, ctx.spec)
-                ctx.layer.last_route = info.route
+                _solved(ctx.layer, info)
                 gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
         return gx, gw, gb, None, None
 
@@ -113,7 +126,7 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
-# %% ../nbs/02_layers.ipynb #c016
+# %% ../nbs/02_layers.ipynb #c018
 class _ProxConvFn(_ProxFn):
     @staticmethod
     def forward(x, weight, bias, geo, spec, layer): return conv_forward(x, weight, bias, geo)
@@ -128,11 +141,11 @@ class _ProxConvFn(_ProxFn):
                 gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
                 return gx.to(x.dtype), None, None, None, None, None
             gx, gw, gb, info = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
-            ctx.layer.last_route = info.route
+            _solved(ctx.layer, info)
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
                 (gb.to(weight.dtype) if gb is not None else None), None, None, None)
 
-# %% ../nbs/02_layers.ipynb #c017
+# %% ../nbs/02_layers.ipynb #c019
 _MAX_DENSE = 4096  # largest number of unknowns per row for which an exact step forms the operator column by column
 
 class _ProxConvMixin(ProxPropMixin):
@@ -158,7 +171,7 @@ class _ProxConvMixin(ProxPropMixin):
         elif output_size is not None: raise TypeError('output_size is only accepted by transposed convolutions')
         return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self)
 
-# %% ../nbs/02_layers.ipynb #c019
+# %% ../nbs/02_layers.ipynb #c021
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
     "`nn.Conv2d` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad, A the patch matrix"
     _prox_base = nn.Conv2d
@@ -173,7 +186,7 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
-# %% ../nbs/02_layers.ipynb #c025
+# %% ../nbs/02_layers.ipynb #c027
 class _ProxGenericFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, spec, *params):
@@ -193,12 +206,12 @@ class _ProxGenericFn(torch.autograd.Function):
             grads = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True)
             gx = grads[0] if ctx.needs_input_grad[0] else None
             grad = [torch.zeros_like(p) if q is None else q for p, q in zip(p_, grads[-len(p_):])]
-            if spec.kind == 'gradient': layer.last_route = 'gradient'
+            if spec.kind == 'gradient': _solved(layer, SolveInfo('gradient', dtype=g.dtype))
             else: grad = layer._prox_generic(*_full_precision(layer, out, x_, p_, grad, g), spec)
         ctx.graph = None
         return (gx, None, None, *[q.to(p.dtype) for q, p in zip(grad, p_)])
 
-# %% ../nbs/02_layers.ipynb #c026
+# %% ../nbs/02_layers.ipynb #c028
 def _full_precision(layer, out, x_, p_, grad, g):
     "(out, x, params, grad) for the solve: as given in float32/64, else the graph rebuilt without autocast in float32"
     wd = work_dtype(out.dtype, x_.dtype, *[p.dtype for p in p_])
@@ -209,7 +222,7 @@ def _full_precision(layer, out, x_, p_, grad, g):
     grad32 = torch.autograd.grad(out32, p32, g.to(wd), retain_graph=True, allow_unused=True)
     return out32, x32, p32, [torch.zeros_like(p) if q is None else q for p, q in zip(p32, grad32)]
 
-# %% ../nbs/02_layers.ipynb #c027
+# %% ../nbs/02_layers.ipynb #c029
 class _ProxGenericMixin(ProxPropMixin):
     "ProxProp behaviour of a module that is linear in its parameters, through autograd and functional_call"
     def _check_supported(self, spec):
@@ -231,7 +244,7 @@ class _ProxGenericMixin(ProxPropMixin):
         if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass more)')
         return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
 
-# %% ../nbs/02_layers.ipynb #c029
+# %% ../nbs/02_layers.ipynb #c031
 def _generic_step(self, out, x, p_, grad, spec):
     "ProxProp direction for a generic linear module from its autograd graph `out` and parameter gradient `grad`"
     with torch.no_grad():
@@ -247,16 +260,17 @@ def _generic_step(self, out, x, p_, grad, spec):
         return [a.reshape(1, -1) + spec.beta * q for a, q in zip(phi_adj(z), P)]
     rhs = [q.reshape(1, -1) for q in grad]
     if spec.kind == 'cg':
-        X = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant).solution
-        self.last_route = 'matrix_free'
+        cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
+        X, info = cg.solution, SolveInfo.of('matrix_free', cg, rhs[0].dtype)
     else:
         X, fallback = dense_solve(apply_M, rhs, type(self).__name__)
-        self.last_route = 'dense>cg' if fallback else 'dense'
+        info = SolveInfo.of('dense>cg' if fallback else 'dense', fallback, rhs[0].dtype)
+    _solved(self, info)
     return [q.view(p.shape).to(p.dtype) for q, p in zip(X, p_)]
 
 _ProxGenericMixin._prox_generic = _generic_step
 
-# %% ../nbs/02_layers.ipynb #c031
+# %% ../nbs/02_layers.ipynb #c033
 _CLASSES = {nn.Linear: ProxPropLinear, nn.Conv2d: ProxPropConv2d}
 
 def _rebuild(base, state):
@@ -286,11 +300,11 @@ def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward 
     _CLASSES[BaseModule] = cls
     return cls
 
-# %% ../nbs/02_layers.ipynb #c038
+# %% ../nbs/02_layers.ipynb #c040
 def _twin(module, cls, **prox):
     "A module of class `cls` sharing all state of `module`"
     new = cls.__new__(cls)
-    new.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ('_prox', '_spec', 'last_route', '_prox_checked')})
+    new.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ('_prox', '_spec', '_last_solve', '_prox_checked')})
     if prox: new._init_prox(**prox)
     return new
 
@@ -303,7 +317,7 @@ def _swap(model, pick, make):
         setattr(model.get_submodule(parent) if parent else model, attr, make(m))
     return targets
 
-# %% ../nbs/02_layers.ipynb #c039
+# %% ../nbs/02_layers.ipynb #c041
 def proxpropify(model:nn.Module, # the model to convert in place
                 tau_prox:float=1.0, # proximal step size tau_theta > 0
                 optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'

@@ -74,7 +74,8 @@ def check_prox_args(tau_prox=1.0, # proximal step size tau_theta > 0
 # %% ../nbs/01_solvers.ipynb #c012
 def rowdot(xs, ys):
     "Per-row inner products of two lists of tensors whose dimension 0 indexes the rows"
-    return sum((x * y).sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x * y for x, y in zip(xs, ys))
+    dots = [torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)) if x.dim() > 1 else x * y for x, y in zip(xs, ys)]
+    return dots[0] if len(dots) == 1 else sum(dots)  # one kernel per tensor: CG on a small layer is launch-bound
 
 def rowscale(alpha, x):
     "Multiply row i of `x` by `alpha[i]`"

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 import proxprop_nb
 from .solvers import check_prox_args, parse_mode
-from .layers import proxpropify
+from .layers import proxpropify, ProxPropMixin
 from .data import Cifar10, load_cifar10, minibatches, N_VAL, _remove_dead_temps, _pid_alive
 
 # %% auto #0
 __all__ = ['MLP_SIZES', 'CONVNET_CHANNELS', 'OPTIMIZERS', 'MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'mlp', 'convnet', 'make_optimizer',
-           'RunConfig', 'run_name', 'synthetic_cifar10', 'prepare_data', 'evaluate', 'epoch_generator', 'train_epoch',
-           'write_json', 'read_json', 'source_hash', 'environment', 'RunFileError', 'save_checkpoint',
+           'RunConfig', 'run_name', 'synthetic_cifar10', 'prepare_data', 'evaluate', 'SolveStats', 'epoch_generator',
+           'train_epoch', 'write_json', 'read_json', 'source_hash', 'environment', 'RunFileError', 'save_checkpoint',
            'load_checkpoint', 'default_device', 'build_model', 'run_paths', 'data_identity', 'train', 'format_history']
 
 # %% ../nbs/04_train.ipynb #c006
@@ -233,21 +233,53 @@ def evaluate(model:nn.Module, # the model
     finally: model.train(was_training)
     return loss.item() / len(x), int(correct) / len(x)
 
-# %% ../nbs/04_train.ipynb #c037
+# %% ../nbs/04_train.ipynb #c038
+class SolveStats:
+    "Per-layer statistics of the proximal steps of one epoch: routes, CG iterations and residuals, summed on the device"
+    def __init__(self, model:nn.Module): # the model whose ProxProp layers are watched
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ProxPropMixin)]
+        self.seen, self.acc = {}, {}
+
+    def add(self):
+        "Take each layer's `last_solve` of the step just made (a layer that made no new step is left out)"
+        for name, m in self.layers:
+            s = m.last_solve
+            if s is None or self.seen.get(name) is s: continue
+            self.seen[name] = s
+            a = self.acc.setdefault(name, dict(routes={}, steps=0, iters=0, iters_max=0, res=0, res_n=0))
+            a['routes'][s.route] = a['routes'].get(s.route, 0) + 1; a['steps'] += 1
+            if s.iterations is not None:
+                a['iters'] = a['iters'] + s.iterations
+                a['iters_max'] = (max(a['iters_max'], s.iterations) if isinstance(s.iterations, int) and isinstance(a['iters_max'], int)
+                                  else torch.maximum(torch.as_tensor(a['iters_max']), torch.as_tensor(s.iterations)))
+            if s.residual is not None: a['res'], a['res_n'] = a['res'] + s.residual, a['res_n'] + 1
+
+    def summary(self) -> dict:
+        "{layer: dict(route, routes, steps, cg_iterations_mean, cg_iterations_max, residual_mean)}, and start afresh"
+        f = lambda v: float(v)  # the one host read per value and epoch
+        out = {name: dict(route=max(a['routes'], key=a['routes'].get), routes=a['routes'], steps=a['steps'],
+                          cg_iterations_mean=f(a['iters']) / a['steps'] if not isinstance(a['iters'], int) or a['iters'] else None,
+                          cg_iterations_max=f(a['iters_max']) if not isinstance(a['iters_max'], int) or a['iters_max'] else None,
+                          residual_mean=f(a['res']) / a['res_n'] if a['res_n'] else None) for name, a in self.acc.items()}
+        self.seen, self.acc = {}, {}
+        return out
+
+# %% ../nbs/04_train.ipynb #c039
 def epoch_generator(seed:int, # the run's seed
                     epoch:int # the epoch, from 1
                    ) -> torch.Generator:
     "The random source of the minibatch order of `epoch`: a CPU generator seeded by (seed, epoch)"
     return torch.Generator().manual_seed(1_000_003 * seed + epoch)
 
-# %% ../nbs/04_train.ipynb #c038
+# %% ../nbs/04_train.ipynb #c040
 def train_epoch(model:nn.Module, # the model, in training mode
                 opt:torch.optim.Optimizer, # its optimizer
                 x:torch.Tensor, # training inputs on the model's device
                 y:torch.Tensor, # training labels
                 batch_size:int, # minibatch size
                 generator:torch.Generator, # the random source of the minibatch order
-                bar=None # a tqdm bar to advance with the live loss, or None
+                bar=None, # a tqdm bar to advance with the live loss, or None
+                solves:SolveStats|None=None, # collects the layers' `last_solve` after every step, or None
                ) -> tuple: # (mean minibatch loss, None), or (the bad loss, its step) on divergence
     "One pass of minibatch steps over shuffled (x, y), stopping at the first non-finite loss"
     total, n = 0.0, 0
@@ -257,12 +289,13 @@ def train_epoch(model:nn.Module, # the model, in training mode
         if not math.isfinite(value): return value, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if solves is not None: solves.add()
         opt.step()
         total, n = total + value * len(yb), n + len(yb)
         if bar is not None: bar.set_postfix_str(f'loss {value:.4g}', refresh=False); bar.update(1)
     return total / n, None
 
-# %% ../nbs/04_train.ipynb #c044
+# %% ../nbs/04_train.ipynb #c046
 def _json_safe(o):
     "A copy of `o` with non-finite floats as None and tuples as lists"
     if isinstance(o, float): return o if math.isfinite(o) else None
@@ -292,7 +325,7 @@ def _atomic_write(path:Path, write):
     finally:
         if tmp.exists(): tmp.unlink()
 
-# %% ../nbs/04_train.ipynb #c045
+# %% ../nbs/04_train.ipynb #c047
 def write_json(path, # the file to write
                obj:dict # JSON-able content; non-finite floats become null
               ):
@@ -310,7 +343,7 @@ def read_json(path # a results file
         with open(path, encoding='utf-8') as f: return json.load(f)
     except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from None
 
-# %% ../nbs/04_train.ipynb #c049
+# %% ../nbs/04_train.ipynb #c051
 def _cpu_model() -> str:
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -342,7 +375,7 @@ def _commit() -> tuple: # (commit, how it is known)
     c = _git_commit()
     return (c, 'git') if c is not None else (None, None)
 
-# %% ../nbs/04_train.ipynb #c050
+# %% ../nbs/04_train.ipynb #c052
 def environment(device='cpu' # the device a run uses
                ) -> dict:
     "Where and with what a run ran: versions, device, CPU model, threads, GPU, git commit and a hash of the sources"
@@ -359,7 +392,7 @@ def environment(device='cpu' # the device a run uses
                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return env
 
-# %% ../nbs/04_train.ipynb #c054
+# %% ../nbs/04_train.ipynb #c056
 class RunFileError(ValueError):
     "A checkpoint or results file that cannot be used as it is; the message names the file and the way out"
 
@@ -392,8 +425,9 @@ def _move_aside(path:Path, why:str) -> Path:
     warnings.warn(f"{why}; moved to {bad.name}, and the run starts again", RuntimeWarning, stacklevel=3)
     return bad
 
-# %% ../nbs/04_train.ipynb #c056
-HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time', 'eval_time', 'time')
+# %% ../nbs/04_train.ipynb #c058
+HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time', 'eval_time', 'time',
+                'solves')  # solves: per layer, the routes, CG iterations and residuals of the epoch's steps (None at epoch 0)
 
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
@@ -404,7 +438,7 @@ def default_device() -> str:
     "'cuda' if a GPU is available, else 'cpu'"
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
-# %% ../nbs/04_train.ipynb #c057
+# %% ../nbs/04_train.ipynb #c059
 def build_model(cfg:RunConfig # the run's configuration
                ) -> nn.Module:
     "The configuration's model on the CPU, initialised from `cfg.seed` without touching the global random state"
@@ -414,18 +448,19 @@ def build_model(cfg:RunConfig # the run's configuration
         if cfg.model == 'mlp': return mlp(cfg.sizes or MLP_SIZES, **prox)
         return convnet(cfg.arch, cfg.sizes or CONVNET_CHANNELS, **prox)
 
-# %% ../nbs/04_train.ipynb #c058
-def _record(h:dict, epoch, d:Cifar10, model, minibatch_loss, train_time, device, batch_size):
+# %% ../nbs/04_train.ipynb #c060
+def _record(h:dict, epoch, d:Cifar10, model, minibatch_loss, train_time, device, batch_size, solves=None):
     "Evaluate after `epoch` and append a row to the history `h`"
     t0 = time.perf_counter()
     tl, ta = evaluate(model, d.x_train, d.y_train, batch_size)
     vl, va = evaluate(model, d.x_val, d.y_val, batch_size)
     _sync(device)
     row = dict(epoch=epoch, train_loss=tl, train_acc=ta, val_loss=vl, val_acc=va, minibatch_loss=minibatch_loss,
-               train_time=train_time, eval_time=time.perf_counter() - t0, time=(h['time'][-1] if h['time'] else 0.) + train_time)
-    for k in HISTORY_KEYS: h[k].append(row[k])
+               train_time=train_time, eval_time=time.perf_counter() - t0, time=(h['time'][-1] if h['time'] else 0.) + train_time,
+               solves=solves)
+    for k in HISTORY_KEYS: h.setdefault(k, [None] * (len(h['epoch']) - 1 if k != 'epoch' else 0)).append(row[k])
 
-# %% ../nbs/04_train.ipynb #c060
+# %% ../nbs/04_train.ipynb #c062
 def run_paths(out_dir, # the results folder
               cfg:RunConfig # the run's configuration
              ) -> tuple: # (results file, checkpoint file)
@@ -449,7 +484,7 @@ def data_identity(source:dict|None # a `Cifar10.source`, or the `data` of a resu
 
 def _differ(a:dict, b:dict) -> dict: return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
-# %% ../nbs/04_train.ipynb #c061
+# %% ../nbs/04_train.ipynb #c063
 def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta):
     "The results record of a run"
     val = [v for v in h['val_acc'] if v is not None]
@@ -460,7 +495,7 @@ def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, met
                 data=d.source, environment=environment(device), started=started, finished=_now(), resumed_at_epochs=resumed,
                 meta=meta or {})
 
-# %% ../nbs/04_train.ipynb #c063
+# %% ../nbs/04_train.ipynb #c065
 def _start(cfg, model, opt, d, device, ckpt, bs):
     "(history, first epoch to run, start time, resumed epochs): from the checkpoint if there is one, else after recording epoch 0"
     s = None
@@ -486,7 +521,7 @@ def _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device, d):
     save_checkpoint(ckpt, dict(config=cfg.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, history=h,
                                rng=rng, started=started, resumed_at_epochs=resumed, data=data_identity(d.source)))
 
-# %% ../nbs/04_train.ipynb #c064
+# %% ../nbs/04_train.ipynb #c066
 def _epoch_line(name, h):
     return (f"{name} epoch {h['epoch'][-1]}: train loss {h['train_loss'][-1]:.4g}, val acc {h['val_acc'][-1]:.4f} "
             f"({h['train_time'][-1]:.1f} s train, {h['eval_time'][-1]:.1f} s eval)")
@@ -510,7 +545,7 @@ def _done(path, cfg, data=None):
     if ckpt.exists(): ckpt.unlink()  # a stale checkpoint of a run that has its results
     return r
 
-# %% ../nbs/04_train.ipynb #c065
+# %% ../nbs/04_train.ipynb #c067
 def _lock(out_dir:Path, name:str):
     "Take the run's lock file (O_EXCL); the holder's record instead if another live process holds it"
     f, me = Path(out_dir)/f'.{name}.lock', dict(pid=os.getpid(), host=socket.gethostname(), started=_now())
@@ -550,7 +585,7 @@ def _check_device(device) -> torch.device:
     if (why := _device_problem(device)) is not None: raise ValueError(f"device={device!r}: {why}")
     return torch.device(device or default_device())
 
-# %% ../nbs/04_train.ipynb #c066
+# %% ../nbs/04_train.ipynb #c068
 def train(cfg:RunConfig, # the run's configuration
           data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration (a sweep prepares it once)
           out_dir=None, # results folder for the checkpoint and results file; None: keep nothing on disk
@@ -594,10 +629,10 @@ def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, m
         if ckpt.exists(): ckpt.unlink()
     return _json_safe(r)  # what the file holds
 
-# %% ../nbs/04_train.ipynb #c068
+# %% ../nbs/04_train.ipynb #c070
 def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None):
     "Run epochs first..cfg.epochs; return (status, diverged_at)"
-    name, steps = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size)
+    name, steps, solves = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size), SolveStats(model)
     if not math.isfinite(h['train_loss'][-1]): return 'diverged', dict(epoch=h['epoch'][-1], step=None, where='full-batch loss')
     with tqdm(total=cfg.epochs * steps, initial=(first - 1) * steps, desc=name, disable=not progress, ascii=True,
               file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
@@ -607,12 +642,12 @@ def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress
                 log(f'{name}: stopped before epoch {epoch}, which would end after the deadline; the checkpoint resumes it')
                 return 'stopped', None
             _sync(device); t0 = time.perf_counter()
-            mb, bad = train_epoch(model, opt, d.x_train, d.y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), bar)
+            mb, bad = train_epoch(model, opt, d.x_train, d.y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), bar, solves)
             _sync(device); t = time.perf_counter() - t0
             if bad is not None:
                 log(f'{name}: diverged in epoch {epoch}, step {bad} (minibatch loss {mb})')
                 return 'diverged', dict(epoch=epoch, step=bad, where='minibatch loss')
-            _record(h, epoch, d, model, mb, t, device, bs)
+            _record(h, epoch, d, model, mb, t, device, bs, solves.summary())
             if not math.isfinite(h['train_loss'][-1]):
                 log(f'{name}: diverged in epoch {epoch} (full-batch loss {h["train_loss"][-1]})')
                 return 'diverged', dict(epoch=epoch, step=None, where='full-batch loss')
@@ -621,7 +656,7 @@ def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress
             with tqdm.external_write_mode(): log(_epoch_line(name, h))
     return 'finished', None
 
-# %% ../nbs/04_train.ipynb #c070
+# %% ../nbs/04_train.ipynb #c072
 def format_history(r:dict # a results record, as `train` returns it
                   ) -> str:
     "The history of a run as a text table, one line per epoch"
