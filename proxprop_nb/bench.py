@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import proxprop_nb
 from .layers import ProxPropMixin, proxpropify, unproxpropify
-from .train import (mlp, convnet, MLP_SIZES, MODELS, make_optimizer, environment, default_device, write_json, read_json, _sync,
-                               _device_problem)
+from .train import mlp, convnet, MLP_SIZES, MODELS, make_optimizer, default_device, _sync, _device_problem
+from .runfiles import environment, write_json, read_json
 
 # %% auto #0
 __all__ = ['MODES', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'machine_info', 'benchmark',

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 import proxprop_nb
-from .train import (RunConfig, run_name, run_paths, train, prepare_data, write_json, read_json, environment,
-                               synthetic_cifar10, default_device, _done, _data_key)
+from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthetic_cifar10, default_device, _done,
+                               _data_key)
+from .runfiles import write_json, read_json, environment
 from .experiments import (EXPERIMENTS, experiment_configs, protocol, load_results, format_runs, format_table1,
                                      describe_runs)
 from .bench import benchmark, route_times, format_table, make_step, bench_model

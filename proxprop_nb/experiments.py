@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from .data import Cifar10, Cifar10NotFoundError, load_cifar10
-from .train import (RunConfig, run_name, run_paths, train, prepare_data, read_json, default_device, _data_key, _done,
+from .runfiles import read_json
+from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device, _data_key, _done,
                                _device_problem, _prepare_out)
 
 # %% auto #0

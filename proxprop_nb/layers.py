@@ -18,8 +18,8 @@ from .linear import prox_linear
 from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward
 
 # %% auto #0
-__all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'ProxPropConv2d', 'proxprop_module',
-           'proxpropify', 'unproxpropify']
+__all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d',
+           'proxprop_module', 'proxpropify', 'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
@@ -126,7 +126,38 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
-# %% ../nbs/02_layers.ipynb #c018
+# %% ../nbs/02_layers.ipynb #c016
+class SolveStats:
+    "Per-layer statistics of the proximal steps of one epoch: routes, CG iterations and residuals, summed on the device"
+    def __init__(self, model:nn.Module): # the model whose ProxProp layers are watched
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ProxPropMixin)]
+        self.seen, self.acc = {}, {}
+
+    def add(self):
+        "Take each layer's `last_solve` of the step just made (a layer that made no new step is left out)"
+        for name, m in self.layers:
+            s = m.last_solve
+            if s is None or self.seen.get(name) is s: continue
+            self.seen[name] = s
+            a = self.acc.setdefault(name, dict(routes={}, steps=0, iters=0, iters_max=0, res=0, res_n=0))
+            a['routes'][s.route] = a['routes'].get(s.route, 0) + 1; a['steps'] += 1
+            if s.iterations is not None:
+                a['iters'] = a['iters'] + s.iterations
+                a['iters_max'] = (max(a['iters_max'], s.iterations) if isinstance(s.iterations, int) and isinstance(a['iters_max'], int)
+                                  else torch.maximum(torch.as_tensor(a['iters_max']), torch.as_tensor(s.iterations)))
+            if s.residual is not None: a['res'], a['res_n'] = a['res'] + s.residual, a['res_n'] + 1
+
+    def summary(self) -> dict:
+        "{layer: dict(route, routes, steps, cg_iterations_mean, cg_iterations_max, residual_mean)}, and start afresh"
+        f = lambda v: float(v)  # the one host read per value and epoch
+        out = {name: dict(route=max(a['routes'], key=a['routes'].get), routes=a['routes'], steps=a['steps'],
+                          cg_iterations_mean=f(a['iters']) / a['steps'] if not isinstance(a['iters'], int) or a['iters'] else None,
+                          cg_iterations_max=f(a['iters_max']) if not isinstance(a['iters_max'], int) or a['iters_max'] else None,
+                          residual_mean=f(a['res']) / a['res_n'] if a['res_n'] else None) for name, a in self.acc.items()}
+        self.seen, self.acc = {}, {}
+        return out
+
+# %% ../nbs/02_layers.ipynb #c021
 class _ProxConvFn(_ProxFn):
     @staticmethod
     def forward(x, weight, bias, geo, spec, layer): return conv_forward(x, weight, bias, geo)
@@ -145,7 +176,7 @@ class _ProxConvFn(_ProxFn):
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
                 (gb.to(weight.dtype) if gb is not None else None), None, None, None)
 
-# %% ../nbs/02_layers.ipynb #c019
+# %% ../nbs/02_layers.ipynb #c022
 _MAX_DENSE = 4096  # largest number of unknowns per row for which an exact step forms the operator column by column
 
 class _ProxConvMixin(ProxPropMixin):
@@ -171,7 +202,7 @@ class _ProxConvMixin(ProxPropMixin):
         elif output_size is not None: raise TypeError('output_size is only accepted by transposed convolutions')
         return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self)
 
-# %% ../nbs/02_layers.ipynb #c021
+# %% ../nbs/02_layers.ipynb #c024
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
     "`nn.Conv2d` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad, A the patch matrix"
     _prox_base = nn.Conv2d
@@ -186,7 +217,7 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
-# %% ../nbs/02_layers.ipynb #c027
+# %% ../nbs/02_layers.ipynb #c030
 class _ProxGenericFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, spec, *params):
@@ -211,7 +242,7 @@ class _ProxGenericFn(torch.autograd.Function):
         ctx.graph = None
         return (gx, None, None, *[q.to(p.dtype) for q, p in zip(grad, p_)])
 
-# %% ../nbs/02_layers.ipynb #c028
+# %% ../nbs/02_layers.ipynb #c031
 def _full_precision(layer, out, x_, p_, grad, g):
     "(out, x, params, grad) for the solve: as given in float32/64, else the graph rebuilt without autocast in float32"
     wd = work_dtype(out.dtype, x_.dtype, *[p.dtype for p in p_])
@@ -222,7 +253,7 @@ def _full_precision(layer, out, x_, p_, grad, g):
     grad32 = torch.autograd.grad(out32, p32, g.to(wd), retain_graph=True, allow_unused=True)
     return out32, x32, p32, [torch.zeros_like(p) if q is None else q for p, q in zip(p32, grad32)]
 
-# %% ../nbs/02_layers.ipynb #c029
+# %% ../nbs/02_layers.ipynb #c032
 class _ProxGenericMixin(ProxPropMixin):
     "ProxProp behaviour of a module that is linear in its parameters, through autograd and functional_call"
     def _check_supported(self, spec):
@@ -244,7 +275,7 @@ class _ProxGenericMixin(ProxPropMixin):
         if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass more)')
         return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
 
-# %% ../nbs/02_layers.ipynb #c031
+# %% ../nbs/02_layers.ipynb #c034
 def _generic_step(self, out, x, p_, grad, spec):
     "ProxProp direction for a generic linear module from its autograd graph `out` and parameter gradient `grad`"
     with torch.no_grad():
@@ -270,7 +301,7 @@ def _generic_step(self, out, x, p_, grad, spec):
 
 _ProxGenericMixin._prox_generic = _generic_step
 
-# %% ../nbs/02_layers.ipynb #c033
+# %% ../nbs/02_layers.ipynb #c036
 _CLASSES = {nn.Linear: ProxPropLinear, nn.Conv2d: ProxPropConv2d}
 
 def _rebuild(base, state):
@@ -300,7 +331,7 @@ def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward 
     _CLASSES[BaseModule] = cls
     return cls
 
-# %% ../nbs/02_layers.ipynb #c040
+# %% ../nbs/02_layers.ipynb #c043
 def _twin(module, cls, **prox):
     "A module of class `cls` sharing all state of `module`"
     new = cls.__new__(cls)
@@ -317,7 +348,7 @@ def _swap(model, pick, make):
         setattr(model.get_submodule(parent) if parent else model, attr, make(m))
     return targets
 
-# %% ../nbs/02_layers.ipynb #c041
+# %% ../nbs/02_layers.ipynb #c044
 def proxpropify(model:nn.Module, # the model to convert in place
                 tau_prox:float=1.0, # proximal step size tau_theta > 0
                 optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import proxprop_nb.train as T
+import proxprop_nb.runfiles as RF
 from proxprop_nb import ProxPropConv2d
 from proxprop_nb.experiments import load_results, main as experiment_main, run_experiment
 from proxprop_nb.solvers import check_prox_args, parse_mode
@@ -50,7 +51,7 @@ def test_damaged_checkpoint_is_moved_aside_and_the_run_restarts(toy, tmp_path, d
 def test_load_checkpoint_names_the_file_and_never_suggests_unsafe_loading(tmp_path):
     f = tmp_path / 'x.ckpt'
     f.write_bytes(os.urandom(1000))
-    with pytest.raises(RunFileError) as e: T.load_checkpoint(f)
+    with pytest.raises(RunFileError) as e: RF.load_checkpoint(f)
     assert str(f) in str(e.value) and 'weights_only=False' not in str(e.value)
 
 
@@ -128,11 +129,11 @@ def test_out_that_is_a_file_fails_before_training(toy, tmp_path):
 
 @pytest.mark.parametrize('code,words', [(errno.ENOSPC, 'no space left on the device'), (errno.EROFS, 'the file system is read-only')])
 def test_full_or_read_only_disk_gives_a_plain_message(toy, tmp_path, monkeypatch, code, words):
-    real = T._atomic_write
+    real = RF._atomic_write
     def failing(path, write):
         if str(path).endswith('.ckpt'): return real(path, lambda tmp: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
         return real(path, write)
-    monkeypatch.setattr(T, '_atomic_write', failing)
+    monkeypatch.setattr(RF, '_atomic_write', failing)
     with pytest.raises(OSError, match=rf'cannot write .*\.ckpt: {words}'):
         train(cfg(), toy, tmp_path, 'cpu', progress=False)
     assert not list(tmp_path.glob('.*.tmp'))
@@ -192,11 +193,11 @@ def test_tiny_tau_prox_and_odd_digits_are_refused():
 def test_a_run_in_progress_elsewhere_is_skipped(toy, tmp_path):
     c = cfg()
     lock = tmp_path / f'.{run_name(c)}.lock'
-    lock.write_text(json.dumps(dict(pid=os.getppid(), host=T.socket.gethostname(), started='now')))  # a live holder
+    lock.write_text(json.dumps(dict(pid=os.getppid(), host=RF.socket.gethostname(), started='now')))  # a live holder
     r = train(c, toy, tmp_path, 'cpu', progress=False)
     assert r['status'] == 'running elsewhere' and r['holder']['pid'] == os.getppid()
     assert not run_paths(tmp_path, c)[0].exists() and lock.exists()
-    lock.write_text(json.dumps(dict(pid=dead_pid(), host=T.socket.gethostname(), started='then')))  # its holder died
+    lock.write_text(json.dumps(dict(pid=dead_pid(), host=RF.socket.gethostname(), started='then')))  # its holder died
     assert train(c, toy, tmp_path, 'cpu', progress=False)['status'] == 'finished'
     assert not lock.exists()  # released
 
