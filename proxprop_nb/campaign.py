@@ -25,14 +25,12 @@ import proxprop_nb
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthetic_cifar10, default_device, _done,
                                _data_key)
 from .runfiles import write_json, read_json, environment
-from .experiments import (EXPERIMENTS, experiment_configs, protocol, load_results, format_runs, format_table1,
-                                     describe_runs)
-from .bench import benchmark, route_times, format_table, make_step, bench_model
+from .experiments import EXPERIMENTS, experiment_configs, protocol
+from .bench import make_step, bench_model
+from .stages import start_tests, finish_tests, run_bench, bench_step_seconds, summary_text, pack
 
 # %% auto #0
-__all__ = ['PRIORITY', 'BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'campaign_plan', 'RunEstimator', 'measure_concurrency',
-           'schedule_runs', 'start_tests', 'finish_tests', 'run_bench', 'bench_step_seconds', 'summary_text', 'pack',
-           'run_campaign', 'main']
+__all__ = ['PRIORITY', 'campaign_plan', 'RunEstimator', 'measure_concurrency', 'schedule_runs', 'run_campaign', 'main']
 
 # %% ../nbs/07_campaign.ipynb #c007
 PRIORITY = (  # (experiment, options of experiment_configs), most important first
@@ -250,120 +248,6 @@ def schedule_runs(plan:list, # from `campaign_plan`
     return recs
 
 # %% ../nbs/07_campaign.ipynb #c021
-def _repo_root() -> Path: return Path(proxprop_nb.__file__).resolve().parent.parent
-
-def start_tests(device:str, log_path:Path, quick:bool=False) -> subprocess.Popen|None:
-    "Start tests/test_cuda.py on `device` in a subprocess writing to `log_path`; None outside a source checkout"
-    tests = _repo_root()/'tests'/'test_cuda.py'
-    if not tests.is_file(): return None
-    cmd = [sys.executable, '-m', 'pytest', '--noconftest', '-p', 'no:cacheprovider', '-q', '-rfEs', str(tests)]
-    if quick: cmd += ['-k', 'linear_routes and f64 or autocast and linear']
-    env = dict(os.environ, PROXPROP_TEST_DEVICE=device, PYTHONPATH=os.pathsep.join([str(_repo_root()), os.environ.get('PYTHONPATH', '')]))
-    return subprocess.Popen(cmd, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, cwd=_repo_root(), env=env)
-
-def finish_tests(proc, log_path:Path, timeout:float) -> dict:
-    "Wait for the tests (killing them after `timeout` seconds); their outcome and pytest's summary line"
-    if proc is None: return dict(outcome='not run: tests/test_cuda.py is not in this installation', summary=None)
-    try: rc = proc.wait(timeout=max(1, timeout))
-    except subprocess.TimeoutExpired:
-        proc.kill(); proc.wait()
-        return dict(outcome='timed out', returncode=None, summary=f'killed after {timeout:.0f} s')
-    lines = [l for l in Path(log_path).read_text(errors='replace').splitlines() if l.strip()]
-    summary = next((l for l in reversed(lines) if ' passed' in l or ' failed' in l or ' error' in l or 'skipped' in l), None)
-    return dict(outcome='passed' if rc == 0 else 'failed', returncode=rc, summary=summary)
-
-# %% ../nbs/07_campaign.ipynb #c022
-BENCH_BATCHES = (100, 500, 1000, 2000)
-BENCH_MODES = ('plain', 'gradient', 'prox_exact', 'prox_cg3', 'prox_cg10')
-ROUTE_LAYERS = [('linear', (500, 3072, 4000)), ('linear', (500, 4000, 1000)), ('linear', (500, 1000, 4000)),
-                ('conv2d', (500, 3, 32, 16, 5)), ('conv2d', (500, 16, 16, 20, 5)), ('conv2d', (500, 20, 8, 20, 5))]
-
-def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) -> dict:
-    "The benchmark stage: step costs of every mode for both networks and batch sizes, and the route times of their layers"
-    out = dict(steps=[], routes=[], skipped=[])
-    for model in ('mlp', 'convnet'):
-        for bs in ((16,) if quick else BENCH_BATCHES):
-            if time.time() > deadline: out['skipped'].append([model, bs]); continue
-            r = benchmark(model, bs, BENCH_MODES, (64, 32, 64) if quick and model == 'mlp' else None, device,
-                          repeats=3 if quick else 7, warmup=1 if quick else 2)
-            out['steps'].append(r); log(format_table(r))
-    for layer, shape in ROUTE_LAYERS[::3] if quick else ROUTE_LAYERS:
-        if quick: shape = (16, *shape[1:]) if layer == 'conv2d' else (16, 64, 32)
-        for mode in ('prox_exact', 'prox_cg3'):
-            if time.time() > deadline: out['skipped'].append([layer, shape, mode]); continue
-            rt = route_times(layer, shape, mode, repeats=2 if quick else 5, device=device)
-            out['routes'].append(dict(layer=layer, shape=list(shape), mode=mode, times=rt))
-            log(f"routes {layer} {shape} {mode}: " + ', '.join(f"{k} {v['ms']:.2f} ms" for k, v in rt.items() if isinstance(v, dict))
-                + f"; flop model: {rt['auto']}, fastest: {rt['fastest']}")
-    return out
-
-def bench_step_seconds(bench:dict, batch:int=500) -> dict:
-    "{(model, mode): median seconds per step} at `batch` (or the nearest benchmarked batch size)"
-    out = {}
-    for model in ('mlp', 'convnet'):
-        rs = [r for r in bench['steps'] if r['model'] == model]
-        if not rs: continue
-        r = min(rs, key=lambda r: abs(r['batch_size'] - batch))
-        scale = batch / r['batch_size']  # a smaller benchmark (quick) scales linearly: crude, on purpose conservative
-        for mode, m in r['modes'].items(): out[(model, mode)] = m['median_ms'] / 1e3 * max(1.0, scale)
-    return out
-
-# %% ../nbs/07_campaign.ipynb #c024
-def _ratio_table(bench:dict) -> list:
-    lines = []
-    for r in bench.get('steps', []):
-        ms = {m: v['median_ms'] for m, v in r['modes'].items()}
-        lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}: plain {ms['plain']:.2f} ms; "
-                     + ', '.join(f"{m} {v['ratio']:.2f}x" for m, v in r['modes'].items() if m != 'plain'))
-    return lines
-
-def summary_text(rec:dict, # the campaign record (campaign.json)
-                 work:Path|None=None, # the work folder, for the tables of finished runs
-                ) -> str:
-    "The campaign's outcome in words and tables"
-    env, st = rec['environment'], rec['stages']
-    L = [f"proxprop_nb campaign on {env.get('gpu') or env.get('cpu')} ({env['device']}), torch {env['torch']}, "
-         f"commit {env.get('git_commit')} ({env.get('commit_from')}), sources {env['source_hash']}",
-         f"budget {rec['budget_minutes']} min, used {rec.get('elapsed_s', 0) / 60:.1f} min; "
-         f"protocol: {'quick smoke test (reduced, not the paper protocol)' if rec['quick'] else 'full (50 epochs, 45,000 training images)'}"]
-    if 'tests' in st: L.append(f"tests: {st['tests'].get('outcome')} - {st['tests'].get('summary')} ({st['tests'].get('seconds', 0):.0f} s)")
-    if 'bench' in st:
-        L += ['', f"benchmark ({st['bench'].get('seconds', 0):.0f} s): median step time of plain backprop, and each mode relative to it"]
-        L += _ratio_table(rec.get('bench', {}))
-    if 'concurrency' in st and st['concurrency'].get('speedup'):
-        c = st['concurrency']
-        L += ['', f"runs at once ({c['model']} {c['mode']} batch {c['batch']}): "
-              + ', '.join(f"{k}: {float(v):.2f}x" for k, v in c['speedup'].items()) + f"; the campaign used {rec.get('workers')}"]
-    if 'runs' in st:
-        runs = rec.get('runs', [])
-        count = lambda o: sum(r['outcome'] == o for r in runs)
-        L += ['', f"runs ({st['runs'].get('seconds', 0):.0f} s): " + ', '.join(
-            f'{o} {count(o)}' for o in sorted({r['outcome'] for r in runs}))]
-        L += [f"  {r['outcome']:45s} {r['experiment']:7s} {r['name']}" + (f" ({r['seconds']:.0f} s)" if r.get('seconds') else '')
-              for r in runs]
-    if work is not None:
-        for exp in EXPERIMENTS:
-            rows = [r for r in load_results(Path(work)/exp) if r['status'] in ('finished', 'diverged')]
-            if not rows: continue
-            L += ['', f"{EXPERIMENTS[exp].title}", describe_runs(rows)]
-            if exp == 'table1':
-                for v in sorted({r['cg_variant'] for r in rows if r['method'] != 'backprop'}) or ['textbook']:
-                    L += [f'Table 1, {v} CG:', format_table1(rows, v)]
-            else: L.append(format_runs(rows, exp))
-    return '\n'.join(L)
-
-def pack(work:Path, # the work folder
-         dest:Path, # the .tar.gz to write
-        ) -> int: # number of results files packed
-    "Pack the results files (<experiment>/*.json) of `work` into `dest`"
-    files = sorted(p for p in Path(work).glob('*/*.json') if not p.name.startswith('.'))
-    tmp = dest.with_name(f'.{dest.name}.{os.getpid()}.tmp')
-    with tarfile.open(tmp, 'w:gz') as t:
-        for p in files: t.add(p, arcname=str(p.relative_to(work)))
-    os.replace(tmp, dest)
-    return len(files)
-
-# %% ../nbs/07_campaign.ipynb #c026
 def _work_default(out:Path) -> Path:
     from proxprop_nb.data import _cache_dir
     return _cache_dir()/'campaign'/hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:12]
@@ -486,7 +370,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
     save()
     return rec
 
-# %% ../nbs/07_campaign.ipynb #c033
+# %% ../nbs/07_campaign.ipynb #c028
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='proxprop-experiment campaign', description='Run the GPU campaign: the CUDA tests, '
         'the benchmark and the paper\'s full protocols in priority order, within a time budget, into at most 8 files in --out.')

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxprop_nb import data
+from proxprop_nb import data, sources
 
 
 def write_batches(d, n=4, seed=0):
@@ -17,7 +17,7 @@ def write_batches(d, n=4, seed=0):
     rng = np.random.default_rng(seed)
     d.mkdir(parents=True)
     xs = rng.integers(0, 256, (6, n, 3072), dtype=np.uint8)
-    for x, name in zip(xs, data._BATCHES):
+    for x, name in zip(xs, sources._BATCHES):
         (d/name).write_bytes(pickle.dumps({'data': x, 'labels': list(range(n))}, protocol=2))
     return xs[:5].reshape(-1, 3, 32, 32)
 
@@ -131,11 +131,11 @@ def test_original_release_is_recognised_by_md5(isolated, monkeypatch):
     d = isolated/'b'/'cifar-10-batches-py'
     write_batches(d)
     assert data.load_cifar10(d.parent, n_val=2).source['original_release'] is False
-    sums = {f: data.hashlib.md5((d/f).read_bytes()).hexdigest() for f in data._BATCHES}
-    (d/'batches.meta').write_bytes(pickle.dumps({'label_names': list(data.CIFAR10_CLASSES)}, protocol=2))
-    sums['batches.meta'] = data.hashlib.md5((d/'batches.meta').read_bytes()).hexdigest()
-    monkeypatch.setattr(data, '_CIFAR_MD5', sums)  # pretend these are the original files
-    assert data._original_release(data._file_reader(d)) is True
+    sums = {f: sources.hashlib.md5((d/f).read_bytes()).hexdigest() for f in sources._BATCHES}
+    (d/'batches.meta').write_bytes(pickle.dumps({'label_names': list(sources.CIFAR10_CLASSES)}, protocol=2))
+    sums['batches.meta'] = sources.hashlib.md5((d/'batches.meta').read_bytes()).hexdigest()
+    monkeypatch.setattr(sources, '_CIFAR_MD5', sums)  # pretend these are the original files
+    assert sources._original_release(sources._file_reader(d)) is True
 
 
 def test_repo_data_folder(isolated, monkeypatch):
