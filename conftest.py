@@ -16,7 +16,9 @@ in a fresh kernel of the current environment. This plugin adapts nbval to nbdev 
 - stdout and results of every cell are compared with the stored ones after sanitizing
   memory addresses and timings; stderr (warnings, progress bars) is not compared, and a cell
   marked `#| nbval-ignore-output` (or nbval's own `# NBVAL_IGNORE_OUTPUT`) is only run;
-- `_proc/`, `_docs/` and checkpoint folders are never collected.
+- `_proc/`, `_docs/` and checkpoint folders are never collected;
+- the kernels import the package of this checkout (its root is put first on `PYTHONPATH`); if another copy
+  would be imported anyway, the run stops at once naming both paths.
 
 `--nbval-lax` switches to checking only cells marked `# NBVAL_CHECK_OUTPUT`.
 """
@@ -107,8 +109,27 @@ def pytest_addoption(parser):
 SHARED_DATA = _ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'  # this project's copy of CIFAR-10, next to the repo
 
 
+def _kernel_package(folder):
+    "The proxprop_nb that a notebook kernel started in `folder` imports (a subprocess with this environment)"
+    import subprocess, sys
+    code = 'import importlib.util; print(importlib.util.find_spec("proxprop_nb").origin)'
+    r = subprocess.run([sys.executable, '-c', code], cwd=folder, capture_output=True, text=True, timeout=60)
+    return Path(r.stdout.strip()).resolve().parent if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _use_this_checkout():
+    "Make notebook kernels import the package of this checkout, or stop naming both copies"
+    if not (_ROOT / 'proxprop_nb').is_dir(): return  # a copy of this file outside the repository (its own tests)
+    os.environ['PYTHONPATH'] = os.pathsep.join([str(_ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
+    got, want = _kernel_package(_ROOT / 'nbs'), (_ROOT / 'proxprop_nb').resolve()
+    if got != want:
+        pytest.exit(f'the notebook kernels would import proxprop_nb from {got}, not from this checkout ({want}); '
+                    'install this checkout (pip install -e .) or remove the other copy', returncode=4)
+
+
 def pytest_configure(config):
     os.environ['IN_TEST'] = '1'  # nbdev_export() and friends become no-ops in the kernels
+    _use_this_checkout()
     # The package never searches parent folders for data; the tests name this project's copy explicitly.
     if not os.environ.get('PROXPROP_DATA') and SHARED_DATA.is_file(): os.environ['PROXPROP_DATA'] = str(SHARED_DATA)
     opt = config.option

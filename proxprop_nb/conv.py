@@ -123,8 +123,13 @@ def _excluded(lines:tuple, windows:tuple, dtype, device):
     "ex[i, r] = 1 if line r lies outside the window of kernel offset i"
     return torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in windows], dtype=dtype, device=device)
 
+# %% ../nbs/01b_conv.ipynb #c017
 def _gram_correlation(x, k, geo):
     "Patch Gram matrix of a 2-D stride-1 convolution from one full correlation and border corrections"
+    # Legend: kernel offsets (i, j) and (i', j') index the rows and columns of G (per channel pair c, c');
+    # a = i' - i + k - 1, b = j' - j + k - 1 index the K2 = 2k - 1 shifts; e = d (k - 1) pads x to xe so that every
+    # shift has a full window; T[i, j, c, c', a, b] = sum over the positions offset (i, j) sees of x[c] xe[c'] shifted
+    # by (a, b); rows / cols are the image lines some offset does not see, ex[i, r] = 1 where offset i misses line r.
     (N, C, H, W), (p, q), (dh, dw) = x.shape, geo.padding, geo.dilation
     if k[0] != k[1] or dh != dw: raise NotImplementedError('square kernels and equal dilations only')
     k, d = k[0], dh
@@ -142,12 +147,14 @@ def _gram_correlation(x, k, geo):
         pts = torch.stack([torch.stack([x[:, :, r, q].T @ xe[:, :, r:r + 2 * e + 1:d, q:q + 2 * e + 1:d].reshape(N, -1)
                                         for q in cols]) for r in rows]).view(len(rows), len(cols), C, C, K2, K2)
         T += torch.einsum('ir,jq,rqcdab->ijcdab', ex(rows, wr), ex(cols, wc), pts)
+    # Gather G from T: G[i, j, i', j'] = T[i, j, :, :, a(i, i'), b(j, j')], with advanced indices
+    # (i, j, i', j') laid out as (k, k, k, k) in front of the channel dimensions (c, c')
     i = torch.arange(k, device=x.device)
-    sh = i[None, :] - i[:, None] + k - 1  # shift index of (i, i')
+    sh = i[None, :] - i[:, None] + k - 1  # sh[i, i'] = i' - i + k - 1: the shift index of the pair
     G = T[i[:, None, None, None], i[None, :, None, None], :, :, sh[:, None, :, None], sh[None, :, None, :]]
-    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
+    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)  # (i, j, i', j', c, c') -> rows (c, i, j)
 
-# %% ../nbs/01b_conv.ipynb #c018
+# %% ../nbs/01b_conv.ipynb #c019
 def _window_sums(x, ksize, geo):
     "sum over samples and output positions of each patch entry: A^T 1 for the bias column, shape (C k^D,)"
     s = F.pad(x.sum(0, keepdim=True), [q for p in reversed(geo.padding) for q in (p, p)])
@@ -174,6 +181,7 @@ def conv_gram_flops(x_shape, ksize, geo) -> dict:
         f['correlation'] = full * (1 + STRIP_PENALTY * lines)
     return f
 
+# %% ../nbs/01b_conv.ipynb #c020
 @functools.lru_cache(maxsize=1024)  # shapes repeat every step; the model loops over border rows in Python
 def _gram_route(x_shape, ksize, geo, route):
     flops = conv_gram_flops(x_shape, ksize, geo)
@@ -215,7 +223,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     Gs.diagonal(dim1=1, dim2=2).add_(beta)
     return Gs
 
-# %% ../nbs/01b_conv.ipynb #c023
+# %% ../nbs/01b_conv.ipynb #c025
 def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='textbook') -> dict:
     "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`; the official CG runs matrix-free only"
     conv = 2 * math.prod(out_shape) * math.prod(w_shape[1:]) if not geo.transposed else 2 * math.prod(x_shape) * math.prod(w_shape[1:])
@@ -232,10 +240,10 @@ def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='t
         f['primal'] = gram + (geo.groups * 4 * n**3 / 3 + 2 * rows * n * n if kind == 'exact' else n_iter * 2 * rows * n * n)
     return f
 
-# %% ../nbs/01b_conv.ipynb #c024
+# %% ../nbs/01b_conv.ipynb #c026
 _conv_flops = functools.lru_cache(maxsize=1024)(conv_flops)  # shapes repeat every step: the model runs once per shape
 
-# %% ../nbs/01b_conv.ipynb #c025
+# %% ../nbs/01b_conv.ipynb #c027
 def _conv_grads(x, g, weight, geo, need_input_grad, bias, wd):
     "(grad_input in g's dtype, grad_weight and grad_bias in the work dtype `wd`)"
     if x.dtype == g.dtype == weight.dtype == wd:  # one call
@@ -268,7 +276,7 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     _, (W, b, info) = _pick(flops, runs, spec.solver, chooser, key)
     return gx, W, b, info
 
-# %% ../nbs/01b_conv.ipynb #c026
+# %% ../nbs/01b_conv.ipynb #c028
 _CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
 
 def _combine(route:str, results:list, dtype) -> SolveInfo:

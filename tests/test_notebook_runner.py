@@ -123,3 +123,14 @@ def test_data_cells_run_when_a_source_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv('PROXPROP_DATA', str(src))
     outcome, code, log = _run(tmp_path, DATA_CELLS)
     assert code != 0 and outcome[1] == 'failure' and 'data cell ran' in log, log
+
+
+def test_kernels_must_import_this_checkout(monkeypatch):
+    "If a notebook kernel would import another copy of the package, the run stops at once naming both"
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('root_conftest', ROOT / 'conftest.py')
+    conf = importlib.util.module_from_spec(spec); spec.loader.exec_module(conf)
+    assert conf._kernel_package(ROOT / 'nbs') == (ROOT / 'proxprop_nb').resolve()  # as the test run set it up
+    monkeypatch.setattr(conf, '_kernel_package', lambda folder: Path('/elsewhere/proxprop_nb'))
+    with pytest.raises(BaseException) as e: conf._use_this_checkout()
+    assert '/elsewhere/proxprop_nb' in str(e.value) and str(ROOT / 'proxprop_nb') in str(e.value)
