@@ -119,7 +119,7 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
                  device=None, dtype=None, *,
                  tau_prox:float=1.0, # proximal step size tau_theta > 0
                  optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                 cg_tol:float=1e-2, # CG stops once every residual is below cg_tol relative to the initial ones
+                 cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
                  solver:str='auto', # 'auto' (flop model) or a forced route: 'dual', 'primal', 'matrix_free'
                 ):
@@ -210,7 +210,7 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
                  bias:bool=True, padding_mode:str='zeros', device=None, dtype=None, *,
                  tau_prox:float=1.0, # proximal step size tau_theta > 0
                  optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                 cg_tol:float=1e-2, # CG stops once every residual is below cg_tol relative to the initial ones
+                 cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
                  solver:str='auto', # 'auto' (flop model) or a forced route: 'primal', 'matrix_free'
                 ):
@@ -352,7 +352,7 @@ def _swap(model, pick, make):
 def proxpropify(model:nn.Module, # the model to convert in place
                 tau_prox:float=1.0, # proximal step size tau_theta > 0
                 optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                cg_tol:float=1e-2, # CG stops once every residual is below cg_tol relative to the initial ones
+                cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
                 cg_variant:str='textbook', # 'textbook' CG or the 'official' code's iteration
                 solver:str='auto', # 'auto' or a forced route
                 types:tuple=(nn.Linear, nn.Conv2d), # module classes to convert (exact type match)

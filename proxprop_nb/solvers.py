@@ -43,7 +43,7 @@ class ProxSpec:
     kind:str       # 'exact', 'cg' or 'gradient'
     n_iter:int     # CG iterations (0 unless kind == 'cg')
     tau_prox:float # the proximal step size tau_theta
-    cg_tol:float   # relative residual at which CG stops early (0: never)
+    cg_tol:float   # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over the rows i (0: never early)
     cg_variant:str # 'textbook' or 'official'
     solver:str     # 'auto' or a forced route: 'dual', 'primal', 'matrix_free', 'dense'
 
@@ -53,7 +53,7 @@ class ProxSpec:
 # %% ../nbs/01_solvers.ipynb #c009
 def check_prox_args(tau_prox=1.0, # proximal step size tau_theta > 0
                     optimization_mode='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                    cg_tol=1e-2, # stop CG once every residual is below cg_tol relative to the initial ones; 0 runs all N
+                    cg_tol=1e-2, # stop CG once max_i |r_i| < cg_tol * rms_i |r0_i| (rows i); 0 runs all N
                     cg_variant='textbook', # 'textbook' CG or the 'official' code's iteration (reproduction only)
                     solver='auto', # 'auto' (flop model), or force 'dual', 'primal', 'matrix_free', 'dense'
                    ) -> ProxSpec:

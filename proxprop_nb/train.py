@@ -65,7 +65,7 @@ class RunConfig:
     optimization_mode:str='gradient' # 'gradient' (BackProp), 'prox_exact' or 'prox_cgN'
     tau_prox:float=1.0 # the proximal step size tau_theta (ProxProp modes)
     cg_variant:str='textbook' # 'textbook' CG or the 'official' code's iteration (cg modes)
-    cg_tol:float=1e-2 # relative CG residual for early stopping (cg modes)
+    cg_tol:float=1e-2 # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| (cg modes)
     epochs:int=50 # epochs to train
     batch_size:int=500 # minibatch size
     momentum:float=0.95 # Nesterov momentum (sgd)
