@@ -6,7 +6,8 @@
 
 Markdown cells are copied; code cells become ```python blocks followed by their stored text
 outputs; cells marked `#| hide` (or any nbdev hiding directive) are left out, and nbdev
-directive lines are removed. tests/test_readme.py runs the check.
+directive lines are removed; links to notebooks (`](01_solvers.ipynb)`) point into nbs/. tests/test_frame.py runs
+the check.
 """
 import json
 import re
@@ -54,6 +55,7 @@ def render(nb_path=NB):
     for cell in nb['cells']:
         src = _src(cell)
         if cell['cell_type'] == 'markdown':
+            src = re.sub(r'\]\((\w+\.ipynb)\)', r'](nbs/\1)', src)  # the README sits one folder up
             if src.strip(): parts.append(src.strip('\n') + '\n')
         elif cell['cell_type'] == 'code':
             names, code = _split_directives(src)

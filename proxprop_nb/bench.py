@@ -252,22 +252,39 @@ def _check_json_target(p, j:Path):
     except (OSError, ValueError) as e: p.error(f'--json {j}: cannot be read or written ({e}); checked before the benchmark runs')
 
 # %% ../nbs/06_bench.ipynb #c031
-def _parse(argv):
-    p = argparse.ArgumentParser(prog='proxprop-bench', description='Time a ProxProp training step against plain backprop.')
-    p.add_argument('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS)
-    p.add_argument('--batch-size', nargs='+', type=int, default=[500])
-    p.add_argument('--widths', nargs='+', default=None, help="MLP hidden widths, e.g. 4000,1000,4000 (several allowed)")
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    "Defaults in the help, except where there is none to show (the help text then says what happens)"
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+def _options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='proxprop-bench', formatter_class=_Help,
+                                description='Time a training step of each ProxProp mode against plain PyTorch backprop, '
+                                            'interleaved in one process, and measure peak memory.')
+    p.add_argument('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS, help="the paper's networks to time")
+    p.add_argument('--batch-size', nargs='+', type=int, default=None, help='samples per step, several allowed (default 500; 16 with --quick)')
+    p.add_argument('--widths', nargs='+', default=None,
+                   help="MLP hidden widths, e.g. 4000,1000,4000, several allowed (default the paper's; 32,16,32 with --quick)")
     p.add_argument('--modes', default=','.join(MODES), help='comma separated: plain, gradient, prox_exact, prox_cgN')
-    p.add_argument('--device', default=default_device())
-    p.add_argument('--repeats', type=int, default=7)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
-    p.add_argument('--tau-prox', type=float, default=None)
-    p.add_argument('--solver', default='auto')
-    p.add_argument('--cg-tol', type=float, default=None, help='CG early-stopping tolerance (default: the layers\' 1e-2; 0 runs every iteration)')
-    p.add_argument('--json', default=None, help='append the results to this JSON file (a list)')
-    p.add_argument('--quick', action='store_true', help='tiny sizes, 3 repeats: checks that it runs')
+    p.add_argument('--device', default=default_device(), help="'cpu' or 'cuda'")
+    p.add_argument('--repeats', type=int, default=None, help='timed interleaved rounds; the median is reported (default 7; 3 with --quick)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed rounds first (default 2; 1 with --quick)')
+    p.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument('--tau-prox', type=float, default=None, help='tau_theta (default 0.05 for the MLP, as in Fig. 2; 1 for the ConvNet)')
+    p.add_argument('--solver', default='auto', help="route: 'auto' (the device's choice) or 'dual', 'primal', 'matrix_free', 'dense'")
+    p.add_argument('--cg-tol', type=float, default=None, help="CG's early-stopping tolerance (default: the layers' 1e-2; 0: every iteration)")
+    p.add_argument('--json', default=None, help='append the results to this JSON file (a list); checked before the benchmark runs')
+    p.add_argument('--quick', action='store_true', help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
+                                                        'explicit options win')
+    return p
+
+def _parse(argv):
+    p = _options()
     a = p.parse_args(argv)
+    a.batch_size = a.batch_size or ([16] if a.quick else [500])
+    a.repeats = a.repeats if a.repeats is not None else (3 if a.quick else 7)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    if a.widths is None and a.quick: a.widths = ['32,16,32']
     if a.repeats < 1 or a.warmup < 0 or any(b < 1 for b in a.batch_size): p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
     if a.threads is not None and a.threads < 1: p.error(f'--threads {a.threads}: use an integer >= 1 (or leave it out for torch\'s default)')
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
@@ -293,10 +310,9 @@ def run(argv=None) -> list:
     if a.threads: torch.set_num_threads(a.threads)
     results = []
     for model in a.model:
-        for bs in ([16] if a.quick else a.batch_size):
-            for w in ([(32, 16)] if a.quick and model == 'mlp' else a.widths if model == 'mlp' else [None]):
-                r = benchmark(model, bs, a.modes, w, a.device, 3 if a.quick else a.repeats, 1 if a.quick else a.warmup, a.tau_prox,
-                              **a.prox)
+        for bs in a.batch_size:
+            for w in (a.widths if model == 'mlp' else [None]):
+                r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox, **a.prox)
                 print(format_table(r), end='\n\n', flush=True)
                 results.append(r)
     if a.json:

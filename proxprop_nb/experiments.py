@@ -8,7 +8,7 @@ import argparse
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -22,7 +22,7 @@ from .train import (RunConfig, run_name, run_paths, train, prepare_data, default
 # %% auto #0
 __all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'Experiment',
            'experiment_configs', 'protocol', 'run_experiment', 'load_results', 'describe_runs', 'format_runs',
-           'table1_grid', 'format_table1', 'plot_curves', 'main']
+           'table1_grid', 'format_table1', 'plot_curves', 'demo_summary', 'main']
 
 # %% ../nbs/05_experiments.ipynb #c006
 METHODS = dict(backprop='gradient', exact='prox_exact', cg1='prox_cg1', cg3='prox_cg3', cg5='prox_cg5', cg10='prox_cg10')
@@ -38,10 +38,11 @@ class Experiment:
     model:str # 'mlp' or 'convnet'
     optimizer:str # 'sgd' or 'adam'
     methods:tuple # method names, keys of METHODS
-    lr:dict # step size tau per method ('backprop' and 'prox'); None: the tau grid
+    lr:dict # step size tau (or a tuple of them) per method ('backprop' and 'prox'); None: the tau grid
     tau_prox:float # tau_theta of the ProxProp methods
     cg_variant:str # default CG iteration: 'textbook', 'official' or 'both'
     taus:tuple=() # the tau grid (table1)
+    protocol:dict=field(default_factory=dict) # a reduced protocol of its own (demo): n_train, n_eval, epochs
 
 # %% ../nbs/05_experiments.ipynb #c007
 EXPERIMENTS = {e.name: e for e in (
@@ -51,6 +52,10 @@ EXPERIMENTS = {e.name: e for e in (
                'mlp', 'sgd', ('backprop', 'cg1', 'cg3', 'cg5'), None, 1.0, 'both', TABLE1_TAUS),
     Experiment('fig3', 'Fig. 3: ConvNet, Adam (tau=1e-3); BackProp vs ProxProp cg3/cg10 (tau_theta=1)',
                'convnet', 'adam', ('backprop', 'cg3', 'cg10'), dict(backprop=1e-3, prox=1e-3), 1.0, 'both'),
+    Experiment('demo', "Demo, a reduced protocol (2,500 training images, 4 epochs): the paper's MLP, Nesterov SGD; "
+               'BackProp at tau=1 and at its best tau=0.05, ProxProp cg3 at tau=1 (tau_theta=1)',
+               'mlp', 'sgd', ('backprop', 'cg3'), dict(backprop=(1.0, 0.05), prox=(1.0,)), 1.0, 'textbook',
+               protocol=dict(n_train=2500, n_eval=500, epochs=4)),
 )}
 
 # %% ../nbs/05_experiments.ipynb #c009
@@ -81,9 +86,13 @@ def experiment_configs(experiment:str, # 'fig2', 'table1' or 'fig3'
     if taus is not None and not e.taus: raise ValueError(f"taus apply to table1 only; {experiment} has fixed step sizes")
     cg_variant = cg_variant or e.cg_variant; _check_subset('cg_variant', [cg_variant], CG_VARIANTS, experiment)
     if arch != 'official' and e.model != 'convnet': raise ValueError(f"arch applies to the ConvNet (fig3) only, not to {experiment}")
-    proto = dict(QUICK if quick else {}, **{k: v for k, v in dict(epochs=epochs, n_train=n_train).items() if v is not None})
+    given = {k: v for k, v in dict(epochs=epochs, n_train=n_train).items() if v is not None}
+    proto = dict(QUICK if quick else e.protocol, **given)
     common = dict(model=e.model, optimizer=e.optimizer, seed=seed, arch=arch, sizes=sizes, **proto)
-    lrs = lambda m: [float(t) for t in (taus or e.taus)] if e.lr is None else [e.lr['backprop' if m == 'backprop' else 'prox']]
+    def lrs(m):
+        if e.lr is None: return [float(t) for t in (taus or e.taus)]
+        v = e.lr['backprop' if m == 'backprop' else 'prox']
+        return [float(t) for t in (v if isinstance(v, tuple) else (v,))]
     return [RunConfig(lr=lr, optimization_mode=METHODS[m], tau_prox=e.tau_prox, cg_variant=v, **common)
             for m in methods for v in _variants(m, cg_variant) for lr in lrs(m)]
 
@@ -125,13 +134,13 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
     cifar = data if isinstance(data, Cifar10) or not todo else load_cifar10(data)
     prepared, rows = {}, []
     for i, cfg in enumerate(cfgs, 1):
-        log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
         if cfg in errors: rows.append(_run_error(cfg, errors[cfg])); log(f"{run_name(cfg)}: {rows[-1]['error']}"); continue
+        if cfg in todo: log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
         key = str(_data_key(cfg))
         meta = dict(experiment=experiment, protocol=protocol(cfg), quick=bool(kw.get('quick')))
         try:
             if cfg in todo and key not in prepared: prepared[key] = prepare_data(cifar, cfg, device)
-            rows.append(train(cfg, prepared.get(key, cifar), out_dir, device, progress, log, meta=meta))
+            rows.append(train(cfg, prepared.get(key, cifar), out_dir, device, progress, log if cfg in todo else None, meta=meta))
         except (ValueError, OSError) as e:
             rows.append(_run_error(cfg, e)); log(f"{run_name(cfg)}: failed, the sweep goes on: {rows[-1]['error']}")
     return rows
@@ -300,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
     p.add_argument('--epochs', type=_pos_int, help='epochs per run (default 50; 2 with --quick)')
     p.add_argument('--seed', type=int, default=0, help='seed of initialisation and minibatch order (default 0)')
-    p.add_argument('--out', type=Path, help='results folder (default results/EXPERIMENT, or results/EXPERIMENT-quick)')
+    p.add_argument('--out', type=Path, help='results folder (default proxprop-results/EXPERIMENT[-quick] in the current folder)')
     p.add_argument('--n-train', type=_pos_int, help='train on a seeded random subset of N training images (reduced protocol)')
     p.add_argument('--cg-variant', choices=CG_VARIANTS, help="CG iteration of the ProxProp runs (default: both)")
     p.add_argument('--taus', type=_tau, nargs='+', metavar='TAU', help='step sizes of table1 (default: the paper\'s nine)')
@@ -311,7 +320,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/05_experiments.ipynb #c043
+def demo_summary(rows:list # rows from `load_results` of a `demo` run
+                ) -> str:
+    "What the demo shows, in words: BackProp at tau=1, at its best tau, and ProxProp at tau=1"
+    get = lambda m, lr: next((r for r in rows if r['method'] == m and r['lr'] == lr), None)
+    bp1, bp, px = get('backprop', 1.0), get('backprop', 0.05), get('cg3', 1.0)
+    if None in (bp1, bp, px): return 'demo: not all three runs are there'
+    loss = lambda r: 'diverged' if r['status'] == 'diverged' else f"ends at a full-batch loss of {r['final_train_loss']:.3f}"
+    where = lambda d: (f" (in epoch {d['epoch']}, " + (f"step {d['step']})" if d.get('step') is not None else 'full-batch loss)')
+                       if d else '')
+    lines = [f"BackProp, tau=1:         {loss(bp1)}" + (where(bp1['diverged_at']) if bp1['status'] == 'diverged' else ''),
+             f"BackProp, tau=0.05:      {loss(bp)} (its best step size in Table 1)",
+             f"ProxProp cg3, tau=1:     {loss(px)}"]
+    if bp1['status'] == 'diverged' and px['status'] == 'finished' and bp['status'] == 'finished':
+        verdict = ('lower than BackProp at its best step size: the paper\'s effect' if px['final_train_loss'] < bp['final_train_loss']
+                   else 'not lower than BackProp at its best step size in this short run')
+        lines.append(f"ProxProp trains at a step size where BackProp diverges, and ends {verdict}.")
+    return '\n'.join(lines + [f"({rows[0]['protocol']}; the paper's protocol is `proxprop-experiment table1`)"])
+
 def _summary(experiment, rows) -> str:
+    if experiment == 'demo': return format_runs(rows, experiment) + '\n\n' + demo_summary(rows)
     if experiment != 'table1': return format_runs(rows, experiment)
     variants = sorted({r['cg_variant'] for r in rows if r['method'] != 'backprop'}) or ['textbook']
     return '\n\n'.join(f'Table 1, {v} CG:\n' + format_table1(rows, v) for v in variants)
@@ -332,7 +360,7 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     kw = dict(quick=a.quick, epochs=a.epochs, seed=a.seed, n_train=a.n_train, methods=a.methods, taus=a.taus, cg_variant=a.cg_variant, arch=a.arch)
     try: cfgs = experiment_configs(a.experiment, **kw)
     except ValueError as e: p.error(str(e))
-    out = a.out or Path('results')/(a.experiment + ('-quick' if a.quick else ''))
+    out = a.out or Path('proxprop-results')/(a.experiment + ('-quick' if a.quick else ''))
     print(f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, device {a.device or default_device()}, '
           f'CPU threads: {torch.get_num_threads()}\nresults: {out.resolve()}', flush=True)
     try: _prepare_out(out, 'proxprop-experiment')  # a results folder that cannot take files fails now, not after an epoch

@@ -116,8 +116,10 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
     def __init__(self, in_features:int, # size of each input sample
                  out_features:int, # size of each output sample
                  bias:bool=True, # learn an additive bias
-                 device=None, dtype=None, *,
-                 tau_prox:float=1.0, # proximal step size tau_theta > 0
+                 device:torch.device|str|None=None, # where the parameters live (as in nn.Linear)
+                 dtype:torch.dtype|None=None, # their dtype (as in nn.Linear)
+                 *,
+                 tau_prox:float=1.0, # proximal step size tau_theta > 0; this and the settings below are keyword-only
                  optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
                  cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
@@ -207,8 +209,11 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
     "`nn.Conv2d` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad, A the patch matrix"
     _prox_base = nn.Conv2d
     def __init__(self, in_channels:int, out_channels:int, kernel_size, stride=1, padding=0, dilation=1, groups:int=1,
-                 bias:bool=True, padding_mode:str='zeros', device=None, dtype=None, *,
-                 tau_prox:float=1.0, # proximal step size tau_theta > 0
+                 bias:bool=True, padding_mode:str='zeros', # as in nn.Conv2d
+                 device:torch.device|str|None=None, # where the parameters live (as in nn.Conv2d)
+                 dtype:torch.dtype|None=None, # their dtype (as in nn.Conv2d)
+                 *,
+                 tau_prox:float=1.0, # proximal step size tau_theta > 0; this and the settings below are keyword-only
                  optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
                  cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
@@ -355,20 +360,21 @@ def proxpropify(model:nn.Module, # the model to convert in place
                 cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
                 cg_variant:str='textbook', # 'textbook' CG or the 'official' code's iteration
                 solver:str='auto', # 'auto' or a forced route
-                types:tuple=(nn.Linear, nn.Conv2d), # module classes to convert (exact type match)
+                types:tuple|None=None, # module classes to convert (exact type match); None: (nn.Linear, nn.Conv2d)
                 exclude=(), # module names (as in named_modules) or module instances to leave explicit
                 last_explicit:bool=False, # leave the last layer to be converted explicit (eq. 12)
                ) -> nn.Module: # the same model, converted
     "Swap the Linear/Conv layers of `model` for ProxProp twins in place, sharing their parameters"
     prox = dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol, cg_variant=cg_variant, solver=solver)
     check_prox_args(**prox)
+    kinds = (nn.Linear, nn.Conv2d) if types is None else (types,) if isinstance(types, type) else tuple(types)
     names = {e for e in exclude if isinstance(e, str)}
     unknown = names - {n for n, _ in model.named_modules()}
     if unknown: raise ValueError(f'exclude names no module of this model: {sorted(unknown)}')
     ids = {id(e) for e in exclude if not isinstance(e, str)}
-    eligible = [n for n, m in model.named_modules() if n and type(m) in types and n not in names and id(m) not in ids]
+    eligible = [n for n, m in model.named_modules() if n and type(m) in kinds and n not in names and id(m) not in ids]
     if last_explicit and eligible: names.add(eligible[-1])
-    pick = lambda n, m: type(m) in types and n not in names and id(m) not in ids
+    pick = lambda n, m: type(m) in kinds and n not in names and id(m) not in ids
     _swap(model, pick, lambda m: _twin(m, proxprop_module(type(m)), **prox))
     return model
 

@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_penalty.ipynb #c003
 from __future__ import annotations
+from typing import Callable
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,7 @@ def phi(theta:tuple, # (W, b): weight (out, in) and bias (out,), the layout of `
 # %% ../nbs/00_penalty.ipynb #c011
 def forward_activations(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]: one pair per layer, the last one is the output layer
                         X:torch.Tensor, # input batch a_0 (N, n_0)
-                        sigma=torch.relu # elementwise nonlinearity
+                        sigma:Callable=torch.relu # elementwise nonlinearity
                        ) -> tuple:
     "The forward pass (7): lists zs = [z_1, ..., z_{L-2}] and as_ = [a_1, ..., a_{L-2}] of the hidden layers"
     zs, as_ = [], []
@@ -35,8 +36,8 @@ def forward_activations(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]: on
 def network_loss(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                  X:torch.Tensor, # input batch (N, n_0)
                  y:torch.Tensor, # targets, e.g. int64 class labels (N,)
-                 sigma=torch.relu, # elementwise nonlinearity
-                 loss=F.cross_entropy # loss(output, y), by default softmax cross-entropy averaged over the batch
+                 sigma:Callable=torch.relu, # elementwise nonlinearity
+                 loss:Callable=F.cross_entropy # loss(output, y), by default softmax cross-entropy averaged over the batch
                 ) -> torch.Tensor:
     "The training loss J(theta; X, y) of eq. (1)"
     _, as_ = forward_activations(params, X, sigma)
@@ -48,10 +49,10 @@ def penalty_energy(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                    as_:list, # [a_1, ..., a_{L-2}], each (N, n_l)
                    X:torch.Tensor, # input batch a_0 (N, n_0): data, not a variable
                    y:torch.Tensor, # targets
-                   sigma=torch.relu, # elementwise nonlinearity
+                   sigma:Callable=torch.relu, # elementwise nonlinearity
                    rho:float=1., # weight of the penalties ||phi(theta_l, a_{l-1}) - z_l||^2
                    gamma:float=1., # weight of the penalties ||sigma(z_l) - a_l||^2
-                   loss=F.cross_entropy # loss(output, y)
+                   loss:Callable=F.cross_entropy # loss(output, y)
                   ) -> torch.Tensor:
     "The quadratic penalty energy E(theta, a, z) of eq. (3)"
     a_prev = [X, *as_] # a_prev[l-1] = a_{l-1}
@@ -87,8 +88,8 @@ def backprop_penalty_step(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                           X:torch.Tensor, # input batch (N, n_0)
                           y:torch.Tensor, # targets
                           tau:float, # step size of every gradient step
-                          sigma=torch.relu, # elementwise nonlinearity
-                          loss=F.cross_entropy, # loss(output, y)
+                          sigma:Callable=torch.relu, # elementwise nonlinearity
+                          loss:Callable=F.cross_entropy, # loss(output, y)
                           rho:float|None=None, # penalty weight rho of eq. (3); None: 1/tau
                           gamma:float|None=None # penalty weight gamma of eq. (3); None: 1/tau
                          ) -> list:
@@ -119,8 +120,8 @@ def proxprop_targets(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                      X:torch.Tensor, # input batch (N, n_0)
                      y:torch.Tensor, # targets
                      tau:float, # step size tau (rho = gamma = 1/tau)
-                     sigma=torch.relu, # elementwise nonlinearity
-                     loss=F.cross_entropy # loss(output, y)
+                     sigma:Callable=torch.relu, # elementwise nonlinearity
+                     loss:Callable=F.cross_entropy # loss(output, y)
                     ) -> tuple:
     "The forward pass (7) and the explicit steps (8)-(10): returns zs, as_, z_half, a_half, lists over l = 1..L-2"
     params = _detached(params)
@@ -157,8 +158,8 @@ def proxprop_step(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                   y:torch.Tensor, # targets
                   tau:float, # step size tau: explicit steps (8)-(10), (12)
                   tau_prox:float, # step size tau_theta of the proximal steps (11)
-                  sigma=torch.relu, # elementwise nonlinearity
-                  loss=F.cross_entropy # loss(output, y)
+                  sigma:Callable=torch.relu, # elementwise nonlinearity
+                  loss:Callable=F.cross_entropy # loss(output, y)
                  ) -> list:
     "Algorithm 2 (ProxProp): proximal steps (44) for layers 1..L-2, the explicit step (12) for the last; returns the new params"
     params = _detached(params)

@@ -187,7 +187,7 @@ def _read_imagefolder(listing:dict, read, where) -> dict:
         empty = [c for c, ns in by_class.items() if not ns]
         if empty: raise ValueError(f"{where}/{s}: class folders {empty} hold no images; CIFAR-10 has all ten classes")
         names = [n for ns in by_class.values() for n in ns]
-        print(f"decoding {len(names)} images from {where}/{s} (once; the arrays are cached)", file=sys.stderr)
+        print(f"decoding the {len(names):,} {s} images of {where} (once: the arrays are cached)", file=sys.stderr)
         out[f'x_{s}'] = _decode(names, read, where)
         out[f'y_{s}'] = np.repeat(np.arange(10), [len(ns) for ns in by_class.values()])
     return out
@@ -327,4 +327,6 @@ def _decoded(src:Path, cache:Path) -> tuple[dict, dict]:
     arrays, meta = _decode_source(src)
     meta['fingerprint'] = key
     _save(f, arrays, meta)
+    if f.is_file(): print(f'cached the decoded arrays in {f} ({f.stat().st_size / 1e6:.0f} MB; delete the folder to reclaim '
+                           'the space; $PROXPROP_CACHE moves it)', file=sys.stderr)
     return arrays, meta

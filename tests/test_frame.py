@@ -61,3 +61,14 @@ def test_pinned_environment():
     assert (major, minor) < (0, 2)
     cons = (ROOT / 'constraints.txt').read_text()
     for pin in ('nbdev==2.4.14', 'fastcore<2', 'execnb<0.2'): assert pin in cons
+
+
+def test_nbdev_config_refresh_leaves_the_tree_clean():
+    "nbdev_docs and nbdev_preview rewrite nbs/nbdev.yml from settings.ini: the tracked file must be what they write"
+    from nbdev.quarto import _nbdev_yml
+    from nbdev.config import get_config
+    cfg = get_config(path=ROOT)
+    vals = {k: cfg[k] for k in ['title', 'description', 'branch', 'git_url', 'doc_host', 'doc_baseurl']}
+    vals['doc_path'] = cfg.doc_path.name
+    assert (ROOT / 'nbs' / 'nbdev.yml').read_text() == _nbdev_yml.format(**vals)
+    assert (ROOT / 'nbs' / '_quarto.yml').is_file()  # kept as it is: refresh_quarto_yml only writes a missing one

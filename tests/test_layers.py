@@ -260,6 +260,25 @@ def test_proxpropify_round_trip_and_exclude():
         proxpropify(model, tau_prox=-1)
 
 
+def test_proxpropify_types():
+    make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10), nn.Conv1d(1, 1, 1))
+    m = proxpropify(make())  # None: Linear and Conv2d
+    assert isinstance(m[0], ProxPropConv2d) and isinstance(m[2], ProxPropLinear) and type(m[3]) is nn.Conv1d
+    m = proxpropify(make(), types=nn.Linear)  # one class, not a tuple
+    assert type(m[0]) is nn.Conv2d and isinstance(m[2], ProxPropLinear)
+    m = proxpropify(make(), types=[nn.Conv1d])
+    assert type(m[0]) is nn.Conv2d and type(m[2]) is nn.Linear and isinstance(m[3], nn.Conv1d) and type(m[3]) is not nn.Conv1d
+
+
+def test_layer_device_dtype_positional_and_keyword_only_settings():
+    lin = ProxPropLinear(3, 2, True, 'cpu', f64, tau_prox=0.5)
+    assert lin.weight.dtype == f64 and lin.tau_prox == 0.5
+    with pytest.raises(TypeError):
+        ProxPropLinear(3, 2, True, 'cpu', f64, 0.5)  # the ProxProp settings are keyword-only
+    conv = ProxPropConv2d(1, 2, 3, 1, 0, 1, 1, True, 'zeros', 'cpu', f64, optimization_mode='prox_exact')
+    assert conv.weight.dtype == f64 and conv.optimization_mode == 'prox_exact'
+
+
 def test_state_dict_pickle_deepcopy_to():
     lin = ProxPropLinear(4, 3, tau_prox=0.2, optimization_mode='prox_cg2')
     base = nn.Linear(4, 3)
