@@ -26,7 +26,7 @@ __all__ = ['NETWORKS', 'METHODS', 'TAU_PROX', 'MUON_AUX_LR', 'LR_GRIDS', 'LR_GRI
            'BasicBlock', 'ResNetCifar', 'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'build_network',
            'prox_layers', 'muon_layers', 'Method', 'make_method', 'TextData', 'stdlib_text', 'lr_grid', 'NetSetting',
            'Setting', 'CompareRun', 'make_run', 'select_key', 'choose_lr', 'compare_plan', 'compare_data',
-           'evaluate_lm_or_images', 'estimate_s', 'run_compare', 'load_records', 'run_setting', 'main']
+           'evaluate_lm_or_images', 'estimate_s', 'run_compare', 'load_records', 'compare_task', 'run_setting', 'main']
 
 # %% ../nbs/13_compare.ipynb #c007
 class BasicBlock(nn.Module):
@@ -293,8 +293,8 @@ SETTINGS = {s.name: s for s in (
     Setting('reduced', dict(mlp=NetSetting(20, 500, 400, 1000), convnet=NetSetting(20, 500, 400, 1000),
                             resnet20=NetSetting(20, 128, 400, 1000), lm=NetSetting(20, 32, 32, 64, (128, 2, 4, 128))),
             5, (0,), (0, 1, 2), 'grid', 'cifar10', 1_000_000),
-    Setting('full', dict(mlp=NetSetting(30, 500, 5000, 10000), convnet=NetSetting(60, 500, 5000, 10000),
-                         resnet20=NetSetting(180, 128, 5000, 10000), lm=NetSetting(120, 64, 256, 512, (256, 4, 8, 256))),
+    Setting('full', dict(mlp=NetSetting(15, 500, 5000, 10000), convnet=NetSetting(20, 500, 5000, 10000),
+                         resnet20=NetSetting(60, 128, 5000, 10000), lm=NetSetting(60, 64, 256, 512, (256, 4, 8, 256))),
             20, (0, 1, 2), (0, 1, 2), 'grid', 'cifar10', None),
 )}
 
@@ -579,19 +579,26 @@ def load_records(folder # a results folder written by `run_compare`
     return out
 
 # %% ../nbs/13_compare.ipynb #c070
-def _worker_run(run:dict, data, out_dir, device, deadline, threads) -> tuple:
-    torch.set_num_threads(threads)
+def compare_task(run:dict, # `CompareRun.to_dict()`: picklable, for a process pool
+                 data, # CIFAR-10 source path (or a `Cifar10` in this process); None: the usual places
+                 out_dir, # results folder
+                 device=None, # torch device; None: 'cuda' if available, else 'cpu'
+                 deadline:float|None=None, # a time.time() after which the run is not started, or is stopped
+                 threads:int|None=None # torch CPU threads; None: leave as is
+                ) -> tuple: # (name, status, steps)
+    "Run one comparison run in a worker process: `run_compare` with arguments a process pool can send"
+    if threads: torch.set_num_threads(threads)
     r = run_compare(CompareRun.from_dict(run), data, out_dir, device, deadline)
     return r['name'], r['status'], r.get('steps')
 
 def _run_all(todo, data, out_dir, device, deadline, workers, threads, log) -> int:
     "Run `todo`; return how many finished or diverged"
-    if workers == 1: results = (_worker_run(r.to_dict(), data, out_dir, device, deadline, threads) for r in todo)
+    if workers == 1: results = (compare_task(r.to_dict(), data, out_dir, device, deadline, threads) for r in todo)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(workers, mp.get_context('spawn'))
-        results = pool.map(_worker_run, [r.to_dict() for r in todo], *zip(*[(data, out_dir, device, deadline, threads)] * len(todo)))
+        results = pool.map(compare_task, [r.to_dict() for r in todo], *zip(*[(data, out_dir, device, deadline, threads)] * len(todo)))
     done = 0
     for i, (name, status, steps) in enumerate(results, 1):
         log(f'[{i}/{len(todo)}] {name}: {status}' + (f' ({steps} steps)' if steps is not None else ''))

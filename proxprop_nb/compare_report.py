@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from .compare import METHODS, NETWORKS, SETTINGS, choose_lr, make_run, select_key
 
 # %% auto #0
-__all__ = ['STYLES', 'chosen_runs', 'time_to_target', 'targets', 'summarize', 'format_summary', 'plot_compare',
+__all__ = ['STYLES', 'chosen_runs', 'time_to_target', 'targets', 'summarize', 'format_summary', 'winners', 'plot_compare',
            'describe_records']
 
 # %% ../nbs/14_compare_results.ipynb #c012
@@ -104,6 +104,21 @@ def format_summary(rows:list # from `summarize`
     return '\n'.join(lines).strip('\n')
 
 # %% ../nbs/14_compare_results.ipynb #c025
+def winners(rows:list # from `summarize`
+           ) -> list: # one dict per (setting, network)
+    "The best method of every network by validation metric, by training loss, and by time to the accuracy target"
+    out = []
+    for s, n in dict.fromkeys((r['setting'], r['network']) for r in rows):
+        rs = [r for r in rows if (r['setting'], r['network']) == (s, n) and r['train_loss'][0] is not None]
+        key, larger = select_key(n)
+        best = lambda k, sign: max(rs, key=lambda r: sign * r[k][0] if r[k][0] is not None else -math.inf)
+        fast = [r for r in rs if r.get('tt_val_acc') and None not in r['tt_val_acc']]
+        ft = min(fast, key=lambda r: statistics.fmean(r['tt_val_acc'])) if fast else None
+        out.append(dict(setting=s, network=n, best_val=best(key, 1 if larger else -1)['method'], best_train_loss=best('train_loss', -1)['method'],
+                        fastest_to_acc=ft['method'] if ft else None, fastest_s=statistics.fmean(ft['tt_val_acc']) if ft else None))
+    return out
+
+# %% ../nbs/14_compare_results.ipynb #c028
 STYLES = {'bp-sgd': ('k', '--'), 'bp-adamw': ('0.5', '--'), 'muon': ('tab:purple', ':'), 'soap': ('tab:brown', ':'),
           'exact-sgd': ('tab:blue', '-'), 'exact-adamw': ('tab:cyan', '-'), 'cg3-sgd': ('tab:red', '-'), 'cg3-adamw': ('tab:orange', '-')}
 
@@ -116,7 +131,7 @@ def _band(runs, key):
         if vals: out.append((statistics.fmean(t for t, _ in vals), statistics.fmean(v for _, v in vals), min(v for _, v in vals), max(v for _, v in vals)))
     return tuple(map(list, zip(*out))) if out else ([], [], [], [])
 
-# %% ../nbs/14_compare_results.ipynb #c026
+# %% ../nbs/14_compare_results.ipynb #c029
 def plot_compare(records, # results records
                  title:str='', # the figure's title: say which machine, data and setting
                  networks=None # networks to show (rows); None: all in the records
@@ -131,15 +146,16 @@ def plot_compare(records, # results records
             c, ls = STYLES[m]
             for ax, key, f in ((ax_l, 'train_loss', 1), (ax_a, 'val_acc', 100)):
                 t, mean, lo, hi = _band(runs, key)
-                ax.plot(t, [f * v for v in mean], color=c, ls=ls, label=f'{METHODS[m].label} (lr {lr:g})')
+                ax.plot(t, [f * v for v in mean], color=c, ls=ls, label=METHODS[m].label)
                 ax.fill_between(t, [f * v for v in lo], [f * v for v in hi], color=c, alpha=0.15, lw=0)
         ax_l.set_yscale('log'); ax_l.set_ylabel(f'{n}: training loss'); ax_a.set_ylabel(f'{n}: ' + ('val next-byte acc [%]' if n == 'lm' else 'val accuracy [%]'))
         for ax in (ax_l, ax_a): ax.set_xlabel('training time [s]'); ax.grid(alpha=0.3)
-    axs[0][1].legend(fontsize=7, loc='lower right')
-    fig.suptitle(title); fig.tight_layout()
+    handles, labels = axs[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=4, fontsize=8)
+    fig.suptitle(title); fig.tight_layout(rect=(0, 0.5 / (3.3 * len(nets)), 1, 1))
     return fig
 
-# %% ../nbs/14_compare_results.ipynb #c029
+# %% ../nbs/14_compare_results.ipynb #c032
 def describe_records(records # results records
                     ) -> str:
     "Setting, budgets, machine, torch, clock, data and commits of `records`, in words"
