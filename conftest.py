@@ -42,7 +42,7 @@ SANITIZERS = [
     (r'\b\d+(\.\d+)?(e[-+]?\d+)?\s?(s|ms|us|µs|ns|sec|secs|seconds|min)\b', 'TIME'),  # durations
     (r'\b\d+(\.\d+)?\s?(it/s|s/it)\b', 'RATE'),  # progress-bar rates
     (r'\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?', 'DATETIME'),  # timestamps
-    (r'(\.py)#L\d+', r'\1#LINE'),  # source links of show_doc: line numbers move with every edit above them
+    (r'(\.py)#L(\d+|None)', r'\1#LINE'),  # source links of show_doc: line numbers move with every edit above them
 ]
 
 

@@ -371,7 +371,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
     save()
     return rec
 
-# %% ../nbs/07_campaign.ipynb #c028
+# %% ../nbs/07_campaign.ipynb #c029
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='proxprop-experiment campaign', description='Run the GPU campaign: the CUDA tests, '
         'the benchmark and the paper\'s full protocols in priority order, within a time budget, into at most 8 files in --out.')

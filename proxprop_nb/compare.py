@@ -204,7 +204,7 @@ def make_method(model:nn.Module, # a network from `build_network` (plain layers)
     return po.Muon([dict(params=hidden, use_muon=True, lr=lr), dict(params=rest, use_muon=False, lr=MUON_AUX_LR)],
                    weight_decay=0.01, adamw_wd=0.01)
 
-# %% ../nbs/13_compare.ipynb #c030
+# %% ../nbs/13_compare.ipynb #c031
 @dataclass(repr=False)
 class TextData:
     "Byte-level text split into training, validation and test bytes (uint8 tensors), with a description of the source"
@@ -216,7 +216,7 @@ class TextData:
     def __repr__(self): return (f"TextData(train={len(self.train):,}, val={len(self.val):,}, test={len(self.test):,} bytes; "
                                 f"{len(self.source['files'])} files of Python {self.source['python']})")
 
-# %% ../nbs/13_compare.ipynb #c031
+# %% ../nbs/13_compare.ipynb #c032
 def stdlib_text(n_bytes:int|None=1_000_000, # bytes to collect (whole files, so a little more); None: every file
                 seed:int=0, # seed of the file order
                 root=None # the folder of .py files; None: this Python's standard library
@@ -234,7 +234,7 @@ def stdlib_text(n_bytes:int|None=1_000_000, # bytes to collect (whole files, so 
         chosen.append(files[i]); total += files[i].stat().st_size
     return _split_text(chosen, root, seed, n_bytes)
 
-# %% ../nbs/13_compare.ipynb #c032
+# %% ../nbs/13_compare.ipynb #c033
 def _split_text(chosen, root, seed, n_bytes) -> TextData:
     "Test, validation and training text from the chosen files, in order: at least 5% of the bytes each for test and val"
     blobs = [f.read_bytes() for f in chosen]
@@ -251,7 +251,7 @@ def _split_text(chosen, root, seed, n_bytes) -> TextData:
                sha256=hashlib.sha256(b''.join(blobs)).hexdigest())
     return TextData(train, val, test, src)
 
-# %% ../nbs/13_compare.ipynb #c036
+# %% ../nbs/13_compare.ipynb #c037
 LR_GRIDS = dict(sgd=(0.01, 0.03, 0.1), adamw=(3e-4, 1e-3, 3e-3), muon=(0.01, 0.02, 0.05), soap=(1e-3, 3e-3, 1e-2),
                 prox_sgd=(0.3, 1.0, 3.0))
 LR_GRIDS_NET = dict(resnet20=dict(sgd=(0.03, 0.1, 0.3), prox_sgd=(0.1, 0.3, 1.0)), lm=dict(sgd=(0.1, 0.3, 1.0)))  # networks' own grids
@@ -265,7 +265,7 @@ def lr_grid(network:str, # one of NETWORKS
     if network not in NETWORKS: raise ValueError(f'network={network!r} is not valid: use one of {NETWORKS}')
     return LR_GRIDS_NET.get(network, {}).get(key, LR_GRIDS[key])
 
-# %% ../nbs/13_compare.ipynb #c038
+# %% ../nbs/13_compare.ipynb #c039
 @dataclass(frozen=True)
 class NetSetting:
     "How one network is trained and evaluated in a setting"
@@ -287,7 +287,7 @@ class Setting:
     images:str # 'cifar10' or 'synthetic'
     text_bytes:int|None # bytes of standard-library text; None: every file
 
-# %% ../nbs/13_compare.ipynb #c039
+# %% ../nbs/13_compare.ipynb #c040
 SETTINGS = {s.name: s for s in (
     Setting('quick', dict(mlp=NetSetting(0.2, 32, 64, 64, (3072, 64, 32, 64, 10)), convnet=NetSetting(0.2, 32, 64, 64, (3, 4, 4, 4)),
                           resnet20=NetSetting(0.2, 16, 64, 64, (4, 1)), lm=NetSetting(0.2, 8, 8, 8, (32, 1, 2, 32))),
@@ -300,7 +300,7 @@ SETTINGS = {s.name: s for s in (
             20, (0, 1, 2), (0, 1, 2), 'grid', 'cifar10', None),
 )}
 
-# %% ../nbs/13_compare.ipynb #c041
+# %% ../nbs/13_compare.ipynb #c042
 @dataclass(frozen=True)
 class CompareRun:
     "One run of the comparison: a network, a method, a learning rate and a seed, in a setting"
@@ -324,7 +324,7 @@ class CompareRun:
     @classmethod
     def from_dict(cls, d:dict): return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
-# %% ../nbs/13_compare.ipynb #c042
+# %% ../nbs/13_compare.ipynb #c043
 def _setting(name):
     if name not in SETTINGS: raise ValueError(f'setting={name!r} is not valid: use one of {tuple(SETTINGS)}')
     return SETTINGS[name]
@@ -342,7 +342,7 @@ def make_run(setting:str, # one of SETTINGS
     return CompareRun(setting, network, method, float(lr), seed, n.budget_s, n.batch_size, s.n_evals, n.n_eval, n.n_test,
                       n.sizes, s.images, s.text_bytes)
 
-# %% ../nbs/13_compare.ipynb #c045
+# %% ../nbs/13_compare.ipynb #c046
 def select_key(network:str) -> tuple: # (history key, True if larger is better)
     "The validation metric that picks the learning rate: accuracy for the image networks, loss for the language model"
     return ('val_loss', False) if network == 'lm' else ('val_acc', True)
@@ -351,7 +351,7 @@ def _final(r:dict, key:str):
     v = (r.get('final') or {}).get(key)
     return v if r.get('status') == 'finished' and v is not None and math.isfinite(v) else None
 
-# %% ../nbs/13_compare.ipynb #c046
+# %% ../nbs/13_compare.ipynb #c047
 def choose_lr(records:dict, # run name -> results record (e.g. from `load_records`)
               setting:str, # one of SETTINGS
               network:str, # one of NETWORKS
@@ -371,7 +371,7 @@ def _grid(s, network, method):
     g = lr_grid(network, method)
     return g if s.grid == 'grid' else g[len(g) // 2:len(g) // 2 + 1]
 
-# %% ../nbs/13_compare.ipynb #c047
+# %% ../nbs/13_compare.ipynb #c048
 def compare_plan(setting:str='reduced', # one of SETTINGS
                  records:dict|None=None, # results so far (run name -> record); None: none
                  networks=None, # a subset of NETWORKS; None: all
@@ -389,7 +389,7 @@ def compare_plan(setting:str='reduced', # one of SETTINGS
                 if (lr := choose_lr(records, setting, n, m)) is not None: runs.append(make_run(setting, n, m, lr, seed))
     return runs
 
-# %% ../nbs/13_compare.ipynb #c052
+# %% ../nbs/13_compare.ipynb #c053
 def _fixed(n, k):
     "A fixed random choice of min(k, n) of n indices, in their order"
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
@@ -401,7 +401,7 @@ def _windows(b:torch.Tensor, n:int, ctx:int) -> tuple:
     w = b.to(torch.long)[idx]
     return w[:, :-1], w[:, 1:]
 
-# %% ../nbs/13_compare.ipynb #c053
+# %% ../nbs/13_compare.ipynb #c054
 def _image_data(run, data):
     if run.images == 'synthetic': return synthetic_cifar10(512, 128, 128, size=32)
     if isinstance(data, Cifar10): return data
@@ -424,7 +424,7 @@ def compare_data(run:CompareRun, # the run
         _CACHE[key] = _text_sets(run, device) if run.network == 'lm' else _image_sets(run, _image_data(run, data), device)
     return _CACHE[key]
 
-# %% ../nbs/13_compare.ipynb #c054
+# %% ../nbs/13_compare.ipynb #c055
 def _image_sets(run, d:Cifar10, device) -> dict:
     d = d.to(device, torch.float32)
     it, iv, ie = _fixed(len(d.x_train), run.n_eval), _fixed(len(d.x_val), run.n_eval), _fixed(len(d.x_test), run.n_test)
@@ -439,7 +439,7 @@ def _text_sets(run, device) -> dict:
     src = dict(t.source, ctx=ctx, n_train_bytes=len(t.train), n_val_bytes=len(t.val), n_test_bytes=len(t.test))
     return dict(train=t.train.to(device), eval_train=ev(t.train, run.n_eval), val=ev(t.val, run.n_eval), test=ev(t.test, run.n_test), source=src)
 
-# %% ../nbs/13_compare.ipynb #c056
+# %% ../nbs/13_compare.ipynb #c057
 def _batches(run, train, g:torch.Generator):
     "An endless iterator of training minibatches (x, y) drawn with the generator g"
     if run.network == 'lm':
@@ -454,7 +454,7 @@ def _batches(run, train, g:torch.Generator):
         perm = torch.randperm(len(x), generator=g).to(x.device)
         for i in range(0, len(x) - run.batch_size + 1, run.batch_size): yield x[perm[i:i + run.batch_size]], y[perm[i:i + run.batch_size]]
 
-# %% ../nbs/13_compare.ipynb #c057
+# %% ../nbs/13_compare.ipynb #c058
 def _loss(model, x, y):
     out = model(x)
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)), out
@@ -476,7 +476,7 @@ def evaluate_lm_or_images(model:nn.Module, # the model
     finally: model.train(was)
     return loss / n, correct / n
 
-# %% ../nbs/13_compare.ipynb #c060
+# %% ../nbs/13_compare.ipynb #c061
 HISTORY = ('time', 'step', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'eval_s')
 CLOCKS = ('process', 'wall')
 
@@ -491,7 +491,7 @@ def _record(h, model, d, t, step, mb, chunk):
     row = dict(time=t, step=step, train_loss=tl, train_acc=ta, val_loss=vl, val_acc=va, minibatch_loss=mb, eval_s=time.perf_counter() - t0)
     for k in HISTORY: h[k].append(row[k])
 
-# %% ../nbs/13_compare.ipynb #c061
+# %% ../nbs/13_compare.ipynb #c062
 def _train(run, model, opt, d, clock, deadline, log):
     "The budgeted loop; returns (status, history, steps)"
     h, k, t, step, mb = {k: [] for k in HISTORY}, 0, 0.0, 0, []
@@ -512,7 +512,7 @@ def _train(run, model, opt, d, clock, deadline, log):
             _record(h, model, d, t, step, sum(mb) / len(mb), chunk); mb = []
     return 'finished', h, step
 
-# %% ../nbs/13_compare.ipynb #c062
+# %% ../nbs/13_compare.ipynb #c063
 def _layers(run, model) -> dict:
     "The names of the layers that are ProxProp and those that Muon orthogonalises in this run (plain `model`)"
     m = METHODS[run.method]
@@ -528,7 +528,7 @@ def _results(run, status, h, steps, test, layers, d, device, clock, started):
                 clock=clock, steps=steps, history=h, final=final, test_loss=test[0], test_acc=test[1], **layers,
                 data=d['source'], environment=environment(device), started=started, finished=_now())
 
-# %% ../nbs/13_compare.ipynb #c063
+# %% ../nbs/13_compare.ipynb #c064
 def _stored(path:Path, run:CompareRun):
     "The stored record of `run` at `path` if it finished or diverged, else None; an error if it belongs to another run"
     if not path.exists(): return None
@@ -540,7 +540,7 @@ def estimate_s(run:CompareRun) -> float:
     "A generous estimate of a run's wall-clock seconds: its budget, evaluations, model and data setup"
     return 1.5 * run.budget_s + 30
 
-# %% ../nbs/13_compare.ipynb #c064
+# %% ../nbs/13_compare.ipynb #c065
 def run_compare(run:CompareRun, # the run
                 data=None, # image networks: a `Cifar10` or a CIFAR-10 source path (None: the usual places); unused for lm and synthetic
                 out_dir=None, # results folder: the record is written there as NAME.json, and a finished run there is skipped
@@ -570,7 +570,7 @@ def run_compare(run:CompareRun, # the run
     log(f"{run.name}: {status}, {steps} steps" + (f", val acc {h['val_acc'][-1]:.3f}, val loss {h['val_loss'][-1]:.3f}" if status == 'finished' else ''))
     return r
 
-# %% ../nbs/13_compare.ipynb #c065
+# %% ../nbs/13_compare.ipynb #c066
 def load_records(folder # a results folder written by `run_compare`
                 ) -> dict: # run name -> record
     "The comparison records in `folder` (none if it does not exist)"
@@ -580,7 +580,7 @@ def load_records(folder # a results folder written by `run_compare`
         if r.get('kind') == 'compare': out[r['name']] = r
     return out
 
-# %% ../nbs/13_compare.ipynb #c070
+# %% ../nbs/13_compare.ipynb #c071
 def compare_task(run:dict, # `CompareRun.to_dict()`: picklable, for a process pool
                  data, # CIFAR-10 source path (or a `Cifar10` in this process); None: the usual places
                  out_dir, # results folder
@@ -608,7 +608,7 @@ def _run_all(todo, data, out_dir, device, deadline, workers, threads, log) -> in
     if workers > 1: pool.shutdown()
     return done
 
-# %% ../nbs/13_compare.ipynb #c071
+# %% ../nbs/13_compare.ipynb #c072
 def run_setting(setting:str, # one of SETTINGS
                 out_dir, # results folder
                 data=None, # CIFAR-10: a `Cifar10` (one worker) or a source path; None: the usual places
@@ -630,7 +630,7 @@ def run_setting(setting:str, # one of SETTINGS
         log(f'{setting}: {len(todo)} runs to do -> {Path(out_dir)}')
         if not _run_all(todo, data, out_dir, device, deadline, workers, threads, log): return load_records(out_dir)
 
-# %% ../nbs/13_compare.ipynb #c072
+# %% ../nbs/13_compare.ipynb #c073
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='proxprop-compare', description='ProxProp against BackProp with Nesterov SGD and AdamW, Muon and SOAP, '
                                 'at equal training time, on the MLP, ConvNet, ResNet-20 and a transformer LM (see the compare chapters).')
@@ -646,7 +646,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--plan', action='store_true', help='print the runs known so far and exit')
     return p
 
-# %% ../nbs/13_compare.ipynb #c073
+# %% ../nbs/13_compare.ipynb #c074
 def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
         ) -> int:
     "The `proxprop-compare` command: run a setting into a results folder, then print the summary table"
@@ -664,5 +664,5 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     print(f'\nresults in {out.resolve()}\n' + format_summary(summarize(records.values())))
     return 0
 
-# %% ../nbs/13_compare.ipynb #c077
+# %% ../nbs/13_compare.ipynb #c078
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.compare

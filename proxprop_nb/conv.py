@@ -19,7 +19,7 @@ from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, dense
 __all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'conv_gram',
            'conv_flops', 'prox_conv']
 
-# %% ../nbs/01b_conv.ipynb #c006
+# %% ../nbs/01b_conv.ipynb #c007
 @dataclass(frozen=True)
 class ConvGeometry:
     "The arguments of a convolution that define its linear map (padding_mode 'zeros' after any explicit padding)"
@@ -53,7 +53,7 @@ def conv_backward(g, x, weight, geo:ConvGeometry, mask):
     return torch.ops.aten.convolution_backward(g, x, weight, bias_sizes, list(geo.stride), list(geo.padding), list(geo.dilation),
                                                geo.transposed, list(geo.output_padding), geo.groups, list(mask))
 
-# %% ../nbs/01b_conv.ipynb #c009
+# %% ../nbs/01b_conv.ipynb #c010
 def _conv_rows(geo, single=False):
     "(to_rows, from_rows) mapping a weight to a view with output channels in dimension 0 and back; None, None for one row"
     if single: return None, None
@@ -81,14 +81,14 @@ def _conv_matrix_free(x, weight, bias, geo, spec, grad):
     cg = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
     return (*from_rows(cg.solution), SolveInfo.of('matrix_free', cg, x.dtype))
 
-# %% ../nbs/01b_conv.ipynb #c011
+# %% ../nbs/01b_conv.ipynb #c012
 def _conv_dense(x, weight, bias, geo, spec, grad):
     "Exact step: the per-row operator formed densely, then one SPD solve for all rows"
     apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
     X, fallback = dense_solve(apply_M, to_rows(*grad), 'transposed convolution')
     return (*from_rows(X), SolveInfo.of('dense>cg' if fallback else 'dense', fallback, x.dtype))
 
-# %% ../nbs/01b_conv.ipynb #c013
+# %% ../nbs/01b_conv.ipynb #c014
 def _wgrad(go, inp, ksize, stride, dilation, groups=1):
     "Weight gradient of a convolution with 'grad_output' `go` on input `inp` (no padding): a correlation"
     D = len(ksize)
@@ -98,7 +98,7 @@ def _wgrad(go, inp, ksize, stride, dilation, groups=1):
 
 def _out_size(n, k, s, p, d): return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
-# %% ../nbs/01b_conv.ipynb #c014
+# %% ../nbs/01b_conv.ipynb #c015
 def _gram_offsets(x, ksize, geo):
     "Patch Gram matrix (C k^D)^2 of a zero-padded input, one weight-gradient call per kernel offset"
     D, (N, C) = len(ksize), x.shape[:2]
@@ -110,7 +110,7 @@ def _gram_offsets(x, ksize, geo):
         G[(slice(None), *off)] = _wgrad(xp[(slice(None), slice(None), *crop)], xp, ksize, geo.stride, geo.dilation)
     return G.reshape(C * math.prod(ksize), C * math.prod(ksize))
 
-# %% ../nbs/01b_conv.ipynb #c016
+# %% ../nbs/01b_conv.ipynb #c017
 def _strips(x, xe, lines, e, K2, dil, dim):
     "Correlations restricted to single rows (dim=2) or columns (dim=3) of x, for every shift: (L, C, C, K2, K2)"
     go = torch.cat([x.narrow(dim, r, 1) for r in lines], 1)
@@ -123,7 +123,7 @@ def _excluded(lines:tuple, windows:tuple, dtype, device):
     "ex[i, r] = 1 if line r lies outside the window of kernel offset i"
     return torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in windows], dtype=dtype, device=device)
 
-# %% ../nbs/01b_conv.ipynb #c017
+# %% ../nbs/01b_conv.ipynb #c018
 def _gram_correlation(x, k, geo):
     "Patch Gram matrix of a 2-D stride-1 convolution from one full correlation and border corrections"
     # Legend: kernel offsets (i, j) and (i', j') index the rows and columns of G (per channel pair c, c');
@@ -154,7 +154,7 @@ def _gram_correlation(x, k, geo):
     G = T[i[:, None, None, None], i[None, :, None, None], :, :, sh[:, None, :, None], sh[None, :, None, :]]
     return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)  # (i, j, i', j', c, c') -> rows (c, i, j)
 
-# %% ../nbs/01b_conv.ipynb #c019
+# %% ../nbs/01b_conv.ipynb #c020
 def _window_sums(x, ksize, geo):
     "sum over samples and output positions of each patch entry: A^T 1 for the bias column, shape (C k^D,)"
     s = F.pad(x.sum(0, keepdim=True), [q for p in reversed(geo.padding) for q in (p, p)])
@@ -181,7 +181,7 @@ def conv_gram_flops(x_shape, ksize, geo) -> dict:
         f['correlation'] = full * (1 + STRIP_PENALTY * lines)
     return f
 
-# %% ../nbs/01b_conv.ipynb #c020
+# %% ../nbs/01b_conv.ipynb #c021
 @functools.lru_cache(maxsize=1024)  # shapes repeat every step; the model loops over border rows in Python
 def _gram_route(x_shape, ksize, geo, route):
     flops = conv_gram_flops(x_shape, ksize, geo)
@@ -223,7 +223,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     Gs.diagonal(dim1=1, dim2=2).add_(beta)
     return Gs
 
-# %% ../nbs/01b_conv.ipynb #c025
+# %% ../nbs/01b_conv.ipynb #c026
 def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='textbook') -> dict:
     "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`; the official CG runs matrix-free only"
     conv = 2 * math.prod(out_shape) * math.prod(w_shape[1:]) if not geo.transposed else 2 * math.prod(x_shape) * math.prod(w_shape[1:])
@@ -240,10 +240,10 @@ def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='t
         f['primal'] = gram + (geo.groups * 4 * n**3 / 3 + 2 * rows * n * n if kind == 'exact' else n_iter * 2 * rows * n * n)
     return f
 
-# %% ../nbs/01b_conv.ipynb #c026
+# %% ../nbs/01b_conv.ipynb #c027
 _conv_flops = functools.lru_cache(maxsize=1024)(conv_flops)  # shapes repeat every step: the model runs once per shape
 
-# %% ../nbs/01b_conv.ipynb #c027
+# %% ../nbs/01b_conv.ipynb #c028
 def _conv_grads(x, g, weight, geo, need_input_grad, bias, wd):
     "(grad_input in g's dtype, grad_weight and grad_bias in the work dtype `wd`)"
     if x.dtype == g.dtype == weight.dtype == wd:  # one call
@@ -276,7 +276,7 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     _, (W, b, info) = _pick(flops, runs, spec.solver, chooser, key)
     return gx, W, b, info
 
-# %% ../nbs/01b_conv.ipynb #c028
+# %% ../nbs/01b_conv.ipynb #c029
 _CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
 
 def _combine(route:str, results:list, dtype) -> SolveInfo:

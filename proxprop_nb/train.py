@@ -30,7 +30,7 @@ from .runfiles import (write_json, read_json, environment, source_hash, save_che
 __all__ = ['MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'RunConfig', 'run_name', 'synthetic_cifar10', 'prepare_data', 'evaluate',
            'epoch_generator', 'train_epoch', 'default_device', 'build_model', 'run_paths', 'train', 'format_history']
 
-# %% ../nbs/04_train.ipynb #c007
+# %% ../nbs/04_train.ipynb #c008
 MODELS = ('mlp', 'convnet')
 N_TRAIN = 50000 - N_VAL  # training images of the paper's split
 
@@ -39,7 +39,7 @@ def _check(ok, msg):
 
 def _pos_int(v, allow_none=False): return (allow_none and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
 
-# %% ../nbs/04_train.ipynb #c008
+# %% ../nbs/04_train.ipynb #c009
 def _validate(c):
     "Raise ValueError naming the first invalid setting of RunConfig `c`"
     _check(c.model in MODELS, f"model={c.model!r} is not valid: use one of {MODELS}")
@@ -55,7 +55,7 @@ def _validate(c):
     _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} is not valid: use 0 <= momentum < 1")
     _check(c.arch in ('official', 'paper'), f"arch={c.arch!r} is not valid: use 'official' or 'paper'")
 
-# %% ../nbs/04_train.ipynb #c009
+# %% ../nbs/04_train.ipynb #c010
 @dataclass(frozen=True)
 class RunConfig:
     "Everything that defines one training run; its name and its files follow from it"
@@ -84,7 +84,7 @@ class RunConfig:
         if self.sizes is not None: reset['sizes'] = tuple(self.sizes)
         for k, v in reset.items(): object.__setattr__(self, k, v)
 
-# %% ../nbs/04_train.ipynb #c010
+# %% ../nbs/04_train.ipynb #c011
 def _method(self:RunConfig) -> str:
     "'backprop', 'exact' or 'cgN'"
     kind, n = parse_mode(self.optimization_mode)
@@ -102,7 +102,7 @@ def _to_dict(self:RunConfig) -> dict:
 RunConfig.method, RunConfig.label, RunConfig.to_dict = property(_method), property(_label), _to_dict
 RunConfig.from_dict = classmethod(lambda cls, d: cls(**d))
 
-# %% ../nbs/04_train.ipynb #c012
+# %% ../nbs/04_train.ipynb #c013
 def run_name(cfg:RunConfig # the run's configuration
             ) -> str:
     "A file-name-safe name for `cfg`, e.g. 'mlp-sgd-lr0.05-cg3-official-tauprox1-ep50-seed0'"
@@ -118,7 +118,7 @@ def run_name(cfg:RunConfig # the run's configuration
     if cfg.n_eval is not None: parts.append(f'eval{cfg.n_eval}')
     return '-'.join(parts + [f'ep{cfg.epochs}', f'seed{cfg.seed}'])
 
-# %% ../nbs/04_train.ipynb #c016
+# %% ../nbs/04_train.ipynb #c017
 def synthetic_cifar10(n_train:int=64, # training images
                       n_val:int=32, # validation images
                       n_test:int=32, # test images
@@ -135,12 +135,12 @@ def synthetic_cifar10(n_train:int=64, # training images
     return Cifar10(*[t[i] for i in parts for t in (x, y)], source=dict(kind='synthetic', seed=seed, n_train=n_train, n_val=n_val,
                                                                         n_test=n_test, subset_seed=None))
 
-# %% ../nbs/04_train.ipynb #c017
+# %% ../nbs/04_train.ipynb #c018
 def _eval_choice(n, k):
     "A fixed random choice of min(k, n) of n indices, in their order"
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
 
-# %% ../nbs/04_train.ipynb #c018
+# %% ../nbs/04_train.ipynb #c019
 def prepare_data(data:Cifar10, # CIFAR-10 as loaded (uint8 on the CPU) or already as floats
                  cfg:RunConfig, # the run's configuration: n_train, subset_seed and n_eval are used
                  device='cpu', # where the tensors go
@@ -154,7 +154,7 @@ def prepare_data(data:Cifar10, # CIFAR-10 as loaded (uint8 on the CPU) or alread
                prepared_for=_data_key(cfg))
     return replace(data.to(device, torch.float32), source=src)
 
-# %% ../nbs/04_train.ipynb #c019
+# %% ../nbs/04_train.ipynb #c020
 def _data_key(cfg): return [cfg.n_train, cfg.subset_seed if cfg.n_train is not None else None, cfg.n_eval]
 
 def _data_for(data, cfg, device):
@@ -164,7 +164,7 @@ def _data_for(data, cfg, device):
     if key != _data_key(cfg): raise ValueError(f"the data was prepared for n_train, subset_seed, n_eval = {key}, not {_data_key(cfg)}")
     return data.to(device, torch.float32)
 
-# %% ../nbs/04_train.ipynb #c022
+# %% ../nbs/04_train.ipynb #c023
 @torch.no_grad()
 def evaluate(model:nn.Module, # the model
              x:torch.Tensor, # inputs on the model's device
@@ -182,14 +182,14 @@ def evaluate(model:nn.Module, # the model
     finally: model.train(was_training)
     return loss.item() / len(x), int(correct) / len(x)
 
-# %% ../nbs/04_train.ipynb #c025
+# %% ../nbs/04_train.ipynb #c026
 def epoch_generator(seed:int, # the run's seed
                     epoch:int # the epoch, from 1
                    ) -> torch.Generator:
     "The random source of the minibatch order of `epoch`: a CPU generator seeded by (seed, epoch)"
     return torch.Generator().manual_seed(1_000_003 * seed + epoch)
 
-# %% ../nbs/04_train.ipynb #c026
+# %% ../nbs/04_train.ipynb #c027
 def train_epoch(model:nn.Module, # the model, in training mode
                 opt:torch.optim.Optimizer, # its optimizer
                 x:torch.Tensor, # training inputs on the model's device
@@ -213,7 +213,7 @@ def train_epoch(model:nn.Module, # the model, in training mode
         if bar is not None: bar.set_postfix_str(f'loss {value:.4g}', refresh=False); bar.update(1)
     return total / n, None
 
-# %% ../nbs/04_train.ipynb #c032
+# %% ../nbs/04_train.ipynb #c033
 HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time', 'eval_time', 'time',
                 'solves')  # solves: per layer, the routes, CG iterations and residuals of the epoch's steps (None at epoch 0)
 
@@ -224,7 +224,7 @@ def default_device() -> str:
     "'cuda' if a GPU is available, else 'cpu'"
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
-# %% ../nbs/04_train.ipynb #c033
+# %% ../nbs/04_train.ipynb #c034
 def build_model(cfg:RunConfig # the run's configuration
                ) -> nn.Module:
     "The configuration's model on the CPU, initialised from `cfg.seed` without touching the global random state"
@@ -234,7 +234,7 @@ def build_model(cfg:RunConfig # the run's configuration
         if cfg.model == 'mlp': return mlp(cfg.sizes or MLP_SIZES, **prox)
         return convnet(cfg.arch, cfg.sizes or CONVNET_CHANNELS, **prox)
 
-# %% ../nbs/04_train.ipynb #c034
+# %% ../nbs/04_train.ipynb #c035
 def _record(h:dict, epoch, d:Cifar10, model, minibatch_loss, train_time, device, batch_size, solves=None):
     "Evaluate after `epoch` and append a row to the history `h`"
     t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def _record(h:dict, epoch, d:Cifar10, model, minibatch_loss, train_time, device,
                solves=solves)
     for k in HISTORY_KEYS: h.setdefault(k, [None] * (len(h['epoch']) - 1 if k != 'epoch' else 0)).append(row[k])
 
-# %% ../nbs/04_train.ipynb #c036
+# %% ../nbs/04_train.ipynb #c037
 def run_paths(out_dir, # the results folder
               cfg:RunConfig # the run's configuration
              ) -> tuple: # (results file, checkpoint file)
@@ -261,7 +261,7 @@ def _same_config(stored:dict, cfg:RunConfig, path):
         diff = {k: (stored.get(k), v) for k, v in cfg.to_dict().items() if stored.get(k) != v}
         raise ValueError(f"{path} belongs to another configuration (stored vs requested: {diff}); use another results folder")
 
-# %% ../nbs/04_train.ipynb #c037
+# %% ../nbs/04_train.ipynb #c038
 def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta):
     "The results record of a run"
     val = [v for v in h['val_acc'] if v is not None]
@@ -272,7 +272,7 @@ def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, met
                 data=d.source, environment=environment(device), started=started, finished=_now(), resumed_at_epochs=resumed,
                 meta=meta or {})
 
-# %% ../nbs/04_train.ipynb #c039
+# %% ../nbs/04_train.ipynb #c040
 def _start(cfg, model, opt, d, device, ckpt, bs):
     "(history, first epoch to run, start time, resumed epochs): from the checkpoint if there is one, else after recording epoch 0"
     s = None
@@ -298,7 +298,7 @@ def _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device, d):
     save_checkpoint(ckpt, dict(config=cfg.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, history=h,
                                rng=rng, started=started, resumed_at_epochs=resumed, data=data_identity(d.source)))
 
-# %% ../nbs/04_train.ipynb #c040
+# %% ../nbs/04_train.ipynb #c041
 def _epoch_line(name, h):
     return (f"{name} epoch {h['epoch'][-1]}: train loss {h['train_loss'][-1]:.4g}, val acc {h['val_acc'][-1]:.4f} "
             f"({h['train_time'][-1]:.1f} s train, {h['eval_time'][-1]:.1f} s eval)")
@@ -322,7 +322,7 @@ def _done(path, cfg, data=None):
     if ckpt.exists(): ckpt.unlink()  # a stale checkpoint of a run that has its results
     return r
 
-# %% ../nbs/04_train.ipynb #c041
+# %% ../nbs/04_train.ipynb #c042
 def _device_problem(device) -> str|None:
     "What keeps training from running on `device`, in words, or None"
     try: dev = torch.device(device or default_device())
@@ -336,7 +336,7 @@ def _check_device(device) -> torch.device:
     if (why := _device_problem(device)) is not None: raise ValueError(f"device={device!r}: {why}")
     return torch.device(device or default_device())
 
-# %% ../nbs/04_train.ipynb #c042
+# %% ../nbs/04_train.ipynb #c043
 def train(cfg:RunConfig, # the run's configuration
           data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration (a sweep prepares it once)
           out_dir=None, # results folder for the checkpoint and results file; None: keep nothing on disk
@@ -380,7 +380,7 @@ def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, m
         if ckpt.exists(): ckpt.unlink()
     return _json_safe(r)  # what the file holds
 
-# %% ../nbs/04_train.ipynb #c044
+# %% ../nbs/04_train.ipynb #c045
 def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None):
     "Run epochs first..cfg.epochs; return (status, diverged_at)"
     name, steps, solves = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size), SolveStats(model)
@@ -407,7 +407,7 @@ def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress
             with tqdm.external_write_mode(): log(_epoch_line(name, h))
     return 'finished', None
 
-# %% ../nbs/04_train.ipynb #c046
+# %% ../nbs/04_train.ipynb #c047
 def format_history(r:dict # a results record, as `train` returns it
                   ) -> str:
     "The history of a run as a text table, one line per epoch"

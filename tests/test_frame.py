@@ -1,6 +1,7 @@
 """The package frame: README generated from the index notebook, sidebar, pinned environment."""
 import importlib.metadata as md
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -72,3 +73,24 @@ def test_nbdev_config_refresh_leaves_the_tree_clean():
     vals['doc_path'] = cfg.doc_path.name
     assert (ROOT / 'nbs' / 'nbdev.yml').read_text() == _nbdev_yml.format(**vals)
     assert (ROOT / 'nbs' / '_quarto.yml').is_file()  # kept as it is: refresh_quarto_yml only writes a missing one
+
+
+def test_docs_processing_runs_clean_and_pages_have_no_warts(tmp_path):
+    "nbdev_proc_nbs (what nbdev_docs and nbdev_preview run before Quarto) on a copy: no warnings, and API sections read cleanly"
+    import shutil, subprocess, sys
+    shutil.copy(ROOT / 'settings.ini', tmp_path)
+    shutil.copytree(ROOT / 'nbs', tmp_path / 'nbs', ignore=shutil.ignore_patterns('results', '.ipynb_checkpoints'))
+    shutil.copytree(ROOT / 'nbs' / 'results', tmp_path / 'nbs' / 'results')  # chapters read their committed results
+    r = subprocess.run([sys.executable, '-c', 'from nbdev.serve import proc_nbs; proc_nbs(force=True)'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Warning' not in r.stderr and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    pages = sorted((tmp_path / '_proc').glob('*.ipynb'))
+    assert {p.name for p in pages} == {p.name for p in (ROOT / 'nbs').glob('*.ipynb')}
+    warts = {'#LNone': 'source link without a line', 'NoneType=None': 'a None default shown as a type',
+             'builtin_function_or_method': 'a function default shown as a type', "<class '": 'a class default shown as its repr',
+             '*args, **kwargs': 'a mixin shown with object.__init__', 'def ProxProp': 'a class shown as a function'}
+    outputs = {p.name: json.dumps([c.get('outputs', []) for c in json.loads(p.read_text())['cells']]) for p in pages}
+    assert sum('show_doc' in o or '```python' in o for o in outputs.values()) >= 10  # the API sections were rendered
+    found = [(name, why) for name, text in outputs.items() for wart, why in warts.items() if wart in text]
+    assert not found, found
