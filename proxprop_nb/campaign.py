@@ -27,7 +27,7 @@ from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthet
 from .runfiles import write_json, read_json, environment
 from .experiments import EXPERIMENTS, experiment_configs, protocol
 from .bench import make_step, bench_model
-from .stages import start_tests, finish_tests, run_bench, bench_step_seconds, summary_text, pack
+from .stages import start_tests, finish_tests, run_bench, bench_step_seconds, summary_text, pack, run_compare_stage
 
 # %% auto #0
 __all__ = ['PAPER', 'PRIORITY', 'campaign_plan', 'RunEstimator', 'measure_concurrency', 'schedule_runs', 'run_campaign', 'main']
@@ -281,6 +281,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
                  experiments=None, # a subset of 'fig2', 'fig3', 'table1'
                  max_runs:int|None=None, # at most this many runs of the plan (rehearsals)
                  skip_tests:bool=False, skip_bench:bool=False,
+                 compare:bool=True, # after the paper's runs, the optimizer comparison (chapter 13) until the deadline
                  reserve_s:float=20., # seconds kept at the end for the reports
                  log=print,
                 ) -> dict: # the campaign record, as written to campaign.json
@@ -357,6 +358,13 @@ def run_campaign(out, # the folder for the (at most 8) result files
                                     progress, grace=reserve_s / 2)
         rec['stages']['runs'] = dict(seconds=time.time() - t1, planned=len(plan),
                                      epoch_seconds={'/'.join(key): s for key, s in estimator.epoch_s.items()})
+        save()
+        # 4. the optimizer comparison, with the time left
+        if compare and time.time() < deadline - reserve_s:
+            _stop_pool(pool)  # the paper's runs are over: free the workers' memory
+            t2 = time.time()
+            rec['compare'] = run_compare_stage(work, data, device, quick, deadline - reserve_s, say)
+            rec['stages']['compare'] = dict(seconds=time.time() - t2, runs=len(rec['compare']['runs']))
     except Exception as e:
         rec['error'] = f'{type(e).__name__}: {e}'
         rec['traceback'] = traceback.format_exc(limit=12)
@@ -364,7 +372,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
     finally:
         _stop_pool(pool)
         manager.shutdown()
-    # 4. reports
+    # 5. reports
     n = pack(work, out/'results.tar.gz')
     rec['stages']['pack'] = dict(files=n)
     say(f"packed {n} results files into {out/'results.tar.gz'}")
@@ -387,6 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--experiments', nargs='+', choices=list(PAPER), help="a subset of the paper's experiments")
     p.add_argument('--max-runs', type=int, help='at most this many runs of the plan')
     p.add_argument('--skip-tests', action='store_true'); p.add_argument('--skip-bench', action='store_true')
+    p.add_argument('--no-compare', action='store_true', help='leave out the optimizer comparison after the paper\'s runs')
     return p
 
 def main(argv:list|None=None # arguments after 'campaign'; None: sys.argv[2:]
@@ -408,6 +417,6 @@ def main(argv:list|None=None # arguments after 'campaign'; None: sys.argv[2:]
         if found is None: p.exit(1, 'proxprop-experiment campaign: error: no CIFAR-10 source found; give --data PATH '
                                     '(the campaign does not download)\n')
     rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers, a.max_workers, a.experiments,
-                       a.max_runs, a.skip_tests, a.skip_bench)
+                       a.max_runs, a.skip_tests, a.skip_bench, not a.no_compare)
     print('\n' + (a.out/'summary.txt').read_text())
     return 1 if rec.get('error') else 0

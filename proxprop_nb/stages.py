@@ -18,7 +18,7 @@ from .bench import benchmark, route_times, format_table
 
 # %% auto #0
 __all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'start_tests', 'finish_tests', 'run_bench', 'bench_step_seconds',
-           'summary_text', 'pack']
+           'summary_text', 'pack', 'run_compare_stage']
 
 # %% ../nbs/07a_stages.ipynb #c006
 def _repo_root() -> Path: return Path(proxprop_nb.__file__).resolve().parent.parent
@@ -112,6 +112,11 @@ def summary_text(rec:dict, # the campaign record (campaign.json)
             f'{o} {count(o)}' for o in sorted({r['outcome'] for r in runs}))]
         L += [f"  {r['outcome']:45s} {r['experiment']:7s} {r['name']}" + (f" ({r['seconds']:.0f} s)" if r.get('seconds') else '')
               for r in runs]
+    if 'compare' in rec:
+        c = rec['compare']; n = lambda s: sum(r[1] == s for r in c['runs'])
+        L += ['', f"optimizer comparison, {c['setting']} setting ({st.get('compare', {}).get('seconds', 0):.0f} s): {len(c['runs'])} runs, "
+              f"finished {n('finished')}, diverged {n('diverged')}, stopped {n('stopped')}"
+              + (f"; left out: {', '.join(c['left_out'])}" if c['left_out'] else '')]
     if work is not None:
         for exp in EXPERIMENTS:
             rows = [r for r in load_results(Path(work)/exp) if r['status'] in ('finished', 'diverged')]
@@ -133,3 +138,32 @@ def pack(work:Path, # the work folder
         for p in files: t.add(p, arcname=str(p.relative_to(work)))
     os.replace(tmp, dest)
     return len(files)
+
+# %% ../nbs/07a_stages.ipynb #c011
+def run_compare_stage(work:Path, # the campaign's work folder: records go to work/compare
+                      data, # a CIFAR-10 source path; 'synthetic' (a rehearsal) runs the language model and synthetic images only
+                      device:str, # 'cuda' or 'cpu'
+                      quick:bool, # the comparison's quick setting instead of its full one
+                      deadline:float, # a time.time(): no run starts that may not end before it
+                      log=print, # called with a line per run
+                     ) -> dict: # {'setting', 'methods', 'left_out', 'runs': [(name, status, steps)]}
+    "Run the optimizer comparison's plan after the paper's runs, one run at a time, until the deadline"
+    import importlib.util
+    from proxprop_nb.compare import compare_plan, load_records, compare_task, estimate_s, METHODS
+    setting = 'quick' if quick else 'full'
+    peers = importlib.util.find_spec('pytorch_optimizer') is not None
+    methods = [m for m in METHODS if peers or m not in ('muon', 'soap')]
+    left_out = [] if peers else ['muon', 'soap']
+    if left_out: log('compare: pytorch-optimizer is not installed: Muon and SOAP left out')
+    out, runs = Path(work)/'compare', []
+    out.mkdir(parents=True, exist_ok=True)
+    while True:  # the plan grows as sweeps complete (other seeds at the chosen rate)
+        done = load_records(out)
+        todo = [r for r in compare_plan(setting, done, methods=methods) if r.name not in done and r.name not in {n for n, *_ in runs}]
+        todo = [r for r in todo if data != 'synthetic' or r.network == 'lm' or r.images == 'synthetic']
+        if not todo: break
+        run = todo[0]
+        if time.time() + estimate_s(run) > deadline: log(f'compare: {len(todo)} runs left, no time for the next one'); break
+        name, status, steps = compare_task(run.to_dict(), None if data == 'synthetic' else data, out, device, deadline)
+        runs.append((name, status, steps)); log(f'compare: {name}: {status} ({steps} steps)')
+    return dict(setting=setting, methods=methods, left_out=left_out, runs=runs)

@@ -82,7 +82,7 @@ def test_campaign_command_rehearsal(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PROXPROP_CACHE=str(tmp_path/'cache'), PROXPROP_GIT_COMMIT='0' * 40)
     p = subprocess.run([sys.executable, '-m', 'proxprop_nb.experiments', 'campaign', '--quick', '--device', 'cpu', '--data',
                         'synthetic', '--out', str(out), '--work', str(work), '--max-runs', '3', '--max-workers', '2',
-                        '--budget-minutes', '4'], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+                        '--budget-minutes', '4', '--no-compare'], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     files = sorted(f.name for f in out.iterdir())
     assert files == ['bench.json', 'campaign.json', 'campaign.log', 'results.tar.gz', 'summary.txt', 'tests.log']
@@ -97,6 +97,20 @@ def test_campaign_command_rehearsal(tmp_path):
         names = t.getnames()
     assert len(names) == 4 and all(n.endswith('.json') for n in names)  # 3 runs, one shared by fig2 and table1
     assert 'runs (' in (out/'summary.txt').read_text()
+
+
+def test_campaign_spends_time_left_on_the_comparison(tmp_path):
+    "After the paper's runs, the optimizer comparison's quick plan runs one at a time until the deadline, into work/compare"
+    rec = C.run_campaign(tmp_path/'out', budget_minutes=0.8, device='cpu', data='synthetic', quick=True, work=tmp_path/'work',
+                         workers=1, max_runs=1, skip_tests=True, skip_bench=True, reserve_s=10, log=lambda s: None)
+    assert [r['outcome'] for r in rec['runs']] == ['finished'] and 'error' not in rec, rec.get('traceback')
+    c = rec['compare']
+    assert c['setting'] == 'quick' and len(c['runs']) >= 1 and rec['stages']['compare']['runs'] == len(c['runs'])
+    assert rec['elapsed_s'] < 0.8 * 60 + 5  # the comparison kept to the deadline
+    with tarfile.open(tmp_path/'out'/'results.tar.gz') as t:
+        names = t.getnames()
+    assert sum(n.startswith('compare/') for n in names) == sum(s in ('finished', 'diverged') for _, s, _ in c['runs'])
+    assert f"optimizer comparison, quick setting" in (tmp_path/'out'/'summary.txt').read_text()
 
 
 def test_campaign_command_errors(tmp_path):
