@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Import the files of a GPU campaign (`proxprop-experiment campaign --out OUT`) into nbs/results/, with checked provenance.
 
-    python .ci/import_campaign.py OUT --commit SHA --name gpu_h200 [--extra FILE ...]
+    python .ci/import_campaign.py OUT --commit SHA --name gpu_h200 [--record campaign] [--bench gpu_h200] [--extra FILE ...]
 
 The campaign runs in a copy of the checkout on another machine. Its records name the code by the commit it was given
 (or that git reported there) and by `source_hash`, a hash of the package sources. This script:
@@ -11,8 +11,11 @@ The campaign runs in a copy of the checkout on another machine. Its records name
 2. writes `environment.git_commit = SHA` and `commit_from = 'source_hash'` into every record, keeping what the
    remote machine reported in `git_reported` (a stale `.git` in the copy reported another commit, `+dirty`);
 3. unpacks results.tar.gz into nbs/results/<name>/<experiment>/, copies bench.json to
-   nbs/results/bench/<name>.json, and the campaign's record, logs and summary to nbs/results/<name>/campaign/
+   nbs/results/bench/<bench>.json, and the campaign's record, logs and summary to nbs/results/<name>/<record>/
    (summary.txt rewritten from the corrected record).
+
+A campaign that continues an earlier one gets that one's results files in its work folder (so it skips those runs)
+and packs them again: a file identical to the one already imported is skipped; nothing imported is overwritten.
 """
 import argparse
 import hashlib
@@ -62,6 +65,8 @@ def main(argv=None):
     p.add_argument('out', type=Path, help="the campaign's --out folder, as fetched")
     p.add_argument('--commit', required=True, help='the commit the campaign ran (its full sha)')
     p.add_argument('--name', required=True, help='folder name under nbs/results/, e.g. gpu_h200')
+    p.add_argument('--record', default='campaign', help="folder name under nbs/results/NAME/ for the campaign's record")
+    p.add_argument('--bench', help='name of the benchmark file under nbs/results/bench/ (default: NAME)')
     p.add_argument('--extra', nargs='*', default=[], type=Path, help='more files to keep with the campaign record')
     a = p.parse_args(argv)
     commit = subprocess.run(['git', 'rev-parse', a.commit], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -70,28 +75,32 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(a.out / 'results.tar.gz') as t:
             t.extractall(tmp, filter='data')
-        runs = sorted(Path(tmp).glob('*/*.json'))
-        for f in runs:
+        runs, known = [], 0
+        for f in sorted(Path(tmp).glob('*/*.json')):
             r = json.loads(f.read_text())
-            r = fix_all(r, commit, expected, f.name)
             target = dest / f.parent.name / f.name
+            if target.exists():
+                if json.loads(target.read_text()) == r: known += 1; continue  # imported before, carried along
+                sys.exit(f'{target} exists and differs from the campaign\'s {f.parent.name}/{f.name}: not overwritten')
+            runs.append(f)
+            r = fix_all(r, commit, expected, f.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(r, indent=1, allow_nan=False) + '\n')
     rec = json.loads((a.out / 'campaign.json').read_text())
     rec = fix_all(rec, commit, expected, 'campaign.json')
-    camp = dest / 'campaign'
+    camp = dest / a.record
     camp.mkdir(parents=True, exist_ok=True)
     (camp / 'campaign.json').write_text(json.dumps(rec, indent=1, allow_nan=False) + '\n')
     bench = json.loads((a.out / 'bench.json').read_text())
     bench = fix_all(bench, commit, expected, 'bench.json')
-    (ROOT / 'nbs' / 'results' / 'bench' / f'{a.name}.json').write_text(json.dumps(bench, indent=1, allow_nan=False) + '\n')
+    (ROOT / 'nbs' / 'results' / 'bench' / f'{a.bench or a.name}.json').write_text(json.dumps(bench, indent=1, allow_nan=False) + '\n')
     for name in ('campaign.log', 'tests.log', *[str(e) for e in a.extra]):
         src = Path(name) if Path(name).is_absolute() else a.out / name
         shutil.copy(src, camp / src.name)
     sys.path.insert(0, str(ROOT))
     from proxprop_nb.campaign import summary_text
     (camp / 'summary.txt').write_text(summary_text(rec, dest) + '\n')
-    print(f'imported {len(runs)} results files of commit {commit[:12]} (sources {expected}) into {dest}')
+    print(f'imported {len(runs)} results files ({known} imported before skipped) of commit {commit[:12]} (sources {expected}) into {dest}')
 
 
 if __name__ == '__main__':

@@ -61,8 +61,8 @@ def _conv_rows(geo, single=False):
     if geo.groups == 1: return (lambda w: w.transpose(0, 1)), (lambda r: r.transpose(0, 1))
     return None, None  # grouped transposed: one row
 
-def _conv_operator(x, weight, bias:bool, geo, beta, single=False):
-    "(apply_M, to_rows, from_rows): M = phi* phi + beta I on row lists, and the maps between (weight, bias) and row lists"
+def _conv_operator(x, weight, bias:bool, geo, beta, single=False, reducer=None):
+    "(apply_M, to_rows, from_rows): M = phi* phi + beta I on row lists (phi* phi summed over processes by `reducer`), and the maps between (weight, bias) and row lists"
     rows, unrows = _conv_rows(geo, single)
     def to_rows(W, b):
         if rows: return [rows(W)] + ([b] if bias else [])
@@ -72,12 +72,13 @@ def _conv_operator(x, weight, bias:bool, geo, beta, single=False):
         return W, ((P[1] if rows else P[1].view(-1)) if bias else None)
     def apply_M(P):
         _, gw, gb = conv_backward(conv_forward(x, *from_rows(P), geo), x, weight, geo, (False, True, bias))
-        return [a + beta * q for a, q in zip(to_rows(gw, gb), P)]
+        AtAP = to_rows(gw, gb) if reducer is None else reducer.all_reduce_list_(to_rows(gw, gb))
+        return [a + beta * q for a, q in zip(AtAP, P)]
     return apply_M, to_rows, from_rows
 
-def _conv_matrix_free(x, weight, bias, geo, spec, grad):
+def _conv_matrix_free(x, weight, bias, geo, spec, grad, reducer=None):
     "CG on (phi* phi + beta I) D = grad with phi the convolution and phi* its weight gradient"
-    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta, single=spec.cg_variant == 'official')
+    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta, spec.cg_variant == 'official', reducer)
     cg = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
     return (*from_rows(cg.solution), SolveInfo.of('matrix_free', cg, x.dtype))
 
@@ -287,10 +288,11 @@ def _combine(route:str, results:list, dtype) -> SolveInfo:
                                                               else torch.stack([torch.as_tensor(v) for v in vs]).max())
     return SolveInfo(route, top([r.iterations for r in cg]), top([r.residual for r in cg]), dtype)
 
-def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None):
-    "Exact or CG step on the patch Gram matrices, one per group"
+def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
+    "Exact or CG step on the patch Gram matrices, one per group; with a `reducer` they are summed over processes first"
     bias = gb is not None
-    G = conv_gram(x, ksize, geo, bias, spec.beta, chooser=chooser)
+    G = conv_gram(x, ksize, geo, bias, spec.beta if reducer is None else 0., chooser=chooser)
+    if reducer is not None: reducer.all_reduce_(G); G.diagonal(dim1=1, dim2=2).add_(spec.beta)
     M, Mg = gw.shape[0], gw.shape[0] // geo.groups
     rhs = torch.cat([gw.reshape(M, -1), gb[:, None]], 1) if bias else gw.reshape(M, -1)
     D, results = torch.empty_like(rhs), []

@@ -16,6 +16,7 @@ import torch
 
 from .data import Cifar10, Cifar10NotFoundError, load_cifar10
 from .runfiles import read_json
+from .distributed import data_parallel
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device, _data_key, _done,
                                _device_problem, _prepare_out)
 
@@ -363,19 +364,25 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     try: cfgs = experiment_configs(a.experiment, **kw)
     except ValueError as e: p.error(str(e))
     out = a.out or Path('proxprop-results')/(a.experiment + ('-quick' if a.quick else ''))
-    print(f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, device {a.device or default_device()}, '
-          f'CPU threads: {torch.get_num_threads()}\nresults: {out.resolve()}', flush=True)
-    try: _prepare_out(out, 'proxprop-experiment')  # a results folder that cannot take files fails now, not after an epoch
-    except OSError as e: p.exit(1, f'proxprop-experiment: error: {e.strerror or e}\n')
+    dp = data_parallel(a.device)  # torchrun: one process per device, each its share of every minibatch; rank 0 reports
+    say = print if dp.main else (lambda *args, **kw: None)
+    say(f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, device {a.device or default_device()}, '
+        f'CPU threads: {torch.get_num_threads()}' + (f', {dp.world} processes' if dp.world > 1 else '') + f'\nresults: {out.resolve()}', flush=True)
+    if dp.main:
+        try: _prepare_out(out, 'proxprop-experiment')  # a results folder that cannot take files fails now, not after an epoch
+        except OSError as e: p.exit(1, f'proxprop-experiment: error: {e.strerror or e}\n')
     data = None
     if any(not _is_done(c, out) for c in cfgs):
+        if not dp.main: dp.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
         try: data = load_cifar10(a.data)
         except (Cifar10NotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment: error: {e}\n')
-    rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress, print, **kw)
+        finally:
+            if dp.main: dp.barrier()
+    rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main, say if dp.main else None, **kw)
     tidy = [_row(r) for r in rows if r['status'] in ('finished', 'diverged')]
-    print(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
+    say(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
     other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
-    for r in other: print(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
+    for r in other: say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
     return 1 if any(r['status'] == 'error' for r in other) else 0
 
 # %% ../nbs/05_experiments.ipynb #c045

@@ -15,14 +15,22 @@ from torch.autograd.function import once_differentiable
 
 from .solvers import ProxSpec, SolveInfo, check_prox_args, block_cg, dense_solve, work_dtype
 from .linear import prox_linear
-from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward
+from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, _conv_grads
+from .distributed import check_distributed, global_context, defer_step
 
 # %% auto #0
-__all__ = ['PROX_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d',
+__all__ = ['PROX_ARGS', 'DIST_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d',
            'proxprop_module', 'proxpropify', 'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
+DIST_ARGS = {'distributed': 'mode', 'distributed_route': 'route'}  # data-parallel settings: 'auto' by default
+
+def _is_dtensor(t) -> bool:
+    "Whether `t` is a torch.distributed DTensor (FSDP2's sharded parameters are)"
+    if not torch.distributed.is_available(): return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 def _solved(layer, info:SolveInfo):
     "Record how `layer`'s step was solved (not while torch.compile traces the backward: a graph holds no records)"
@@ -50,9 +58,23 @@ class ProxPropMixin:
 
     def __getattr__(self, name):
         if name in PROX_ARGS and '_prox' in self.__dict__: return self.__dict__['_prox'][name]
+        if name in DIST_ARGS: return self.__dict__.get('_' + name, 'auto')
         return super().__getattr__(name)
 
+    def _global(self):
+        "The collectives of this forward's global data-parallel step (under DistributedDataParallel), or None"
+        mode = self.__dict__.get('_distributed', 'auto')
+        if mode == 'local' or self._spec.kind == 'gradient' or not torch.is_grad_enabled(): return None
+        return global_context(self, mode)
+
     def __setattr__(self, name, value):
+        if name in DIST_ARGS:
+            check_distributed(**{**dict(mode=self.distributed, route=self.distributed_route), DIST_ARGS[name]: value})
+            object.__setattr__(self, '_' + name, value); return
+        if isinstance(value, torch.Tensor) and _is_dtensor(value):
+            raise TypeError(f"{type(self).__name__}: ProxProp layers take plain tensors as parameters, not DTensors: FSDP2 "
+                            "(fully_shard) and tensor parallelism are not supported. Use DistributedDataParallel, under which "
+                            "ProxProp takes the step of the whole batch (see the data-parallel chapter)")
         if name in PROX_ARGS and '_prox' in self.__dict__:
             spec = check_prox_args(**{**self._prox, name: value})
             self._check_supported(spec)
@@ -64,7 +86,8 @@ class ProxPropMixin:
         return f"{super().extra_repr()}, tau_prox={p['tau_prox']}, optimization_mode={p['optimization_mode']!r}" + (
             f", cg_tol={p['cg_tol']}" if self._spec.kind == 'cg' else '') + (
             f", cg_variant={p['cg_variant']!r}" if p['cg_variant'] != 'textbook' else '') + (
-            f", solver={p['solver']!r}" if p['solver'] != 'auto' else '')
+            f", solver={p['solver']!r}" if p['solver'] != 'auto' else '') + ''.join(
+            f", {k}={self.__dict__['_' + k]!r}" for k in DIST_ARGS if self.__dict__.get('_' + k, 'auto') != 'auto')
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + 'tau_prox', None)  # the official code kept tau_prox as a buffer; ours is a setting
@@ -78,10 +101,10 @@ def _amp_off(t):
     return contextlib.nullcontext()  # nothing to switch off: no autocast context's cost on every backward
 
 class _ProxFn(torch.autograd.Function):
-    "Shared context of the Linear and convolution functions: inputs (x, weight, bias, *geometry, spec, layer)"
+    "Shared context of the Linear and convolution functions: inputs (x, weight, bias, *geometry, spec, layer, collectives or None)"
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer = inputs
+        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.dist = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
 
@@ -90,7 +113,7 @@ class _ProxFn(torch.autograd.Function):
 
 class _ProxLinearFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, spec, layer): return F.linear(x, weight, bias)
+    def forward(x, weight, bias, spec, layer, dist): return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -100,15 +123,19 @@ class _ProxLinearFn(_ProxFn):
         with _amp_off(g):
             if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)  # in the forward's dtype, as autograd
             if _ProxFn.needs_param_grad(ctx):
-                gw, gb, info = prox_linear(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), ctx.has_bias, ctx.spec)
-                _solved(ctx.layer, info)
+                x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+                if ctx.dist is None: gw, gb, info = prox_linear(x2, g2, ctx.has_bias, ctx.spec); _solved(ctx.layer, info)
+                else:  # data-parallel: the plain local gradient for DDP to average; the global step follows its reduction
+                    wd = work_dtype(x.dtype, g.dtype)
+                    gw, gb = g2.to(wd).T @ x2.to(wd), (g2.to(wd).sum(0) if ctx.has_bias else None)
+                    defer_step(ctx.layer, ctx.dist, ctx.spec, x2, g2)
                 gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 # %% ../nbs/02_layers.ipynb #c008
 class ProxPropLinearBase(ProxPropMixin):
     "ProxProp behaviour of nn.Linear and its subclasses"
-    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self)
+    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self, self._global())
 
 class ProxPropLinear(ProxPropLinearBase, nn.Linear):
     "`nn.Linear` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad"
@@ -162,7 +189,7 @@ class SolveStats:
 # %% ../nbs/02_layers.ipynb #c021
 class _ProxConvFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, geo, spec, layer): return conv_forward(x, weight, bias, geo)
+    def forward(x, weight, bias, geo, spec, layer, dist): return conv_forward(x, weight, bias, geo)
 
     @staticmethod
     @once_differentiable
@@ -172,11 +199,15 @@ class _ProxConvFn(_ProxFn):
         with _amp_off(g):
             if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
                 gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
-                return gx.to(x.dtype), None, None, None, None, None
-            gx, gw, gb, info = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
-            _solved(ctx.layer, info)
+                return gx.to(x.dtype), None, None, None, None, None, None
+            if ctx.dist is None:
+                gx, gw, gb, info = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
+                _solved(ctx.layer, info)
+            else:  # data-parallel: the plain local gradient for DDP to average; the global step follows its reduction
+                gx, gw, gb = _conv_grads(x, g.contiguous(), weight, geo, ctx.needs_input_grad[0], ctx.has_bias, work_dtype(x.dtype, g.dtype))
+                defer_step(ctx.layer, ctx.dist, ctx.spec, x, g.contiguous(), geo)
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
-                (gb.to(weight.dtype) if gb is not None else None), None, None, None)
+                (gb.to(weight.dtype) if gb is not None else None), None, None, None, None)
 
 # %% ../nbs/02_layers.ipynb #c022
 _MAX_DENSE = 4096  # largest number of unknowns per row for which an exact step forms the operator column by column
@@ -202,7 +233,7 @@ class _ProxConvMixin(ProxPropMixin):
             op = self._output_padding(input, output_size, list(self.stride), list(self.padding), list(self.kernel_size), D, list(self.dilation))
             geo = ConvGeometry(geo.stride, geo.padding, geo.dilation, True, tuple(op), geo.groups)
         elif output_size is not None: raise TypeError('output_size is only accepted by transposed convolutions')
-        return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self)
+        return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self, self._global())
 
 # %% ../nbs/02_layers.ipynb #c024
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
@@ -278,6 +309,9 @@ class _ProxGenericMixin(ProxPropMixin):
     def forward(self, input, *args, **kwargs):
         if self.__dict__.get('_prox_bypass') or not torch.is_grad_enabled(): return super().forward(input, *args, **kwargs)
         if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass more)')
+        if self._global() is not None:
+            raise NotImplementedError(f"{type(self).__name__}: the global data-parallel step covers Linear and convolution layers; "
+                                      "set distributed='local' on this layer (its step then uses each process's own batch)")
         return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
 
 # %% ../nbs/02_layers.ipynb #c034
@@ -363,10 +397,12 @@ def proxpropify(model:nn.Module, # the model to convert in place
                 types:tuple|None=None, # module classes to convert (exact type match); None: (nn.Linear, nn.Conv2d)
                 exclude=(), # module names (as in named_modules) or module instances to leave explicit
                 last_explicit:bool=False, # leave the last layer to be converted explicit (eq. 12)
+                distributed:str='auto', # under DistributedDataParallel: 'auto'/'global' the step of the whole batch, 'local' each process's own
                ) -> nn.Module: # the same model, converted
     "Swap the Linear/Conv layers of `model` for ProxProp twins in place, sharing their parameters"
     prox = dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol, cg_variant=cg_variant, solver=solver)
     check_prox_args(**prox)
+    check_distributed(distributed)
     kinds = (nn.Linear, nn.Conv2d) if types is None else (types,) if isinstance(types, type) else tuple(types)
     names = {e for e in exclude if isinstance(e, str)}
     unknown = names - {n for n, _ in model.named_modules()}
@@ -375,7 +411,11 @@ def proxpropify(model:nn.Module, # the model to convert in place
     eligible = [n for n, m in model.named_modules() if n and type(m) in kinds and n not in names and id(m) not in ids]
     if last_explicit and eligible: names.add(eligible[-1])
     pick = lambda n, m: type(m) in kinds and n not in names and id(m) not in ids
-    _swap(model, pick, lambda m: _twin(m, proxprop_module(type(m)), **prox))
+    def convert(m):
+        twin = _twin(m, proxprop_module(type(m)), **prox)
+        if distributed != 'auto': twin.distributed = distributed
+        return twin
+    _swap(model, pick, convert)
     return model
 
 def unproxpropify(model:nn.Module, # a model with ProxProp layers

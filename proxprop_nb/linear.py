@@ -134,9 +134,16 @@ def _linear_dual(x, g, bias, spec):
         y = Kinv @ g
     return y.T @ x, (y.sum(0) if bias else None), info
 
-def _linear_primal(x, g, bias, spec):
-    G = linear_primal_gram(x, bias, spec.beta)
-    rhs = torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x
+def _rhs(x, g, bias, grad):
+    "The right-hand side [grad_W | grad_b]: from x and g, or as given (the averaged gradient of a data-parallel step)"
+    if grad is not None: return torch.cat([grad[0], grad[1][:, None]], 1) if bias else grad[0]
+    return torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x
+
+def _linear_primal(x, g, bias, spec, reducer=None, grad=None):
+    "The primal route; with a `reducer` the Gram matrix is summed over processes first (a data-parallel step)"
+    G = linear_primal_gram(x, bias, spec.beta if reducer is None else 0.)
+    if reducer is not None: reducer.all_reduce_(G); G.diagonal().add_(spec.beta)
+    rhs = _rhs(x, g, bias, grad)
     if spec.kind == 'cg':
         cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant)
         D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
@@ -145,12 +152,15 @@ def _linear_primal(x, g, bias, spec):
         info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype)
     return (*_split(D, x.shape[1], bias), info)
 
-def _linear_matrix_free(x, g, bias, spec):
+def _linear_matrix_free(x, g, bias, spec, reducer=None, grad=None):
+    "CG on products with A; with a `reducer` each product A^T A P is summed over processes (one all-reduce per iteration)"
     def apply_M(P):
         z = x @ P[0].T
         if bias: z = z + P[1]
-        return [z.T @ x + spec.beta * P[0]] + ([z.sum(0) + spec.beta * P[1]] if bias else [])
-    rhs = [g.T @ x] + ([g.sum(0)] if bias else [])
+        AtAP = [z.T @ x] + ([z.sum(0)] if bias else [])
+        if reducer is not None: AtAP = reducer.all_reduce_list_(AtAP)
+        return [a + spec.beta * p for a, p in zip(AtAP, P)]
+    rhs = list(grad[:1 + bias]) if grad is not None else [g.T @ x] + ([g.sum(0)] if bias else [])
     cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
     return cg.solution[0], (cg.solution[1] if bias else None), SolveInfo.of('matrix_free', cg, x.dtype)
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import proxprop_nb
 from .solvers import check_prox_args, parse_mode
 from .layers import proxpropify, ProxPropMixin, SolveStats
+from .distributed import DataParallel, data_parallel
 from .models import MLP_SIZES, mlp, CONVNET_CHANNELS, convnet, OPTIMIZERS, make_optimizer
 from .data import Cifar10, load_cifar10, minibatches, N_VAL
 from .runfiles import (write_json, read_json, environment, source_hash, save_checkpoint, load_checkpoint, RunFileError,
@@ -198,18 +199,20 @@ def train_epoch(model:nn.Module, # the model, in training mode
                 generator:torch.Generator, # the random source of the minibatch order
                 bar=None, # a tqdm bar to advance with the live loss, or None
                 solves:SolveStats|None=None, # collects the layers' `last_solve` after every step, or None
+                dp:DataParallel|None=None, # several processes: `model` is DDP-wrapped and each takes its share of every minibatch
                ) -> tuple: # (mean minibatch loss, None), or (the bad loss, its step) on divergence
     "One pass of minibatch steps over shuffled (x, y), stopping at the first non-finite loss"
-    total, n = 0.0, 0
+    total, n, world = 0.0, 0, dp.world if dp is not None else 1
     for step, (xb, yb) in enumerate(minibatches(x, y, batch_size, generator=generator)):
+        if world > 1: xb, yb = dp.shard(xb), dp.shard(yb)
         loss = F.cross_entropy(model(xb), yb)
-        value = loss.item()
+        value = loss.item() if world == 1 else dp.sum(loss.item())[0] / world  # the whole minibatch's mean, on every process
         if not math.isfinite(value): return value, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if solves is not None: solves.add()
         opt.step()
-        total, n = total + value * len(yb), n + len(yb)
+        total, n = total + value * len(yb) * world, n + len(yb) * world
         if bar is not None: bar.set_postfix_str(f'loss {value:.4g}', refresh=False); bar.update(1)
     return total / n, None
 
@@ -348,40 +351,61 @@ def train(cfg:RunConfig, # the run's configuration
           meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
           eval_batch_size:int=1000 # chunk size of the evaluations
          ) -> dict: # the results record (status 'finished', 'diverged', 'stopped', or 'running elsewhere')
-    "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
+    "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results. Under torchrun (or an initialised process group) every process trains its share of each minibatch under DDP and rank 0 alone writes"
     device, log = _check_device(device), log or (lambda s: None)
+    dp = data_parallel(device)
+    if not dp.main: log, progress = (lambda s: None), False
     path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
-    if path is not None and (r := _done(path, cfg, data)) is not None:
-        log(f'{r["name"]}: already {r["status"]} in {path.parent}, skipped'); return r
+    if not dp.main: dp.barrier()  # rank 0 first: it tidies damaged or stale files and takes the run lock
+    r = _done(path, cfg, data) if path is not None else None
     lock = None
-    if path is not None:
+    if r is None and path is not None and dp.main:
         _prepare_out(path.parent, run_name(cfg))
         lock = _lock(path.parent, run_name(cfg))
-        if isinstance(lock, dict):
-            log(f"{run_name(cfg)}: running in another process ({lock}), skipped")
-            return dict(name=run_name(cfg), status='running elsewhere', holder=lock, config=cfg.to_dict())
-    try: return _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size)
+    if dp.main: dp.barrier()
+    if r is not None: log(f'{r["name"]}: already {r["status"]} in {path.parent}, skipped'); return r
+    if dp.sum(float(isinstance(lock, dict)))[0]:  # every process follows rank 0
+        log(f"{run_name(cfg)}: running in another process ({lock}), skipped")
+        return dict(name=run_name(cfg), status='running elsewhere', holder=lock if dp.main else None, config=cfg.to_dict())
+    try: return _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size, dp)
     finally:
         if lock is not None: lock.unlink(missing_ok=True)
 
-def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size):
+def _check_shards(cfg, n_train:int, dp:DataParallel):
+    "Every minibatch of the run must split into equal shares (the global ProxProp step needs equal local batches)"
+    last = n_train % cfg.batch_size
+    if cfg.batch_size % dp.world or last % dp.world:
+        raise ValueError(f"batch_size={cfg.batch_size} with {n_train} training images gives minibatches of {cfg.batch_size}"
+                         + (f" and {last}" if last else '') + f" samples, which do not split evenly over {dp.world} processes: "
+                         "choose a batch size (and n_train) divisible by the number of processes")
+
+def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size, dp=DataParallel()):
     d = _data_for(data, cfg, device)
+    if dp.world > 1: _check_shards(cfg, len(d.x_train), dp)
     model = build_model(cfg).to(device)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+    if not dp.main: dp.barrier()  # rank 0 reads (or moves aside) the checkpoint first
     h, first, started, resumed = _start(cfg, model, opt, d, device, ckpt, eval_batch_size)
-    status, diverged_at = _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after,
-                                eval_batch_size, deadline)
+    if dp.main: dp.barrier()
+    net = model
+    if dp.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == 'cuda' else None)
+    status, diverged_at = _loop(cfg, model, opt, d, device, h, first, ckpt if dp.main else None, started, resumed, progress, log,
+                                stop_after, eval_batch_size, deadline, net, dp)
     if status == 'stopped': return dict(name=run_name(cfg), status='stopped', epochs_done=h['epoch'][-1], history=h,
                                         config=cfg.to_dict(), checkpoint=str(ckpt) if ckpt is not None else None)
     test = evaluate(model, d.x_test, d.y_test, eval_batch_size) if status == 'finished' else (None, None)
     r = _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta)
-    if path is not None:
+    if dp.world > 1: r['data_parallel'] = dict(processes=dp.world, backend=torch.distributed.get_backend())
+    if path is not None and dp.main:
         write_json(path, r)
         if ckpt.exists(): ckpt.unlink()
     return _json_safe(r)  # what the file holds
 
 # %% ../nbs/04_train.ipynb #c045
-def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None):
+def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None, net=None,
+          dp=DataParallel()):
     "Run epochs first..cfg.epochs; return (status, diverged_at)"
     name, steps, solves = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size), SolveStats(model)
     if not math.isfinite(h['train_loss'][-1]): return 'diverged', dict(epoch=h['epoch'][-1], step=None, where='full-batch loss')
@@ -389,11 +413,13 @@ def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress
               file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
         for epoch in range(first, cfg.epochs + 1):
             if stop_after is not None and epoch - first >= stop_after: return 'stopped', None
-            if deadline is not None and h['epoch'][-1] >= 1 and time.time() + h['train_time'][-1] + h['eval_time'][-1] > deadline:
+            late = deadline is not None and h['epoch'][-1] >= 1 and time.time() + h['train_time'][-1] + h['eval_time'][-1] > deadline
+            if dp.sum(float(late))[0]:  # one decision for all processes
                 log(f'{name}: stopped before epoch {epoch}, which would end after the deadline; the checkpoint resumes it')
                 return 'stopped', None
             _sync(device); t0 = time.perf_counter()
-            mb, bad = train_epoch(model, opt, d.x_train, d.y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), bar, solves)
+            mb, bad = train_epoch(net or model, opt, d.x_train, d.y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), bar,
+                                  solves, dp)
             _sync(device); t = time.perf_counter() - t0
             if bad is not None:
                 log(f'{name}: diverged in epoch {epoch}, step {bad} (minibatch loss {mb})')
