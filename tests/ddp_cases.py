@@ -101,6 +101,15 @@ def run(rank, world):
     # 3. gradient accumulation over two backward passes
     got, _ = ddp_step('convnet', 'cg3', rank, world, steps=2)
     out['equal/accumulate'] = dict(rel=rel(got, reference('convnet', 'cg3', steps=2)))
+    # 3b. torch.compile around DDP and DDP around torch.compile give the same global step
+    for how in ('compile(ddp)', 'ddp(compile)'):
+        model, shape = make('mlp', 'cg3')
+        d = torch.compile(DDP(model)) if how == 'compile(ddp)' else DDP(torch.compile(model))
+        X, y = data(shape)
+        n = N // world
+        F.cross_entropy(d(X[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+        out[f'equal/{how}'] = dict(rel=rel(grads(model), reference('mlp', 'cg3')),
+                                   routes=sorted({m.last_route for m in model.modules() if isinstance(m, ProxPropMixin)}))
     # 4. DDP still broadcasts rank 0's initial parameters
     model, _ = make('mlp', 'exact', seed=100 + rank)
     DDP(model)
