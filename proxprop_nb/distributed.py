@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -28,9 +29,9 @@ class Collectives:
     def __init__(self, group=None): # the process group (None: the default group)
         self.group, self.world = group, dist.get_world_size(group)
 
-    def all_reduce_(self, t:torch.Tensor) -> torch.Tensor:
-        "Sum `t` over the processes, in place"
-        dist.all_reduce(t, group=self.group)
+    def all_reduce_(self, t:torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        "Sum `t` over the processes (or reduce it by `op`), in place"
+        dist.all_reduce(t, op=op, group=self.group)
         return t
 
     def all_reduce_list_(self, ts:list) -> list:
@@ -121,11 +122,19 @@ def global_context(layer, # the ProxProp layer running its forward
     if ddp is None:
         if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global', but this forward does not run inside "
                                                 "DistributedDataParallel: wrap the model in it (DDP averages the gradients the global step starts from)")
+        global _WARNED_OUTSIDE
+        if not _WARNED_OUTSIDE and dist.get_world_size() > 1:
+            _WARNED_OUTSIDE = True
+            warnings.warn(f"{type(layer).__name__}: a forward with gradients in a group of {dist.get_world_size()} processes, but not "
+                          "inside DistributedDataParallel (or inside it where DDP does not mark its forward, as in reentrant "
+                          "checkpointing): ProxProp steps with this process's batch alone there. Wrap the model in DDP for the "
+                          "global step, or set distributed='local' on the layers to say that this is meant", RuntimeWarning, stacklevel=3)
         return None
     if not ddp.require_backward_grad_sync:
         raise RuntimeError(f"{type(layer).__name__}: inside DistributedDataParallel.no_sync() the gradients are not averaged, so the "
-                           "global ProxProp step cannot be formed. Take one larger batch per step instead of accumulating, or set "
-                           "distributed='local' on the ProxProp layers (each process then preconditions with its own batch)")
+                           "global ProxProp step cannot be formed. Accumulate without no_sync() (each backward pass then reduces "
+                           "and adds its global step), take one larger batch per step, or set distributed='local' on the ProxProp "
+                           "layers (each process then preconditions with its own batch)")
     if ddp._join_config.enable:
         raise RuntimeError(f"{type(layer).__name__}: DistributedDataParallel.join() (uneven inputs) is not supported by the global "
                            "ProxProp step: give every process the same number of equal batches (e.g. DistributedSampler with "
@@ -133,6 +142,7 @@ def global_context(layer, # the ProxProp layer running its forward
     world = dist.get_world_size(ddp.process_group)
     return None if world == 1 else _collectives(ddp.process_group, world)
 
+_WARNED_OUTSIDE = False  # the warning above is given once per process
 _COLLECTIVES = {}
 def _collectives(group, world) -> Collectives:
     key = id(group)
@@ -151,58 +161,78 @@ class _Pending:
     old: tuple  # (.grad of weight, of bias) before this backward, or None
     geo: ConvGeometry|None = None  # convolutions only
 
-_PENDING = []
+_PENDING = {}  # the running backward pass (its autograd graph task) -> its queued layer calls
+_task_id = getattr(torch._C, '_current_graph_task_id', lambda: 0)
 
-def defer_step(layer, coll:Collectives, spec:ProxSpec, x:torch.Tensor, g:torch.Tensor, geo:ConvGeometry|None=None):
+def defer_step(layer, # the ProxProp layer whose backward is running
+               coll:Collectives, # the collectives of its process group
+               spec:ProxSpec, # the layer's step settings
+               x:torch.Tensor, # its local inputs: 2-D rows for Linear, the input as the convolution sees it
+               g:torch.Tensor, # the gradient of this process's loss with respect to the layer's output
+               geo:ConvGeometry|None=None, # the convolution's geometry; None for Linear
+              ):
     "Queue the global step of one layer call (called from its backward, which returns the plain local gradient)"
+    task = _task_id()
+    if task not in _PENDING:  # the first ProxProp call of this backward pass
+        _PENDING.clear()  # calls of a backward pass that raised before its end: that pass is over
+        _PENDING[task] = []
+        torch.autograd.Variable._execution_engine.queue_callback(partial(_after_graph, task))
     params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
     old = tuple(None if p.grad is None else p.grad.detach().clone() for p in params)
-    if not _PENDING: torch.autograd.Variable._execution_engine.queue_callback(_after_graph)
-    _PENDING.append(_Pending(layer, coll, spec, x.detach(), g.detach(), old, geo))
+    _PENDING[task].append(_Pending(layer, coll, spec, x.detach(), g.detach(), old, geo))
 
-def _after_graph():
+def _after_graph(task):
     "First end-of-backward callback: DDP's may still be queued after this one, so go to the back of the queue"
-    torch.autograd.Variable._execution_engine.queue_callback(global_steps)
+    torch.autograd.Variable._execution_engine.queue_callback(partial(global_steps, task))
 
 # %% ../nbs/02a_distributed.ipynb #c018
-def _check_batches(coll:Collectives, n:int, device):
-    "Refuse unequal local batches, on every process at once (the sums of n and n^2 tell)"
-    t = coll.all_reduce_(torch.tensor([float(n), float(n) ** 2], dtype=torch.float64, device=device))
-    if coll.world * t[1] != t[0] ** 2:
-        sizes = f'{t[0].item() / coll.world:g} on average'
+def _check_calls(coll:Collectives, calls:list):
+    "Refuse, on every process at once, unequal local batches or layer calls that differ between the processes"
+    n = calls[0].x.shape[0]
+    sig = hash(tuple((tuple(p.x.shape), tuple(p.g.shape)) for p in calls)) & (2**47 - 1)  # same calls, same shapes
+    t = coll.all_reduce_(torch.tensor([n, -n, sig, -sig], dtype=torch.int64, device=calls[0].x.device), op=dist.ReduceOp.MAX)
+    if t[0] != -t[1]:
         raise RuntimeError(f"ProxProp's global step needs equal local batches on every process (DDP averages the local mean "
-                           f"gradients, which is the global mean only then); this step has local batches of {n} here and "
-                           f"{sizes}: use DistributedSampler with drop_last=True, or set distributed='local'")
+                           f"gradients, which is the global mean only then); this step has local batches from {-t[1].item()} to "
+                           f"{t[0].item()}: use DistributedSampler with drop_last=True, or set distributed='local'")
+    if t[2] != -t[3]:
+        raise RuntimeError("ProxProp's global step needs the same ProxProp layer calls, with inputs of the same shapes, on every "
+                           "process; in this step they differ (a layer skipped or called more often on some process, or inputs "
+                           "of other sizes): make every process run the same layers on equally shaped inputs, or set "
+                           "distributed='local' on the layers that differ")
 
-def global_steps():
-    "Replace the averaged gradient of each queued layer call by its global proximal step (end of the backward pass)"
-    todo = list(_PENDING); _PENDING.clear()
-    checked = set()
-    calls = {}
-    for p in todo: calls[id(p.layer)] = calls.get(id(p.layer), 0) + 1
-    for p in todo:
-        if id(p.coll) not in checked: _check_batches(p.coll, p.x.shape[0], p.x.device); checked.add(id(p.coll))
+def global_steps(task=None): # the backward pass (autograd graph task) whose calls to step
+    "The end-of-backward callback `defer_step` queues: replace each queued layer call's averaged gradient by its global step"
+    todo = _PENDING.pop(task, [])
+    groups = {}
+    for p in todo: groups.setdefault(id(p.coll), []).append(p)
+    for calls in groups.values(): _check_calls(calls[0].coll, calls)
+    n_calls = {}
+    for p in todo: n_calls[id(p.layer)] = n_calls.get(id(p.layer), 0) + 1
     done = {}
     for p in todo:
         layer = p.layer
         params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-        shared = calls[id(layer)] > 1  # a layer called more than once: each call's averaged gradient is not known apart
+        shared = n_calls[id(layer)] > 1  # a layer called more than once: each call's averaged gradient is not known apart
+        frozen = any(q.grad is None for q in params)  # weight or bias not trained: its averaged gradient is missing
         if id(layer) not in done:
-            avg = [q.grad - o if o is not None else q.grad for q, o in zip(params, p.old)]
-            done[id(layer)] = [torch.zeros_like(q.grad) for q in params] if shared else None
+            avg = None if frozen or shared else [q.grad - o if o is not None else q.grad for q, o in zip(params, p.old)]
+            done[id(layer)] = [torch.zeros_like(q.detach()) for q in params] if shared else None
         else: avg = None
-        W, b, info = _step(p, avg, 'gather' if shared else layer.__dict__.get('_distributed_route', 'auto'))
+        W, b, info = _step(p, avg, 'gather' if shared or frozen else layer.__dict__.get('_distributed_route', 'auto'))
         D = [W] + ([b] if b is not None else [])
         if shared:
             for acc, d in zip(done[id(layer)], D): acc.add_(d.to(acc.dtype))
         else:
-            for q, o, d in zip(params, p.old, D): q.grad.copy_(d if o is None else o + d.to(o.dtype))
+            for q, o, d in zip(params, p.old, D):
+                if q.grad is not None: q.grad.copy_(d if o is None else o + d.to(o.dtype))
         _record(layer, info)
     for p in todo:  # layers called more than once: the sum of their calls' steps
         acc = done.pop(id(p.layer), None)
         if acc is not None:
             params = [p.layer.weight] + ([p.layer.bias] if p.layer.bias is not None else [])
-            for q, o, a in zip(params, p.old, acc): q.grad.copy_(a if o is None else o + a)
+            for q, o, a in zip(params, p.old, acc):
+                if q.grad is not None: q.grad.copy_(a if o is None else o + a)
 
 def _record(layer, info):
     from proxprop_nb.layers import _solved
@@ -241,16 +271,19 @@ def _step(p:_Pending, avg, forced:str) -> tuple:
 @dataclass(frozen=True)
 class DataParallel:
     "The data-parallel setting of this process: its rank among `world` processes (world 1: a single process)"
-    rank: int = 0
-    world: int = 1
-    group: object = None
+    rank: int = 0 # this process's rank in `group`
+    world: int = 1 # the number of processes
+    group: object = None # the process group (None: the default one)
 
     @property
-    def main(self) -> bool: return self.rank == 0
+    def main(self) -> bool:
+        "Whether this is rank 0, the process that writes results, checkpoints and logs"
+        return self.rank == 0
 
     def shard(self, t:torch.Tensor) -> torch.Tensor:
         "This process's share of a minibatch: equal contiguous shares in rank order (refused if the batch does not split evenly)"
-        if len(t) % self.world: raise ValueError(f'a minibatch of {len(t)} samples does not split evenly over {self.world} processes')
+        if len(t) % self.world: raise ValueError(f'a minibatch of {len(t)} samples does not split evenly over {self.world} processes: '
+                                                 f'choose a batch size (and training set size) divisible by {self.world}')
         n = len(t) // self.world
         return t[self.rank * n:(self.rank + 1) * n]
 
@@ -262,15 +295,18 @@ class DataParallel:
         return t.tolist()
 
     def barrier(self):
+        "Wait until every process has come here (nothing for a single process)"
         if self.world > 1: dist.barrier(group=self.group)
 
 def data_parallel(device=None, # 'cpu' or 'cuda': the backend (gloo or nccl) if the group is set up here
                  ) -> DataParallel:
     "This process's data-parallel setting: from an initialised process group, else from torchrun's environment, else one process"
+    # Under torchrun (WORLD_SIZE > 1) this initialises the default process group and, for CUDA, selects the GPU LOCAL_RANK.
     if dist.is_available() and dist.is_initialized(): return DataParallel(dist.get_rank(), dist.get_world_size())
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world == 1: return DataParallel()
-    if not dist.is_available(): raise RuntimeError(f'WORLD_SIZE={world} but this torch has no torch.distributed')
+    if not dist.is_available(): raise RuntimeError(f'WORLD_SIZE={world} but this torch has no torch.distributed: '
+                                                  'unset WORLD_SIZE to train as one process')
     cuda = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')).type == 'cuda'
     if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
     dist.init_process_group('nccl' if cuda else 'gloo')

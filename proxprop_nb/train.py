@@ -390,7 +390,8 @@ def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, m
     net = model
     if dp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == 'cuda' else None)
+        gpu = torch.cuda.current_device() if device.type == 'cuda' and device.index is None else device.index  # data_parallel set LOCAL_RANK's
+        net = DistributedDataParallel(model, device_ids=[gpu] if device.type == 'cuda' else None)
     status, diverged_at = _loop(cfg, model, opt, d, device, h, first, ckpt if dp.main else None, started, resumed, progress, log,
                                 stop_after, eval_batch_size, deadline, net, dp)
     if status == 'stopped': return dict(name=run_name(cfg), status='stopped', epochs_done=h['epoch'][-1], history=h,

@@ -110,6 +110,30 @@ def run(rank, world):
         F.cross_entropy(d(X[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
         out[f'equal/{how}'] = dict(rel=rel(grads(model), reference('mlp', 'cg3')),
                                    routes=sorted({m.last_route for m in model.modules() if isinstance(m, ProxPropMixin)}))
+    # 3c. a layer with a frozen bias (or weight) takes the global step of what is trained
+    for net, mode, first in (('mlp', 'exact', 0), ('convnet', 'cg3', 0)):
+        def frozen(seed=0):
+            model, shape = make(net, mode, seed)
+            model[first].bias.requires_grad_(False)
+            return model, shape
+        ref, shape = frozen(); X, y = data(shape)
+        F.cross_entropy(ref(X), y).backward()
+        model, _ = frozen(); d = DDP(model); n = N // world
+        F.cross_entropy(d(X[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+        pairs = [(a.grad, b.grad) for a, b in zip(model.parameters(), ref.parameters()) if b.grad is not None]
+        out[f'equal/frozen-bias/{net}/{mode}'] = dict(rel=rel(*zip(*pairs)), routes=[model[first].last_route],
+                                                     untouched=model[first].bias.grad is None)
+    # 3d. a backward pass that raised leaves nothing behind: the next one takes the global step again
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x): return x.clone()
+        @staticmethod
+        def backward(ctx, g): raise ValueError('boom')
+    model, shape = make('mlp', 'cg3'); d = DDP(model); X, y = data(shape); n = N // world
+    try: F.cross_entropy(d(Boom.apply(X[rank * n:(rank + 1) * n].requires_grad_())), y[rank * n:(rank + 1) * n]).backward()
+    except Exception as e: out['raised'] = str(e)
+    got, _ = ddp_step('mlp', 'cg3', rank, world)
+    out['equal/after-failed-backward'] = dict(rel=rel(got, reference('mlp', 'cg3')), pending=sum(map(len, PD._PENDING.values())))
     # 4. DDP still broadcasts rank 0's initial parameters
     model, _ = make('mlp', 'exact', seed=100 + rank)
     DDP(model)
@@ -128,7 +152,7 @@ def run(rank, world):
             sent.clear()
             _, model = ddp_step(net, mode, rank, world, route)
             spec = check_prox_args(tau_prox=0.5, **MODES[mode])
-            n, expect = N // world, 16  # 16: the check of equal local batches, once per backward
+            n, expect = N // world, 32  # 32: the check of equal batches and layer calls, once per backward
             if net == 'mlp':
                 for a, b in ((20, 16), (16, 12)): expect += linear_routes(n, a, b, True, spec, world, 8)[route]['payload']
             else:
@@ -159,6 +183,16 @@ def run(rank, world):
             if isinstance(m, ProxPropMixin): m.distributed = 'global'
         F.cross_entropy(model(X), y).backward()
     out['refuse/global_without_ddp'] = refused(forced_global_without_ddp)
+    def calls_differ():  # rank 0 calls its first ProxProp layer twice, the others once
+        class Twice(nn.Module):
+            def __init__(self, m): super().__init__(); self.m = m
+            def forward(self, x, twice):
+                h = self.m[0](x) + (self.m[0](x) if twice else 0)
+                return self.m[4](self.m[3](self.m[2](self.m[1](h))))
+        model, shape = make('mlp', 'exact'); X, y = data(shape)
+        d = DDP(Twice(model))
+        F.cross_entropy(d(X[:4], rank == 0), y[:4]).backward()
+    out['refuse/calls_differ'] = refused(calls_differ)
     def fsdp():
         from torch.distributed.fsdp import fully_shard
         model, _ = make('mlp', 'exact'); fully_shard(model)

@@ -61,6 +61,15 @@ def test_routes_are_the_ones_asked_for(results):
     assert res['equal/convnet/cg3/gram']['routes'] == ['gram'] and res['equal/otherconv/cg3/cg']['routes'] == ['cg']
 
 
+def test_frozen_bias_and_a_failed_backward(results):
+    "A layer with a frozen bias takes the global step by gathering; a backward that raised leaves nothing queued"
+    _, out = results
+    for res in out.values():
+        for k in ('equal/frozen-bias/mlp/exact', 'equal/frozen-bias/convnet/cg3'):
+            assert res[k]['untouched'] and res[k]['routes'][0].startswith('gather>'), res[k]
+        assert res['raised'] == 'boom' and res['equal/after-failed-backward']['pending'] == 0
+
+
 def test_local_mode_is_each_process_own_step(results):
     _, out = results
     assert out[0]['local/differs']['rel'] > 1e-3  # a different algorithm: what DDP gives without the global step
@@ -80,7 +89,8 @@ def test_counted_bytes_match_the_formulas(results):
 
 
 @pytest.mark.parametrize('case, words', [('unequal', 'equal local batches'), ('no_sync', 'no_sync()'), ('join', 'join()'),
-                                         ('global_without_ddp', 'DistributedDataParallel'), ('fsdp2', 'DistributedDataParallel')])
+                                         ('global_without_ddp', 'DistributedDataParallel'), ('fsdp2', 'DistributedDataParallel'),
+                                         ('calls_differ', 'same ProxProp layer calls')])
 def test_what_cannot_be_global_is_refused_everywhere(results, case, words):
     _, out = results
     for res in out.values():
