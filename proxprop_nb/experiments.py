@@ -364,7 +364,9 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     try: cfgs = experiment_configs(a.experiment, **kw)
     except ValueError as e: p.error(str(e))
     out = a.out or Path('proxprop-results')/(a.experiment + ('-quick' if a.quick else ''))
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dp = data_parallel(a.device)  # torchrun: one process per device, each its share of every minibatch; rank 0 reports
+    owned = owned and dp.world > 1  # a process group set up here is closed here
     say = print if dp.main else (lambda *args, **kw: None)
     say(f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, device {a.device or default_device()}, '
         f'CPU threads: {torch.get_num_threads()}' + (f', {dp.world} processes' if dp.world > 1 else '') + f'\nresults: {out.resolve()}', flush=True)
@@ -383,6 +385,7 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     say(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
     other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
     for r in other: say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
+    if owned: dp.barrier(); torch.distributed.destroy_process_group()  # no process leaves while another still talks to it
     return 1 if any(r['status'] == 'error' for r in other) else 0
 
 # %% ../nbs/05_experiments.ipynb #c045

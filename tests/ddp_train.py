@@ -18,4 +18,5 @@ if __name__ == '__main__':
     r = train(RunConfig(**CFG), synthetic_cifar10(n_train=64), out, 'cpu', progress=False, stop_after=stop or None)
     with open(f'{out}/rank{dp.rank}.json', 'w') as f:
         json.dump(dict(status=r['status'], history=r.get('history'), data_parallel=r.get('data_parallel'), rank=dp.rank), f)
+    torch.distributed.barrier()  # neither process leaves while the other still talks to it
     torch.distributed.destroy_process_group()
