@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .solvers import ProxSpec, SolveInfo, RouteChooser, work_dtype
 from .linear import prox_linear, linear_flops, _linear_primal, _linear_matrix_free
-from .conv import ConvGeometry, prox_conv, conv_flops, _conv_primal, _conv_matrix_free
+from .conv import ConvGeometry, prox_conv, _conv_flops, _conv_primal, _conv_matrix_free
 
 # %% auto #0
 __all__ = ['FLOPS_PER_BYTE', 'MODES', 'ROUTES', 'Collectives', 'linear_routes', 'conv_routes', 'choose_global_route',
@@ -80,8 +80,8 @@ def conv_routes(x_shape:tuple, # local input (n, C, *spatial), padded as the con
     "Flops and bytes of each data-parallel route of a convolution's proximal step"
     ksize, s, k = tuple(w_shape[2:]), itemsize, spec.n_iter
     glob = lambda shape: (shape[0] * world, *shape[1:])
-    local = conv_flops(tuple(x_shape), tuple(w_shape), tuple(g_shape), ksize, geo, spec.kind, k, spec.cg_variant)
-    single = conv_flops(glob(x_shape), tuple(w_shape), glob(g_shape), ksize, geo, spec.kind, k, spec.cg_variant)
+    local = _conv_flops(tuple(x_shape), tuple(w_shape), tuple(g_shape), ksize, geo, spec.kind, k, spec.cg_variant)
+    single = _conv_flops(glob(x_shape), tuple(w_shape), glob(g_shape), ksize, geo, spec.kind, k, spec.cg_variant)
     P = math.prod(w_shape) + (g_shape[1] if bias else 0)
     r = {'gather': dict(flops=min(single.values()), payload=(math.prod(x_shape) + math.prod(g_shape)) * s, kind='all_gather')}
     if 'primal' in local:
