@@ -5,7 +5,9 @@
 # %% ../nbs/02a_distributed.ipynb #c002
 from __future__ import annotations
 import math
+import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +21,8 @@ from .conv import ConvGeometry, prox_conv, _conv_flops, _conv_primal, _conv_matr
 
 # %% auto #0
 __all__ = ['FLOPS_PER_BYTE', 'MODES', 'ROUTES', 'Collectives', 'linear_routes', 'conv_routes', 'choose_global_route',
-           'check_distributed', 'global_context', 'defer_step', 'global_steps', 'DataParallel', 'data_parallel']
+           'check_distributed', 'global_context', 'defer_step', 'global_steps', 'DataParallel', 'data_parallel',
+           'exit_process_group']
 
 # %% ../nbs/02a_distributed.ipynb #c006
 _all_gather_single = getattr(dist, 'all_gather_single', None) or getattr(dist, 'all_gather_into_tensor', None)
@@ -140,14 +143,9 @@ def global_context(layer, # the ProxProp layer running its forward
                            "ProxProp step: give every process the same number of equal batches (e.g. DistributedSampler with "
                            "drop_last=True), or set distributed='local'")
     world = dist.get_world_size(ddp.process_group)
-    return None if world == 1 else _collectives(ddp.process_group, world)
+    return None if world == 1 else Collectives(ddp.process_group)  # no module-level reference: the group can end
 
 _WARNED_OUTSIDE = False  # the warning above is given once per process
-_COLLECTIVES = {}
-def _collectives(group, world) -> Collectives:
-    key = id(group)
-    if key not in _COLLECTIVES or _COLLECTIVES[key].group is not group: _COLLECTIVES[key] = Collectives(group)
-    return _COLLECTIVES[key]
 
 # %% ../nbs/02a_distributed.ipynb #c016
 @dataclass
@@ -205,7 +203,7 @@ def global_steps(task=None): # the backward pass (autograd graph task) whose cal
     "The end-of-backward callback `defer_step` queues: replace each queued layer call's averaged gradient by its global step"
     todo = _PENDING.pop(task, [])
     groups = {}
-    for p in todo: groups.setdefault(id(p.coll), []).append(p)
+    for p in todo: groups.setdefault(id(p.coll.group), []).append(p)
     for calls in groups.values(): _check_calls(calls[0].coll, calls)
     n_calls = {}
     for p in todo: n_calls[id(p.layer)] = n_calls.get(id(p.layer), 0) + 1
@@ -311,3 +309,16 @@ def data_parallel(device=None, # 'cpu' or 'cuda': the backend (gloo or nccl) if 
     if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
     dist.init_process_group('nccl' if cuda else 'gloo')
     return DataParallel(dist.get_rank(), dist.get_world_size())
+
+def exit_process_group(code:int=0, # this process's exit status
+                      ):
+    "Wait for every process, close the default process group, and end this process with `code` without interpreter teardown"
+    # Why, and what it costs: the section 'Ending a multi-process script' below.
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process leaves while another still talks to it
+        dist.destroy_process_group()
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try: f.flush()
+        except (OSError, ValueError): pass  # a closed or broken stream: nothing more can reach it
+    os._exit(code)

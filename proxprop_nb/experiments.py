@@ -16,7 +16,7 @@ import torch
 
 from .data import Cifar10, Cifar10NotFoundError, load_cifar10
 from .runfiles import read_json
-from .distributed import data_parallel
+from .distributed import data_parallel, exit_process_group
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device, _data_key, _done,
                                _device_problem, _prepare_out)
 
@@ -351,6 +351,8 @@ def _summary(experiment, rows) -> str:
 def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
         ) -> int:
     "The `proxprop-experiment` command: run an experiment and print where its results are and a summary"
+    # Under torchrun, where it sets up the process group itself, it closes the group and ends the process with its exit
+    # status (`exit_process_group`) instead of returning.
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['campaign']:
         from proxprop_nb.campaign import main as campaign_main
@@ -385,8 +387,9 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     say(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
     other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
     for r in other: say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
-    if owned: dp.barrier(); torch.distributed.destroy_process_group()  # no process leaves while another still talks to it
-    return 1 if any(r['status'] == 'error' for r in other) else 0
+    code = 1 if any(r['status'] == 'error' for r in other) else 0
+    if owned: exit_process_group(code)  # a group set up here is closed here; every process waits for the others first
+    return code
 
 # %% ../nbs/05_experiments.ipynb #c045
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.experiments

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import proxprop_nb.distributed as PD
 from proxprop_nb import proxpropify, proxprop_module
 from proxprop_nb.layers import ProxPropMixin
-from proxprop_nb.distributed import linear_routes, conv_routes
+from proxprop_nb.distributed import linear_routes, conv_routes, exit_process_group
 
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)
@@ -208,4 +208,4 @@ if __name__ == '__main__':
     try: result = run(rank, world)
     except Exception: result = {'crash': traceback.format_exc()}
     with open(path, 'w') as f: json.dump(result, f, indent=1)
-    dist.destroy_process_group()
+    exit_process_group()

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from proxprop_nb.train import RunConfig, train, synthetic_cifar10
-from proxprop_nb.distributed import data_parallel
+from proxprop_nb.distributed import data_parallel, exit_process_group
 
 CFG = dict(sizes=(192, 32, 16, 10), batch_size=16, epochs=3, lr=1.0, optimization_mode='prox_cg3', tau_prox=0.5)
 
@@ -18,5 +18,4 @@ if __name__ == '__main__':
     r = train(RunConfig(**CFG), synthetic_cifar10(n_train=64), out, 'cpu', progress=False, stop_after=stop or None)
     with open(f'{out}/rank{dp.rank}.json', 'w') as f:
         json.dump(dict(status=r['status'], history=r.get('history'), data_parallel=r.get('data_parallel'), rank=dp.rank), f)
-    torch.distributed.barrier()  # neither process leaves while the other still talks to it
-    torch.distributed.destroy_process_group()
+    exit_process_group()  # waits for the other process, closes the group, ends without interpreter teardown

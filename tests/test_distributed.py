@@ -40,6 +40,7 @@ def results(request, tmp_path_factory):
         assert f.is_file(), logs[r][-3000:]
         out[r] = json.loads(f.read_text())
         assert 'crash' not in out[r], out[r].get('crash')
+    assert [p.returncode for p in procs] == [0] * world, '\n'.join(l[-3000:] for l in logs)  # a clean end, on every process
     return world, out
 
 
@@ -130,3 +131,30 @@ def test_training_on_two_processes_gives_the_one_process_losses(tmp_path):
         assert a[0] == b[0] or key == 'minibatch_loss'  # epoch 0: the same initial model
         assert max(abs(x - y) / abs(y) for x, y in zip(a[1:], b[1:])) < 1e-4, (key, a, b)  # float32, summed in another order
     assert again[0]['history']['train_loss'] == again[1]['history']['train_loss']  # every process saw the same numbers
+
+
+EXIT_SCRIPT = """
+import os, sys, torch.distributed as dist
+from proxprop_nb.distributed import exit_process_group
+rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if world > 1:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+print(f'rank {rank} done', end='')  # buffered (stdout is a pipe): lost unless exit_process_group flushes it
+import atexit; atexit.register(print, 'atexit ran')
+exit_process_group(3 + rank)
+print('after exit_process_group')
+"""
+
+
+@pytest.mark.parametrize('world', [1, 2])
+def test_exit_process_group_closes_the_group_and_ends_with_the_code(tmp_path, world):
+    "Every process waits for the others, flushes what it printed, and ends with its exit status, without atexit handlers"
+    (tmp_path / 'exit.py').write_text(EXIT_SCRIPT)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / 'exit.py'), str(r), str(world), port],
+                              env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [3 + r for r in range(world)], outs
+    assert [o for o, _ in outs] == [f'rank {r} done' for r in range(world)], outs  # flushed; nothing after; no atexit handler ran
