@@ -149,7 +149,8 @@ def run_compare_stage(work:Path, # the campaign's work folder: records go to wor
                      ) -> dict: # {'setting', 'methods', 'left_out', 'runs': [(name, status, steps)]}
     "Run the optimizer comparison's plan after the paper's runs, one run at a time, until the deadline"
     import importlib.util
-    from proxprop_nb.compare import compare_plan, load_records, compare_task, estimate_s, METHODS
+    from proxprop_nb.compare import compare_plan, METHODS
+    from proxprop_nb.compare_run import load_records, compare_task, estimate_s
     setting = 'quick' if quick else 'full'
     peers = importlib.util.find_spec('pytorch_optimizer') is not None
     methods = [m for m in METHODS if peers or m not in ('muon', 'soap')]

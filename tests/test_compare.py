@@ -1,4 +1,4 @@
-"""Tests of the optimizer comparison (proxprop_nb.compare and proxprop_nb.compare_report): networks, methods, text data,
+"""Tests of the optimizer comparison (proxprop_nb.compare, compare_run and compare_report): networks, methods, text data,
 settings and plan, the time-budgeted run, the command line, and the summaries, against independent computations."""
 import dataclasses
 import math
@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proxprop_nb.compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, ResNetCifar, TransformerLM, build_network, prox_layers,
-                                 muon_layers, make_method, stdlib_text, lr_grid, make_run, CompareRun, choose_lr, compare_plan,
-                                 run_compare, load_records, compare_data, evaluate_lm_or_images, run_setting, main, estimate_s)
+                                 muon_layers, make_method, stdlib_text, lr_grid, make_run, CompareRun, choose_lr, compare_plan)
+from proxprop_nb.compare_run import run_compare, load_records, compare_data, evaluate_lm_or_images, run_setting, main, estimate_s
 from proxprop_nb.compare_report import chosen_runs, time_to_target, summarize, format_summary, targets, describe_records
 from proxprop_nb.layers import ProxPropMixin
 from proxprop_nb.runfiles import write_json
