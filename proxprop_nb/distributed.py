@@ -142,8 +142,8 @@ def global_context(layer, # the ProxProp layer running its forward
         raise RuntimeError(f"{type(layer).__name__}: DistributedDataParallel.join() (uneven inputs) is not supported by the global "
                            "ProxProp step: give every process the same number of equal batches (e.g. DistributedSampler with "
                            "drop_last=True), or set distributed='local'")
-    world = dist.get_world_size(ddp.process_group)
-    return None if world == 1 else Collectives(ddp.process_group)  # no module-level reference: the group can end
+    coll = Collectives(ddp.process_group)  # made per forward, not cached: no module-level reference keeps the group alive
+    return None if coll.world == 1 else coll
 
 _WARNED_OUTSIDE = False  # the warning above is given once per process
 
