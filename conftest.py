@@ -90,11 +90,11 @@ def cifar10_missing(where):
     cwd = os.getcwd()
     try:
         os.chdir(where)  # the kernels run in the notebook's folder: ./data and shared/data are looked up from there
-        from proxprop_nb.data import find_cifar10, load_cifar10
+        from proxprop_nb.lab.data import find_cifar10, load_cifar10
         if find_cifar10() is None: load_cifar10()  # a torchvision download into the cache, as the notebooks would do
         return None
     except Exception as e:
-        return f"no CIFAR-10 data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); see proxprop_nb.data"
+        return f"no CIFAR-10 data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); see proxprop_nb.lab.data"
     finally:
         os.chdir(cwd)
 

@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def source_hash_of(commit: str) -> str:
-    "The `proxprop_nb.train.source_hash` of the package sources at `commit`, from git"
+    "The `proxprop_nb.lab.runfiles.source_hash` of the package sources at `commit`, from git"
     data = subprocess.run(['git', 'archive', commit, 'proxprop_nb'], cwd=ROOT, capture_output=True, check=True).stdout
     h = hashlib.sha256()
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        files = sorted((m for m in t.getmembers() if m.isfile() and m.name.count('/') == 1 and m.name.endswith('.py')),
-                       key=lambda m: m.name.split('/')[1])
-        for m in files: h.update(m.name.split('/')[1].encode() + b'\0' + t.extractfile(m).read() + b'\0')
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:  # every .py under proxprop_nb/, by its path below it
+        files = sorted((m for m in t.getmembers() if m.isfile() and m.name.endswith('.py')),
+                       key=lambda m: m.name.split('/', 1)[1])
+        for m in files: h.update(m.name.split('/', 1)[1].encode() + b'\0' + t.extractfile(m).read() + b'\0')
     return h.hexdigest()[:16]
 
 
@@ -103,7 +103,7 @@ def main(argv=None):
             print(f'note: {src} was not fetched; the tests stage outcome stays in campaign.json'); continue
         shutil.copy(src, camp / src.name)
     sys.path.insert(0, str(ROOT))
-    from proxprop_nb.campaign import summary_text
+    from proxprop_nb.lab.stages import summary_text
     (camp / 'summary.txt').write_text(summary_text(rec, dest) + '\n')
     print(f'imported {len(runs)} results files ({known} imported before skipped) of commit {commit[:12]} (sources {expected}) into {dest}')
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, dense_solve, choose_route, route_chooser,
-                                 RouteChooser, _exact_or_cg, _pick)
+from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, dense_solve,
+                                 choose_route, RouteChooser,
+                                 exact_or_cg, pick_route)
 
 # %% auto #0
 __all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'conv_gram',
-           'conv_flops', 'prox_conv']
+           'conv_flops', 'conv_grads', 'prox_conv']
 
 # %% ../nbs/01b_conv.ipynb #c007
 @dataclass(frozen=True)
@@ -34,24 +35,30 @@ class ConvGeometry:
     def of(cls, m):
         "The geometry of a torch.nn ConvNd or ConvTransposeNd module `m`"
         pad = (0,) * len(m.stride) if m.padding_mode != 'zeros' or isinstance(m.padding, str) else tuple(m.padding)
-        return cls(tuple(m.stride), pad, tuple(m.dilation), bool(m.transposed), tuple(m.output_padding), m.groups)
+        return cls(tuple(m.stride), pad, tuple(m.dilation), bool(m.transposed), tuple(m.output_padding),
+                   m.groups)
 
 _CONV_FNS = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
              (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
 
 def conv_forward(x, weight, bias, geo:ConvGeometry):
     "phi: the convolution of `x` with `weight` and `bias` (bias may be None), through the functional the module calls"
-    fn = _CONV_FNS.get((weight.dim() - 2, geo.transposed))  # so that autocast treats it as it treats the module
-    if fn is None: return torch.convolution(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.transposed,
+    # so that autocast treats it as it treats the module
+    fn = _CONV_FNS.get((weight.dim() - 2, geo.transposed))
+    if fn is None: return torch.convolution(x, weight, bias, geo.stride, geo.padding, geo.dilation,
+                                            geo.transposed,
                                             geo.output_padding, geo.groups)
-    if geo.transposed: return fn(x, weight, bias, geo.stride, geo.padding, geo.output_padding, geo.groups, geo.dilation)
+    if geo.transposed: return fn(x, weight, bias, geo.stride, geo.padding, geo.output_padding, geo.groups,
+                                 geo.dilation)
     return fn(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
 def conv_backward(g, x, weight, geo:ConvGeometry, mask):
     "(grad_input, grad_weight, grad_bias) of the convolution, for the outputs selected by `mask`"
     bias_sizes = [weight.shape[1] * geo.groups] if geo.transposed else [weight.shape[0]]
-    return torch.ops.aten.convolution_backward(g, x, weight, bias_sizes, list(geo.stride), list(geo.padding), list(geo.dilation),
-                                               geo.transposed, list(geo.output_padding), geo.groups, list(mask))
+    return torch.ops.aten.convolution_backward(g, x, weight, bias_sizes, list(geo.stride),
+                                               list(geo.padding), list(geo.dilation),
+                                               geo.transposed, list(geo.output_padding), geo.groups,
+                                               list(mask))
 
 # %% ../nbs/01b_conv.ipynb #c010
 def _conv_rows(geo, single=False):
@@ -78,8 +85,9 @@ def _conv_operator(x, weight, bias:bool, geo, beta, single=False, reducer=None):
 
 def _conv_matrix_free(x, weight, bias, geo, spec, grad, reducer=None):
     "CG on (phi* phi + beta I) D = grad with phi the convolution and phi* its weight gradient"
-    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta, spec.cg_variant == 'official', reducer)
-    cg = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant)
+    apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta,
+                                                 spec.cg_variant == 'official', reducer)
+    cg = block_cg(apply_M, to_rows(*grad), spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
     return (*from_rows(cg.solution), SolveInfo.of('matrix_free', cg, x.dtype))
 
 # %% ../nbs/01b_conv.ipynb #c012
@@ -104,11 +112,14 @@ def _gram_offsets(x, ksize, geo):
     "Patch Gram matrix (C k^D)^2 of a zero-padded input, one weight-gradient call per kernel offset"
     D, (N, C) = len(ksize), x.shape[:2]
     xp = F.pad(x, [q for p in reversed(geo.padding) for q in (p, p)])
-    osz = [_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation)]
+    osz = [_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding,
+                                                             geo.dilation)]
     G = x.new_empty(C, *ksize, C, *ksize)
     for off in itertools.product(*map(range, ksize)):
-        crop = tuple(slice(d * i, d * i + s * (o - 1) + 1, s) for i, o, s, d in zip(off, osz, geo.stride, geo.dilation))
-        G[(slice(None), *off)] = _wgrad(xp[(slice(None), slice(None), *crop)], xp, ksize, geo.stride, geo.dilation)
+        crop = tuple(slice(d * i, d * i + s * (o - 1) + 1, s)
+                     for i, o, s, d in zip(off, osz, geo.stride, geo.dilation))
+        G[(slice(None), *off)] = _wgrad(xp[(slice(None), slice(None), *crop)], xp, ksize, geo.stride,
+                                        geo.dilation)
     return G.reshape(C * math.prod(ksize), C * math.prod(ksize))
 
 # %% ../nbs/01b_conv.ipynb #c017
@@ -119,7 +130,8 @@ def _strips(x, xe, lines, e, K2, dil, dim):
     C = x.shape[1]
     return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).reshape(len(lines), C, C, K2, K2)
 
-@functools.lru_cache(maxsize=256)  # one small constant per shape: built once, so later steps copy nothing to the device
+# one small constant per shape: built once, so later steps copy nothing to the device
+@functools.lru_cache(maxsize=256)
 def _excluded(lines:tuple, windows:tuple, dtype, device):
     "ex[i, r] = 1 if line r lies outside the window of kernel offset i"
     return torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in windows], dtype=dtype, device=device)
@@ -127,10 +139,11 @@ def _excluded(lines:tuple, windows:tuple, dtype, device):
 # %% ../nbs/01b_conv.ipynb #c018
 def _gram_correlation(x, k, geo):
     "Patch Gram matrix of a 2-D stride-1 convolution from one full correlation and border corrections"
-    # Legend: kernel offsets (i, j) and (i', j') index the rows and columns of G (per channel pair c, c');
-    # a = i' - i + k - 1, b = j' - j + k - 1 index the K2 = 2k - 1 shifts; e = d (k - 1) pads x to xe so that every
-    # shift has a full window; T[i, j, c, c', a, b] = sum over the positions offset (i, j) sees of x[c] xe[c'] shifted
-    # by (a, b); rows / cols are the image lines some offset does not see, ex[i, r] = 1 where offset i misses line r.
+    # Legend: kernel offsets (i, j) and (i', j') index the rows and columns of G (per channel pair c, c'); a =
+    # i' - i + k - 1, b = j' - j + k - 1 index the K2 = 2k - 1 shifts; e = d (k - 1) pads x to xe so that
+    # every shift has a full window; T[i, j, c, c', a, b] = sum over the positions offset (i, j) sees of x[c]
+    # xe[c'] shifted by (a, b); rows / cols are the image lines some offset does not see, ex[i, r] = 1 where
+    # offset i misses line r.
     (N, C, H, W), (p, q), (dh, dw) = x.shape, geo.padding, geo.dilation
     if k[0] != k[1] or dh != dw: raise NotImplementedError('square kernels and equal dilations only')
     k, d = k[0], dh
@@ -142,24 +155,32 @@ def _gram_correlation(x, k, geo):
     rows = sorted({r for r in range(H) for lo, hi in wr if not lo <= r < hi})
     cols = sorted({c for c in range(W) for lo, hi in wc if not lo <= c < hi})
     ex = lambda lines, w: _excluded(tuple(lines), tuple(w), x.dtype, x.device)
-    if rows: T -= torch.einsum('ir,rcdab->icdab', ex(rows, wr), _strips(x, xe, rows, e, K2, (d, d), 2)).unsqueeze(1)
-    if cols: T -= torch.einsum('jq,qcdab->jcdab', ex(cols, wc), _strips(x, xe, cols, e, K2, (d, d), 3)).unsqueeze(0)
-    if rows and cols:  # corners: sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b], one small matrix product per position
-        pts = torch.stack([torch.stack([x[:, :, r, q].T @ xe[:, :, r:r + 2 * e + 1:d, q:q + 2 * e + 1:d].reshape(N, -1)
-                                        for q in cols]) for r in rows]).view(len(rows), len(cols), C, C, K2, K2)
+    if rows: T -= torch.einsum('ir,rcdab->icdab', ex(rows, wr),
+                               _strips(x, xe, rows, e, K2, (d, d), 2)).unsqueeze(1)
+    if cols: T -= torch.einsum('jq,qcdab->jcdab', ex(cols, wc),
+                               _strips(x, xe, cols, e, K2, (d, d), 3)).unsqueeze(0)
+    # corners: sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b], one small matrix product per position
+    if rows and cols:
+        pts = torch.stack([torch.stack([x[:, :, r, q].T @ xe[:, :, r:r + 2 * e + 1:d,
+                                                             q:q + 2 * e + 1:d].reshape(N, -1)
+                                        for q in cols])
+                           for r in rows]).view(len(rows), len(cols), C, C, K2, K2)
         T += torch.einsum('ir,jq,rqcdab->ijcdab', ex(rows, wr), ex(cols, wc), pts)
     # Gather G from T: G[i, j, i', j'] = T[i, j, :, :, a(i, i'), b(j, j')], with advanced indices
     # (i, j, i', j') laid out as (k, k, k, k) in front of the channel dimensions (c, c')
     i = torch.arange(k, device=x.device)
     sh = i[None, :] - i[:, None] + k - 1  # sh[i, i'] = i' - i + k - 1: the shift index of the pair
     G = T[i[:, None, None, None], i[None, :, None, None], :, :, sh[:, None, :, None], sh[None, :, None, :]]
-    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)  # (i, j, i', j', c, c') -> rows (c, i, j)
+    # (i, j, i', j', c, c') -> rows (c, i, j)
+    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
 
 # %% ../nbs/01b_conv.ipynb #c020
 def _window_sums(x, ksize, geo):
     "sum over samples and output positions of each patch entry: A^T 1 for the bias column, shape (C k^D,)"
     s = F.pad(x.sum(0, keepdim=True), [q for p in reversed(geo.padding) for q in (p, p)])
-    ones = s.new_ones(1, 1, *[_out_size(n, k, st, p, d) for n, k, st, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation)])
+    ones = s.new_ones(1, 1, *[_out_size(n, k, st, p, d)
+                              for n, k, st, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding,
+                                                        geo.dilation)])
     return _wgrad(ones, s, ksize, geo.stride, geo.dilation).reshape(-1)
 
 def _border_lines(n, k, p, d):
@@ -167,13 +188,15 @@ def _border_lines(n, k, p, d):
     o = n + 2 * p - d * (k - 1)
     return sum(any(not max(0, d * i - p) <= r < min(n, d * i - p + o) for i in range(k)) for r in range(n))
 
-STRIP_PENALTY = 6.0  # calibrated on the route timings of the performance notebook: border strips run ~6x slower per flop
+# calibrated on the route timings of the performance notebook: border strips run ~6x slower per flop
+STRIP_PENALTY = 6.0
 
 def conv_gram_flops(x_shape, ksize, geo) -> dict:
     "Cost model (flops, penalised where measured slow) of the patch-Gram routes for one group of a convolution"
     N, C, *sp = x_shape
     kD = math.prod(ksize)
-    P = math.prod(_out_size(n, k, s, p, d) for n, k, s, p, d in zip(sp, ksize, geo.stride, geo.padding, geo.dilation))
+    P = math.prod(_out_size(n, k, s, p, d)
+                  for n, k, s, p, d in zip(sp, ksize, geo.stride, geo.padding, geo.dilation))
     f = {'offsets': 2 * N * P * (C * kD) ** 2}
     if len(sp) == 2 and all(s == 1 for s in geo.stride) and ksize[0] == ksize[1] and geo.dilation[0] == geo.dilation[1]:
         (H, W), k, (p, q), d = sp, ksize[0], geo.padding, geo.dilation[0]
@@ -187,7 +210,8 @@ def conv_gram_flops(x_shape, ksize, geo) -> dict:
 def _gram_route(x_shape, ksize, geo, route):
     flops = conv_gram_flops(x_shape, ksize, geo)
     r = min(flops, key=flops.get) if route == 'auto' else route
-    if r not in flops: raise ValueError(f"route={route!r} is not available for this convolution: use one of {sorted(flops)}")
+    if r not in flops: raise ValueError(f"route={route!r} is not available for this convolution: use one "
+                                        f"of {sorted(flops)}")
     return r
 
 GRAM_CHUNK = 2**19  # input elements per chunk of samples when forming a patch Gram: bounds the temporaries
@@ -207,16 +231,20 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     if route == 'auto' and chooser is not None and chooser.policy != 'model':
         flops = conv_gram_flops(shape, tuple(ksize), geo)
         runs = {r: functools.partial(conv_gram, x, ksize, geo, bias, beta, r) for r in flops}
-        return _pick(flops, runs, 'auto', chooser, ('gram', str(x.device), x.dtype, shape, tuple(ksize), geo, bias))[1]
+        return pick_route(flops, runs, 'auto', chooser,
+                          ('gram', str(x.device), x.dtype, shape, tuple(ksize), geo, bias))[1]
     r = _gram_route(shape, tuple(ksize), geo, route)
     n = Cg * math.prod(ksize)
     Gs = x.new_zeros(geo.groups, n + bias, n + bias)
-    P = math.prod(_out_size(m, k, s, p, d) for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
-    step = max(1, GRAM_CHUNK // max(1, math.prod(x.shape[1:]) // geo.groups))  # samples per chunk: G is a sum over samples
+    P = math.prod(_out_size(m, k, s, p, d)
+                  for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
+    # samples per chunk: G is a sum over samples
+    step = max(1, GRAM_CHUNK // max(1, math.prod(x.shape[1:]) // geo.groups))
     for gi in range(geo.groups):
         for i in range(0, x.shape[0], step):
             xg = x[i:i + step, gi * Cg:(gi + 1) * Cg]
-            Gs[gi, :n, :n] += _gram_correlation(xg, ksize, geo) if r == 'correlation' else _gram_offsets(xg, ksize, geo)
+            Gs[gi, :n, :n] += _gram_correlation(xg, ksize,
+                                                geo) if r == 'correlation' else _gram_offsets(xg, ksize, geo)
             if bias:
                 s = _window_sums(xg, ksize, geo)
                 Gs[gi, :n, n] += s; Gs[gi, n, :n] += s
@@ -229,28 +257,40 @@ def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='t
     "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`; the official CG runs matrix-free only"
     conv = 2 * math.prod(out_shape) * math.prod(w_shape[1:]) if not geo.transposed else 2 * math.prod(x_shape) * math.prod(w_shape[1:])
     f = {} if kind == 'exact' else {'matrix_free': n_iter * 2 * conv}
-    if kind == 'cg' and variant == 'official': return f  # the official iteration runs on all of a layer's parameters as one vector
+    # the official iteration runs on all of a layer's parameters as one vector
+    if kind == 'cg' and variant == 'official': return f
     if geo.transposed and kind == 'exact':
         rows = w_shape[1] * geo.groups if geo.groups == 1 else 1
         n = math.prod(w_shape) // rows + 1
         f['dense'] = math.ceil(n / rows) * 2 * conv + 4 * n**3 / 3 + 2 * rows * n * n
     if not geo.transposed:
         n = math.prod(w_shape[1:]) + 1
-        gram = geo.groups * min(conv_gram_flops((x_shape[0], x_shape[1] // geo.groups, *x_shape[2:]), ksize, geo).values())
+        gram = geo.groups * min(conv_gram_flops((x_shape[0], x_shape[1] // geo.groups, *x_shape[2:]),
+                                                ksize, geo).values())
         rows = w_shape[0]
-        f['primal'] = gram + (geo.groups * 4 * n**3 / 3 + 2 * rows * n * n if kind == 'exact' else n_iter * 2 * rows * n * n)
+        f['primal'] = gram + (geo.groups * 4 * n**3 / 3 + 2 * rows * n * n if kind == 'exact'
+                              else n_iter * 2 * rows * n * n)
     return f
 
 # %% ../nbs/01b_conv.ipynb #c027
-_conv_flops = functools.lru_cache(maxsize=1024)(conv_flops)  # shapes repeat every step: the model runs once per shape
+# shapes repeat every step: the model runs once per shape
+_conv_flops = functools.lru_cache(maxsize=1024)(conv_flops)
 
 # %% ../nbs/01b_conv.ipynb #c028
-def _conv_grads(x, g, weight, geo, need_input_grad, bias, wd):
-    "(grad_input in g's dtype, grad_weight and grad_bias in the work dtype `wd`)"
-    if x.dtype == g.dtype == weight.dtype == wd:  # one call
+def conv_grads(x:torch.Tensor, # the input as the convolution sees it
+               g:torch.Tensor, # the gradient with respect to its output
+               weight:torch.Tensor, # its weight
+               geo:ConvGeometry, # its geometry
+               need_input_grad:bool, # compute the input gradient too
+               bias:bool, # compute the bias gradient too
+               work:torch.dtype, # the dtype of the parameter gradients (see `work_dtype`)
+              ) -> tuple: # (grad_input in g's dtype or None, grad_weight, grad_bias or None)
+    "The plain (autograd's) gradients of a convolution, the parameter gradients in the dtype `work`"
+    if x.dtype == g.dtype == weight.dtype == work:  # one call
         return conv_backward(g, x, weight, geo, (need_input_grad, True, bias))
-    gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0] if need_input_grad else None
-    _, gw, gb = conv_backward(g.to(wd), x.to(wd), weight.to(wd), geo, (False, True, bias))
+    gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo,
+                       (True, False, False))[0] if need_input_grad else None
+    _, gw, gb = conv_backward(g.to(work), x.to(work), weight.to(work), geo, (False, True, bias))
     return gx, gw, gb
 
 def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already if padding_mode != 'zeros'
@@ -260,21 +300,22 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
               geo:ConvGeometry, # the convolution's geometry
               spec:ProxSpec, # the step's settings
               need_input_grad:bool=True, # also return the input gradient
-              chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: `route_chooser(x.device)`
+              chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: the flop model
              ) -> tuple: # (grad_input or None, grad_weight, grad_bias or None, SolveInfo)
     "Input gradient and ProxProp direction of a convolution layer, by the cheapest route"
     if spec.kind == 'gradient':  # autograd's gradients, in the dtype of the forward computation (g's)
         grads = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (need_input_grad, True, bias))
         return (*grads, SolveInfo('gradient', dtype=g.dtype))
     wd = work_dtype(x.dtype, g.dtype)
-    gx, gw, gb = _conv_grads(x, g, weight, geo, need_input_grad, bias, wd)
-    xw, ksize, chooser = x.to(wd), weight.shape[2:], chooser or route_chooser(x.device)
+    gx, gw, gb = conv_grads(x, g, weight, geo, need_input_grad, bias, wd)
+    xw, ksize = x.to(wd), weight.shape[2:]
     flops = _conv_flops(x.shape, weight.shape, g.shape, ksize, geo, spec.kind, spec.n_iter, spec.cg_variant)
     runs = {r: functools.partial(_CONV_OPERATOR_ROUTES[r], xw, weight.to(wd), bias, geo, spec, (gw, gb))
             for r in flops if r in _CONV_OPERATOR_ROUTES}
-    if 'primal' in flops: runs['primal'] = functools.partial(_conv_primal, xw, gw, gb, ksize, geo, spec, chooser)
+    if 'primal' in flops: runs['primal'] = functools.partial(_conv_primal, xw, gw, gb, ksize, geo, spec,
+                                                             chooser)
     key = ('conv', str(x.device), wd, tuple(x.shape), tuple(weight.shape), geo, bias, spec)
-    _, (W, b, info) = _pick(flops, runs, spec.solver, chooser, key)
+    _, (W, b, info) = pick_route(flops, runs, spec.solver, chooser, key)
     return gx, W, b, info
 
 # %% ../nbs/01b_conv.ipynb #c029
@@ -299,11 +340,15 @@ def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
     for gi in range(geo.groups):
         rows = slice(gi * Mg, (gi + 1) * Mg)
         if spec.kind == 'cg':
-            results.append(block_cg(lambda P: [P[0] @ G[gi]], [rhs[rows]], spec.n_iter, spec.cg_tol, spec.cg_variant))
+            results.append(block_cg(lambda P: [P[0] @ G[gi]], [rhs[rows]], spec.n_iter, spec.cg_tol,
+                                    spec.cg_variant,
+                                          spec.sync_free))
             D[rows] = results[-1].solution[0]
         else:
-            D[rows], fallback = _exact_or_cg(G[gi], rhs[rows], 'convolution')
+            D[rows], fallback = exact_or_cg(G[gi], rhs[rows], 'convolution')
             results.append(fallback)
     fell_back = spec.kind == 'exact' and any(r is not None for r in results)
     n = rhs.shape[1] - bias
-    return D[:, :n].reshape(gw.shape), (D[:, n] if bias else None), _combine('primal>cg' if fell_back else 'primal', results, x.dtype)
+    return D[:, :n].reshape(gw.shape), (D[:, n] if bias
+                                        else None), _combine('primal>cg' if fell_back else 'primal',
+                                                             results, x.dtype)

@@ -49,7 +49,8 @@ class Collectives:
         return out
 
 # %% ../nbs/02a_distributed.ipynb #c008
-FLOPS_PER_BYTE = 100.  # cost of a byte on the wire in flops: about a 100 GB/s link next to 10 TFLOP/s, or 1 GB/s next to 100 GFLOP/s
+# cost of a byte on the wire in flops: about a 100 GB/s link next to 10 TFLOP/s, or 1 GB/s next to 100 GFLOP/s
+FLOPS_PER_BYTE = 100.
 
 def _wire(kind:str, payload:float, world:int) -> float:
     return 2 * (world - 1) / world * payload if kind == 'all_reduce' else (world - 1) * payload
@@ -66,10 +67,13 @@ def linear_routes(n:int, # local batch (rows)
     d, N, k, s = d_in + bias, n * world, spec.n_iter, itemsize
     single = min(linear_flops(N, d, out, spec.kind, k).values())
     r = {'gather': dict(flops=single, payload=n * (d_in + out) * s, kind='all_gather'),
-         'gram': dict(flops=2 * n * d * d + (4 * d**3 / 3 + 2 * d * d * out if spec.kind == 'exact' else k * 2 * d * d * out),
+         'gram': dict(flops=2 * n * d * d
+                      + (4 * d**3 / 3 + 2 * d * d * out if spec.kind == 'exact' else k * 2 * d * d * out),
                       payload=d * d * s, kind='all_reduce')}
-    if spec.kind == 'cg': r['cg'] = dict(flops=k * 4 * n * d * out, payload=k * d * out * s, kind='all_reduce')
-    return {name: dict(flops=v['flops'], payload=v['payload'], wire=_wire(v['kind'], v['payload'], world)) for name, v in r.items()}
+    if spec.kind == 'cg': r['cg'] = dict(flops=k * 4 * n * d * out, payload=k * d * out * s,
+                                         kind='all_reduce')
+    return {name: dict(flops=v['flops'], payload=v['payload'],
+                       wire=_wire(v['kind'], v['payload'], world)) for name, v in r.items()}
 
 def conv_routes(x_shape:tuple, # local input (n, C, *spatial), padded as the convolution sees it
                 w_shape:tuple, # weight
@@ -83,22 +87,28 @@ def conv_routes(x_shape:tuple, # local input (n, C, *spatial), padded as the con
     "Flops and bytes of each data-parallel route of a convolution's proximal step"
     ksize, s, k = tuple(w_shape[2:]), itemsize, spec.n_iter
     glob = lambda shape: (shape[0] * world, *shape[1:])
-    local = _conv_flops(tuple(x_shape), tuple(w_shape), tuple(g_shape), ksize, geo, spec.kind, k, spec.cg_variant)
-    single = _conv_flops(glob(x_shape), tuple(w_shape), glob(g_shape), ksize, geo, spec.kind, k, spec.cg_variant)
+    local = _conv_flops(tuple(x_shape), tuple(w_shape), tuple(g_shape), ksize, geo, spec.kind, k,
+                        spec.cg_variant)
+    single = _conv_flops(glob(x_shape), tuple(w_shape), glob(g_shape), ksize, geo, spec.kind, k,
+                         spec.cg_variant)
     P = math.prod(w_shape) + (g_shape[1] if bias else 0)
-    r = {'gather': dict(flops=min(single.values()), payload=(math.prod(x_shape) + math.prod(g_shape)) * s, kind='all_gather')}
+    r = {'gather': dict(flops=min(single.values()), payload=(math.prod(x_shape) + math.prod(g_shape)) * s,
+                        kind='all_gather')}
     if 'primal' in local:
         n = math.prod(w_shape[1:]) + bias
         r['gram'] = dict(flops=local['primal'], payload=geo.groups * n * n * s, kind='all_reduce')
-    if 'matrix_free' in local: r['cg'] = dict(flops=local['matrix_free'], payload=k * P * s, kind='all_reduce')
-    return {name: dict(flops=v['flops'], payload=v['payload'], wire=_wire(v['kind'], v['payload'], world)) for name, v in r.items()}
+    if 'matrix_free' in local: r['cg'] = dict(flops=local['matrix_free'], payload=k * P * s,
+                                              kind='all_reduce')
+    return {name: dict(flops=v['flops'], payload=v['payload'],
+                       wire=_wire(v['kind'], v['payload'], world)) for name, v in r.items()}
 
 def choose_global_route(routes:dict, # from `linear_routes` or `conv_routes`
                         forced:str='auto', # 'auto' or a route name
                        ) -> str:
     "The route with the least flops + FLOPS_PER_BYTE * wire bytes, or the forced one if it applies"
     if forced != 'auto':
-        if forced not in routes: raise ValueError(f"distributed_route={forced!r} does not apply to this layer and mode: use one of {sorted(routes)} or 'auto'")
+        if forced not in routes: raise ValueError(f"distributed_route={forced!r} does not apply to this "
+                                                  f"layer and mode: use one of {sorted(routes)} or 'auto'")
         return forced
     return min(routes, key=lambda r: routes[r]['flops'] + FLOPS_PER_BYTE * routes[r]['wire'])
 
@@ -108,8 +118,10 @@ ROUTES = ('auto', 'gather', 'gram', 'cg')
 
 def check_distributed(mode:str, route:str='auto'):
     "Validate a layer's `distributed` mode and `distributed_route`"
-    if mode not in MODES: raise ValueError(f"distributed={mode!r} is not valid: use 'auto' (the global step under "
-                                           "DistributedDataParallel, else single-process), 'global' (require it) or 'local'")
+    if mode not in MODES: raise ValueError(f"distributed={mode!r} is not valid: use 'auto' (the global "
+                                           f"step under "
+                                           "DistributedDataParallel, else single-process), 'global' "
+                                           "(require it) or 'local'")
     if route not in ROUTES: raise ValueError(f"distributed_route={route!r} is not valid: use one of {ROUTES}")
 
 def global_context(layer, # the ProxProp layer running its forward
@@ -117,33 +129,47 @@ def global_context(layer, # the ProxProp layer running its forward
                   ) -> Collectives|None:
     "The collectives of this forward's global step, or None where the layer steps on its own batch"
     if not (dist.is_available() and dist.is_initialized()):
-        if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global' needs an initialised process group "
-                                                "(torch.distributed.init_process_group) and the model wrapped in DistributedDataParallel")
+        if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global' needs an "
+                                                f"initialised process group "
+                                                "(torch.distributed.init_process_group) and the model "
+                                                "wrapped in DistributedDataParallel")
         return None
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel._active_ddp_module
     if ddp is None:
-        if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global', but this forward does not run inside "
-                                                "DistributedDataParallel: wrap the model in it (DDP averages the gradients the global step starts from)")
+        if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global', but this "
+                                                f"forward does not run inside "
+                                                "DistributedDataParallel: wrap the model in it (DDP "
+                                                "averages the gradients the global step starts from)")
         global _WARNED_OUTSIDE
         if not _WARNED_OUTSIDE and dist.get_world_size() > 1:
             _WARNED_OUTSIDE = True
-            warnings.warn(f"{type(layer).__name__}: a forward with gradients in a group of {dist.get_world_size()} processes, but not "
-                          "inside DistributedDataParallel (or inside it where DDP does not mark its forward, as in reentrant "
-                          "checkpointing): ProxProp steps with this process's batch alone there. Wrap the model in DDP for the "
-                          "global step, or set distributed='local' on the layers to say that this is meant", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{type(layer).__name__}: a forward with gradients in a group of "
+                          f"{dist.get_world_size()} processes, but not "
+                          "inside DistributedDataParallel (or inside it where DDP does not mark its "
+                          "forward, as in reentrant "
+                          "checkpointing): ProxProp steps with this process's batch alone there. Wrap the "
+                          "model in DDP for the "
+                          "global step, or set distributed='local' on the layers to say that this is "
+                          "meant", RuntimeWarning, stacklevel=3)
         return None
     if not ddp.require_backward_grad_sync:
-        raise RuntimeError(f"{type(layer).__name__}: inside DistributedDataParallel.no_sync() the gradients are not averaged, so the "
-                           "global ProxProp step cannot be formed. Accumulate without no_sync() (each backward pass then reduces "
-                           "and adds its global step), take one larger batch per step, or set distributed='local' on the ProxProp "
+        raise RuntimeError(f"{type(layer).__name__}: inside DistributedDataParallel.no_sync() the "
+                           f"gradients are not averaged, so the "
+                           "global ProxProp step cannot be formed. Accumulate without no_sync() (each "
+                           "backward pass then reduces "
+                           "and adds its global step), take one larger batch per step, or set "
+                           "distributed='local' on the ProxProp "
                            "layers (each process then preconditions with its own batch)")
     if ddp._join_config.enable:
-        raise RuntimeError(f"{type(layer).__name__}: DistributedDataParallel.join() (uneven inputs) is not supported by the global "
-                           "ProxProp step: give every process the same number of equal batches (e.g. DistributedSampler with "
+        raise RuntimeError(f"{type(layer).__name__}: DistributedDataParallel.join() (uneven inputs) is "
+                           f"not supported by the global "
+                           "ProxProp step: give every process the same number of equal batches (e.g. "
+                           "DistributedSampler with "
                            "drop_last=True), or set distributed='local'")
-    coll = Collectives(ddp.process_group)  # made per forward, not cached: no module-level reference keeps the group alive
-    return None if coll.world == 1 else coll
+    # made per forward, not cached: no module-level reference keeps the group alive
+    collectives = Collectives(ddp.process_group)
+    return None if collectives.world == 1 else collectives
 
 _WARNED_OUTSIDE = False  # the warning above is given once per process
 
@@ -152,22 +178,24 @@ _WARNED_OUTSIDE = False  # the warning above is given once per process
 class _Pending:
     "One ProxProp layer call of this backward pass, waiting for DDP's averaged gradient"
     layer: object
-    coll: Collectives
+    collectives: Collectives
     spec: ProxSpec
     x: torch.Tensor  # inputs as the layer saw them (2-D for Linear)
     g: torch.Tensor  # output gradient
     old: tuple  # (.grad of weight, of bias) before this backward, or None
     geo: ConvGeometry|None = None  # convolutions only
+    solve: object = None  # runs the step's computation and records it on the layer (see `defer_step`)
 
 _PENDING = {}  # the running backward pass (its autograd graph task) -> its queued layer calls
 _task_id = getattr(torch._C, '_current_graph_task_id', lambda: 0)
 
 def defer_step(layer, # the ProxProp layer whose backward is running
-               coll:Collectives, # the collectives of its process group
+               collectives:Collectives, # the collectives of its process group
                spec:ProxSpec, # the layer's step settings
                x:torch.Tensor, # its local inputs: 2-D rows for Linear, the input as the convolution sees it
                g:torch.Tensor, # the gradient of this process's loss with respect to the layer's output
                geo:ConvGeometry|None=None, # the convolution's geometry; None for Linear
+               solve=None, # solve(compute) runs a step's computation, keeps its SolveInfo on the layer, returns its result
               ):
     "Queue the global step of one layer call (called from its backward, which returns the plain local gradient)"
     task = _task_id()
@@ -177,91 +205,109 @@ def defer_step(layer, # the ProxProp layer whose backward is running
         torch.autograd.Variable._execution_engine.queue_callback(partial(_after_graph, task))
     params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
     old = tuple(None if p.grad is None else p.grad.detach().clone() for p in params)
-    _PENDING[task].append(_Pending(layer, coll, spec, x.detach(), g.detach(), old, geo))
+    solve = solve or (lambda compute: compute())
+    _PENDING[task].append(_Pending(layer, collectives, spec, x.detach(), g.detach(), old, geo, solve))
 
 def _after_graph(task):
     "First end-of-backward callback: DDP's may still be queued after this one, so go to the back of the queue"
     torch.autograd.Variable._execution_engine.queue_callback(partial(global_steps, task))
 
 # %% ../nbs/02a_distributed.ipynb #c018
-def _check_calls(coll:Collectives, calls:list):
+def _check_calls(collectives:Collectives, calls:list):
     "Refuse, on every process at once, unequal local batches or layer calls that differ between the processes"
     n = calls[0].x.shape[0]
-    sig = hash(tuple((tuple(p.x.shape), tuple(p.g.shape)) for p in calls)) & (2**47 - 1)  # same calls, same shapes
-    t = coll.all_reduce_(torch.tensor([n, -n, sig, -sig], dtype=torch.int64, device=calls[0].x.device), op=dist.ReduceOp.MAX)
+    # same calls, same shapes
+    sig = hash(tuple((tuple(p.x.shape), tuple(p.g.shape)) for p in calls)) & (2**47 - 1)
+    t = collectives.all_reduce_(torch.tensor([n, -n, sig, -sig], dtype=torch.int64,
+                                             device=calls[0].x.device), op=dist.ReduceOp.MAX)
     if t[0] != -t[1]:
-        raise RuntimeError(f"ProxProp's global step needs equal local batches on every process (DDP averages the local mean "
-                           f"gradients, which is the global mean only then); this step has local batches from {-t[1].item()} to "
-                           f"{t[0].item()}: use DistributedSampler with drop_last=True, or set distributed='local'")
+        raise RuntimeError(f"ProxProp's global step needs equal local batches on every process (DDP "
+                           f"averages the local mean "
+                           f"gradients, which is the global mean only then); this step has local batches "
+                           f"from {-t[1].item()} to "
+                           f"{t[0].item()}: use DistributedSampler with drop_last=True, or set "
+                           f"distributed='local'")
     if t[2] != -t[3]:
-        raise RuntimeError("ProxProp's global step needs the same ProxProp layer calls, with inputs of the same shapes, on every "
-                           "process; in this step they differ (a layer skipped or called more often on some process, or inputs "
-                           "of other sizes): make every process run the same layers on equally shaped inputs, or set "
+        raise RuntimeError("ProxProp's global step needs the same ProxProp layer calls, with inputs of "
+                           "the same shapes, on every "
+                           "process; in this step they differ (a layer skipped or called more often on "
+                           "some process, or inputs "
+                           "of other sizes): make every process run the same layers on equally shaped "
+                           "inputs, or set "
                            "distributed='local' on the layers that differ")
 
 def global_steps(task=None): # the backward pass (autograd graph task) whose calls to step
     "The end-of-backward callback `defer_step` queues: replace each queued layer call's averaged gradient by its global step"
     todo = _PENDING.pop(task, [])
     groups = {}
-    for p in todo: groups.setdefault(id(p.coll.group), []).append(p)
-    for calls in groups.values(): _check_calls(calls[0].coll, calls)
+    for p in todo: groups.setdefault(id(p.collectives.group), []).append(p)
+    for calls in groups.values(): _check_calls(calls[0].collectives, calls)
     n_calls = {}
     for p in todo: n_calls[id(p.layer)] = n_calls.get(id(p.layer), 0) + 1
-    done = {}
+    accumulated = {}  # a layer called more than once -> the sum of its calls' steps so far
     for p in todo:
         layer = p.layer
         params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-        shared = n_calls[id(layer)] > 1  # a layer called more than once: each call's averaged gradient is not known apart
-        frozen = any(q.grad is None for q in params)  # weight or bias not trained: its averaged gradient is missing
-        if id(layer) not in done:
-            avg = None if frozen or shared else [q.grad - o if o is not None else q.grad for q, o in zip(params, p.old)]
-            done[id(layer)] = [torch.zeros_like(q.detach()) for q in params] if shared else None
+        # a layer called more than once: each call's averaged gradient is not known apart
+        shared = n_calls[id(layer)] > 1
+        # weight or bias not trained: its averaged gradient is missing
+        frozen = any(q.grad is None for q in params)
+        if id(layer) not in accumulated:
+            avg = None if frozen or shared else [q.grad - o if o is not None else q.grad
+                                                 for q, o in zip(params, p.old)]
+            accumulated[id(layer)] = [torch.zeros_like(q.detach()) for q in params] if shared else None
         else: avg = None
-        W, b, info = _step(p, avg, 'gather' if shared or frozen else layer.__dict__.get('_distributed_route', 'auto'))
+        route = 'gather' if shared or frozen else layer.__dict__.get('_distributed_route', 'auto')
+        W, b, info = p.solve(partial(_step, p, avg, route))
         D = [W] + ([b] if b is not None else [])
         if shared:
-            for acc, d in zip(done[id(layer)], D): acc.add_(d.to(acc.dtype))
+            for acc, d in zip(accumulated[id(layer)], D): acc.add_(d.to(acc.dtype))
         else:
             for q, o, d in zip(params, p.old, D):
                 if q.grad is not None: q.grad.copy_(d if o is None else o + d.to(o.dtype))
-        _record(layer, info)
     for p in todo:  # layers called more than once: the sum of their calls' steps
-        acc = done.pop(id(p.layer), None)
+        acc = accumulated.pop(id(p.layer), None)
         if acc is not None:
             params = [p.layer.weight] + ([p.layer.bias] if p.layer.bias is not None else [])
             for q, o, a in zip(params, p.old, acc):
                 if q.grad is not None: q.grad.copy_(a if o is None else o + a)
 
-def _record(layer, info):
-    from proxprop_nb.layers import _solved
-    _solved(layer, info)
 
 # %% ../nbs/02a_distributed.ipynb #c020
-_SAME_EVERYWHERE = RouteChooser('model')  # every process must pick the same single-process route: the flop model, never timings
+# every process must pick the same single-process route: the flop model, never timings
+_FLOP_MODEL = RouteChooser('model')
 
 def _step(p:_Pending, avg, forced:str) -> tuple:
     "(grad_weight, grad_bias, SolveInfo) of one layer call's global step by the chosen route"
-    spec, coll, wd = p.spec, p.coll, work_dtype(p.x.dtype, p.g.dtype)
-    x, g = p.x.to(wd), p.g.to(wd)
+    spec, collectives, work = p.spec, p.collectives, work_dtype(p.x.dtype, p.g.dtype)
+    x, g = p.x.to(work), p.g.to(work)
     bias = p.layer.bias is not None
     if p.geo is None:
-        routes = linear_routes(x.shape[0], x.shape[1], g.shape[1], bias, spec, coll.world, x.element_size())
+        routes = linear_routes(x.shape[0], x.shape[1], g.shape[1], bias, spec, collectives.world,
+                               x.element_size())
         route = choose_global_route(routes, forced)
         if route == 'gather':
-            W, b, info = prox_linear(coll.all_gather(x), coll.all_gather(g) / coll.world, bias, spec, _SAME_EVERYWHERE)
+            W, b, info = prox_linear(collectives.all_gather(x),
+                                     collectives.all_gather(g) / collectives.world, bias, spec, _FLOP_MODEL)
         else:
-            grad = [a.to(wd) for a in avg]
-            W, b, info = (_linear_primal if route == 'gram' else _linear_matrix_free)(x, None, bias, spec, coll, grad)
+            grad = [a.to(work) for a in avg]
+            W, b, info = (_linear_primal if route == 'gram'
+                          else _linear_matrix_free)(x, None, bias, spec, collectives, grad)
     else:
-        weight = p.layer.weight.detach().to(wd)
-        routes = conv_routes(x.shape, weight.shape, g.shape, p.geo, bias, spec, coll.world, x.element_size())
+        weight = p.layer.weight.detach().to(work)
+        routes = conv_routes(x.shape, weight.shape, g.shape, p.geo, bias, spec, collectives.world,
+                             x.element_size())
         route = choose_global_route(routes, forced)
         if route == 'gather':
-            _, W, b, info = prox_conv(coll.all_gather(x), coll.all_gather(g) / coll.world, weight, bias, p.geo, spec, False, _SAME_EVERYWHERE)
+            _, W, b, info = prox_conv(collectives.all_gather(x),
+                                      collectives.all_gather(g) / collectives.world, weight, bias, p.geo,
+                                      spec, False, _FLOP_MODEL)
         elif route == 'gram':
-            W, b, info = _conv_primal(x, avg[0].to(wd), avg[1].to(wd) if bias else None, weight.shape[2:], p.geo, spec, reducer=coll)
+            W, b, info = _conv_primal(x, avg[0].to(work), avg[1].to(work) if bias else None,
+                                      weight.shape[2:], p.geo, spec, reducer=collectives)
         else:
-            W, b, info = _conv_matrix_free(x, weight, bias, p.geo, spec, (avg[0].to(wd), avg[1].to(wd) if bias else None), coll)
+            W, b, info = _conv_matrix_free(x, weight, bias, p.geo, spec,
+                                           (avg[0].to(work), avg[1].to(work) if bias else None), collectives)
     name = {'gather': f'gather>{info.route}', 'gram': info.route.replace('primal', 'gram'), 'cg': 'cg'}[route]
     return W, b, SolveInfo(name, info.iterations, info.residual, info.dtype)
 
@@ -280,15 +326,18 @@ class DataParallel:
 
     def shard(self, t:torch.Tensor) -> torch.Tensor:
         "This process's share of a minibatch: equal contiguous shares in rank order (refused if the batch does not split evenly)"
-        if len(t) % self.world: raise ValueError(f'a minibatch of {len(t)} samples does not split evenly over {self.world} processes: '
-                                                 f'choose a batch size (and training set size) divisible by {self.world}')
+        if len(t) % self.world: raise ValueError(f'a minibatch of {len(t)} samples does not split evenly '
+                                                 f'over {self.world} processes: '
+                                                 f'choose a batch size (and training set size) divisible '
+                                                 f'by {self.world}')
         n = len(t) // self.world
         return t[self.rank * n:(self.rank + 1) * n]
 
     def sum(self, *values:float) -> list:
         "The sums over all processes of a few numbers (one collective; as they are for a single process)"
         if self.world == 1: return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device='cuda' if dist.get_backend(self.group) == 'nccl' else 'cpu')
+        t = torch.tensor(values, dtype=torch.float64,
+                         device='cuda' if dist.get_backend(self.group) == 'nccl' else 'cpu')
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
@@ -299,11 +348,13 @@ class DataParallel:
 def data_parallel(device=None, # 'cpu' or 'cuda': the backend (gloo or nccl) if the group is set up here
                  ) -> DataParallel:
     "This process's data-parallel setting: from an initialised process group, else from torchrun's environment, else one process"
-    # Under torchrun (WORLD_SIZE > 1) this initialises the default process group and, for CUDA, selects the GPU LOCAL_RANK.
+    # Under torchrun (WORLD_SIZE > 1) this initialises the default process group and, for CUDA, selects the
+    # GPU LOCAL_RANK.
     if dist.is_available() and dist.is_initialized(): return DataParallel(dist.get_rank(), dist.get_world_size())
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world == 1: return DataParallel()
-    if not dist.is_available(): raise RuntimeError(f'WORLD_SIZE={world} but this torch has no torch.distributed: '
+    if not dist.is_available(): raise RuntimeError(f'WORLD_SIZE={world} but this torch has no '
+                                                   f'torch.distributed: '
                                                   'unset WORLD_SIZE to train as one process')
     cuda = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')).type == 'cuda'
     if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))

@@ -7,24 +7,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .solvers import ProxSpec, SolveInfo, check_prox_args, block_cg, dense_solve, work_dtype
+from .solvers import (ProxSpec, SolveInfo, SUMMARIZED, RouteChooser, check_prox_args, block_cg,
+                                 dense_solve,
+                                 work_dtype)
 from .linear import prox_linear
-from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, _conv_grads
+from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, conv_grads
 from .distributed import check_distributed, global_context, defer_step
 
 # %% auto #0
-__all__ = ['PROX_ARGS', 'DIST_ARGS', 'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d',
-           'proxprop_module', 'proxpropify', 'unproxpropify']
+__all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choice', 'ProxPropMixin', 'ProxPropLinearBase',
+           'ProxPropLinear', 'SolveStats', 'ProxPropConv2d', 'proxprop_module', 'proxpropify', 'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
-DIST_ARGS = {'distributed': 'mode', 'distributed_route': 'route'}  # data-parallel settings: 'auto' by default
+# The data-parallel settings, 'auto' by default: layer attribute -> the keyword `check_distributed` validates
+# it as
+DISTRIBUTED_SETTINGS = {'distributed': 'mode', 'distributed_route': 'route'}
 
 def _is_dtensor(t) -> bool:
     "Whether `t` is a torch.distributed DTensor (FSDP2's sharded parameters are)"
@@ -32,14 +38,55 @@ def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
 
-def _solved(layer, info:SolveInfo):
-    "Record how `layer`'s step was solved (not while torch.compile traces the backward: a graph holds no records)"
-    if not torch.compiler.is_compiling(): object.__setattr__(layer, '_last_solve', info)
 
+# %% ../nbs/02_layers.ipynb #fd8f1571
+# other device types: flop model, stop read on the host
+_DEVICE_POLICY = {'cuda': dict(route='measure', sync_free=True)}
+_CHOOSERS, _DEVICE_SPECS = {}, {}
+
+def _device_sync(device_type):
+    return torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
+
+def route_chooser(device) -> RouteChooser:
+    "The `RouteChooser` that `solver='auto'` uses for tensors on `device`"
+    t = torch.device(device).type
+    if t not in _CHOOSERS: _CHOOSERS[t] = RouteChooser(_DEVICE_POLICY.get(t, {}).get('route', 'model'),
+                                                       _device_sync(t))
+    return _CHOOSERS[t]
+
+def set_route_choice(policy:str, # 'model' (flop model) or 'measure' (time each route once per shape)
+                     device_type:str='cuda', # the device type it applies to: 'cuda', 'cpu', ...
+                    ) -> RouteChooser:
+    "Set how `solver='auto'` picks routes on a device type; forgets earlier measurements"
+    _CHOOSERS[device_type] = RouteChooser(policy, _device_sync(device_type))
+    return _CHOOSERS[device_type]
+
+def _on_device(spec:ProxSpec, device) -> tuple: # (the spec with the device's CG stop, the device's RouteChooser)
+    "A layer step's settings as the device policy completes them"
+    key = (spec, device.type)
+    if key not in _DEVICE_SPECS:
+        _DEVICE_SPECS[key] = replace(spec,
+                                     sync_free=_DEVICE_POLICY.get(device.type, {}).get('sync_free', False))
+    return _DEVICE_SPECS[key], route_chooser(device)
+
+
+# %% ../nbs/02_layers.ipynb #a1bffc9e
+def _solve_recorded(layer, # the ProxProp layer whose step this is
+                    solve, # computes the step; its last value is the step's SolveInfo
+                   ) -> tuple: # what `solve` returned
+    "Compute a layer's step and keep its record as the layer's `last_solve` (not while torch.compile traces)"
+    out = solve()
+    if not torch.compiler.is_compiling(): object.__setattr__(layer, '_last_solve', out[-1])
+    return out
+
+
+# %% ../nbs/02_layers.ipynb #3cb32c8a
 class ProxPropMixin:
     "The ProxProp settings of a layer: validated on assignment, snapshotted at every forward pass"
-    def _init_prox(self, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2, cg_variant='textbook', solver='auto'):
-        object.__setattr__(self, '_prox', dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol,
+    def _init_prox(self, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2, cg_variant='textbook',
+                   solver='auto'):
+        object.__setattr__(self, '_prox',
+                           dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol,
                                                cg_variant=cg_variant, solver=solver))
         self._spec = check_prox_args(**self._prox)
         self._check_supported(self._spec)
@@ -58,7 +105,7 @@ class ProxPropMixin:
 
     def __getattr__(self, name):
         if name in PROX_ARGS and '_prox' in self.__dict__: return self.__dict__['_prox'][name]
-        if name in DIST_ARGS: return self.__dict__.get('_' + name, 'auto')
+        if name in DISTRIBUTED_SETTINGS: return self.__dict__.get('_' + name, 'auto')
         return super().__getattr__(name)
 
     def _global(self):
@@ -68,12 +115,15 @@ class ProxPropMixin:
         return global_context(self, mode)
 
     def __setattr__(self, name, value):
-        if name in DIST_ARGS:
-            check_distributed(**{**dict(mode=self.distributed, route=self.distributed_route), DIST_ARGS[name]: value})
+        if name in DISTRIBUTED_SETTINGS:
+            check_distributed(**{**dict(mode=self.distributed, route=self.distributed_route),
+                                 DISTRIBUTED_SETTINGS[name]: value})
             object.__setattr__(self, '_' + name, value); return
         if isinstance(value, torch.Tensor) and _is_dtensor(value):
-            raise TypeError(f"{type(self).__name__}: ProxProp layers take plain tensors as parameters, not DTensors: FSDP2 "
-                            "(fully_shard) and tensor parallelism are not supported. Use DistributedDataParallel, under which "
+            raise TypeError(f"{type(self).__name__}: ProxProp layers take plain tensors as parameters, "
+                            f"not DTensors: FSDP2 "
+                            "(fully_shard) and tensor parallelism are not supported. Use "
+                            "DistributedDataParallel, under which "
                             "ProxProp takes the step of the whole batch (see the data-parallel chapter)")
         if name in PROX_ARGS and '_prox' in self.__dict__:
             spec = check_prox_args(**{**self._prox, name: value})
@@ -87,10 +137,11 @@ class ProxPropMixin:
             f", cg_tol={p['cg_tol']}" if self._spec.kind == 'cg' else '') + (
             f", cg_variant={p['cg_variant']!r}" if p['cg_variant'] != 'textbook' else '') + (
             f", solver={p['solver']!r}" if p['solver'] != 'auto' else '') + ''.join(
-            f", {k}={self.__dict__['_' + k]!r}" for k in DIST_ARGS if self.__dict__.get('_' + k, 'auto') != 'auto')
+            f", {k}={self.__dict__['_' + k]!r}" for k in DISTRIBUTED_SETTINGS if self.__dict__.get('_' + k, 'auto') != 'auto')
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + 'tau_prox', None)  # the official code kept tau_prox as a buffer; ours is a setting
+        # the official code kept tau_prox as a buffer; ours is a setting
+        state_dict.pop(prefix + 'tau_prox', None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/02_layers.ipynb #c007
@@ -101,10 +152,10 @@ def _amp_off(t):
     return contextlib.nullcontext()  # nothing to switch off: no autocast context's cost on every backward
 
 class _ProxFn(torch.autograd.Function):
-    "Shared context of the Linear and convolution functions: inputs (x, weight, bias, *geometry, spec, layer, collectives or None)"
+    "Shared context of the Linear and convolution functions: (x, weight, bias, *geometry, spec, layer, collectives or None)"
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.dist = inputs
+        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.collectives = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
 
@@ -113,7 +164,7 @@ class _ProxFn(torch.autograd.Function):
 
 class _ProxLinearFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, spec, layer, dist): return F.linear(x, weight, bias)
+    def forward(x, weight, bias, spec, layer, collectives): return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -121,21 +172,29 @@ class _ProxLinearFn(_ProxFn):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         with _amp_off(g):
-            if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)  # in the forward's dtype, as autograd
+            # in the forward's dtype, as autograd
+            if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)
             if _ProxFn.needs_param_grad(ctx):
                 x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-                if ctx.dist is None: gw, gb, info = prox_linear(x2, g2, ctx.has_bias, ctx.spec); _solved(ctx.layer, info)
-                else:  # data-parallel: the plain local gradient for DDP to average; the global step follows its reduction
-                    wd = work_dtype(x.dtype, g.dtype)
-                    gw, gb = g2.to(wd).T @ x2.to(wd), (g2.to(wd).sum(0) if ctx.has_bias else None)
-                    defer_step(ctx.layer, ctx.dist, ctx.spec, x2, g2)
+                spec, chooser = _on_device(ctx.spec, g.device)
+                if ctx.collectives is None:
+                    gw, gb, _ = _solve_recorded(ctx.layer,
+                                                partial(prox_linear, x2, g2, ctx.has_bias, spec, chooser))
+                # data-parallel: the plain local gradient for DDP to average; the global step follows its
+                # reduction
+                else:
+                    work = work_dtype(x.dtype, g.dtype)
+                    gw, gb = g2.to(work).T @ x2.to(work), (g2.to(work).sum(0) if ctx.has_bias else None)
+                    defer_step(ctx.layer, ctx.collectives, spec, x2, g2,
+                               solve=partial(_solve_recorded, ctx.layer))
                 gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
         return gx, gw, gb, None, None, None
 
 # %% ../nbs/02_layers.ipynb #c008
 class ProxPropLinearBase(ProxPropMixin):
     "ProxProp behaviour of nn.Linear and its subclasses"
-    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self, self._global())
+    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self,
+                                                         self._global())
 
 class ProxPropLinear(ProxPropLinearBase, nn.Linear):
     "`nn.Linear` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad"
@@ -156,11 +215,19 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
 # %% ../nbs/02_layers.ipynb #c016
+def _summarize(values:list, how:str) -> float:
+    "The 'mean', 'max' or 'sum' of numbers, device tensors or lazy values (read with float), with one host read"
+    if all(isinstance(v, torch.Tensor) for v in values):
+        t = torch.stack([v.reshape(()).to(torch.float64) for v in values])
+        return float({'mean': t.mean, 'max': t.max, 'sum': t.sum}[how]())
+    xs = [float(v) for v in values]
+    return {'mean': sum(xs) / len(xs), 'max': max(xs), 'sum': sum(xs)}[how]
+
 class SolveStats:
-    "Per-layer statistics of the proximal steps of one epoch: routes, CG iterations and residuals, summed on the device"
+    "Per-layer statistics of the proximal steps of one epoch, from each step's `last_solve`, read once at the end"
     def __init__(self, model:nn.Module): # the model whose ProxProp layers are watched
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ProxPropMixin)]
-        self.seen, self.acc = {}, {}
+        self.seen, self.steps = {}, {}
 
     def add(self):
         "Take each layer's `last_solve` of the step just made (a layer that made no new step is left out)"
@@ -168,28 +235,27 @@ class SolveStats:
             s = m.last_solve
             if s is None or self.seen.get(name) is s: continue
             self.seen[name] = s
-            a = self.acc.setdefault(name, dict(routes={}, steps=0, iters=0, iters_max=0, res=0, res_n=0))
-            a['routes'][s.route] = a['routes'].get(s.route, 0) + 1; a['steps'] += 1
-            if s.iterations is not None:
-                a['iters'] = a['iters'] + s.iterations
-                a['iters_max'] = (max(a['iters_max'], s.iterations) if isinstance(s.iterations, int) and isinstance(a['iters_max'], int)
-                                  else torch.maximum(torch.as_tensor(a['iters_max']), torch.as_tensor(s.iterations)))
-            if s.residual is not None: a['res'], a['res_n'] = a['res'] + s.residual, a['res_n'] + 1
+            self.steps.setdefault(name, []).append(s)
 
     def summary(self) -> dict:
-        "{layer: dict(route, routes, steps, cg_iterations_mean, cg_iterations_max, residual_mean)}, and start afresh"
-        f = lambda v: float(v)  # the one host read per value and epoch
-        out = {name: dict(route=max(a['routes'], key=a['routes'].get), routes=a['routes'], steps=a['steps'],
-                          cg_iterations_mean=f(a['iters']) / a['steps'] if not isinstance(a['iters'], int) or a['iters'] else None,
-                          cg_iterations_max=f(a['iters_max']) if not isinstance(a['iters_max'], int) or a['iters_max'] else None,
-                          residual_mean=f(a['res']) / a['res_n'] if a['res_n'] else None) for name, a in self.acc.items()}
-        self.seen, self.acc = {}, {}
+        "{layer: dict(route, routes, steps, and each summarised field as e.g. cg_iterations_mean)}, and start afresh"
+        out = {}
+        for name, steps in self.steps.items():
+            routes = {}
+            for s in steps: routes[s.route] = routes.get(s.route, 0) + 1
+            row = out[name] = dict(route=max(routes, key=routes.get), routes=routes, steps=len(steps))
+            for f in SUMMARIZED:
+                values = [v for s in steps if (v := getattr(s, f.name)) is not None]
+                for how in f.metadata['summary']:
+                    row[f"{f.metadata['record']}_{how}"] = _summarize(values, how) if values else None
+        self.seen, self.steps = {}, {}
         return out
+
 
 # %% ../nbs/02_layers.ipynb #c021
 class _ProxConvFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, geo, spec, layer, dist): return conv_forward(x, weight, bias, geo)
+    def forward(x, weight, bias, geo, spec, layer, collectives): return conv_forward(x, weight, bias, geo)
 
     @staticmethod
     @once_differentiable
@@ -200,25 +266,34 @@ class _ProxConvFn(_ProxFn):
             if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
                 gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
                 return gx.to(x.dtype), None, None, None, None, None, None
-            if ctx.dist is None:
-                gx, gw, gb, info = prox_conv(x, g.contiguous(), weight, ctx.has_bias, geo, ctx.spec, ctx.needs_input_grad[0])
-                _solved(ctx.layer, info)
-            else:  # data-parallel: the plain local gradient for DDP to average; the global step follows its reduction
-                gx, gw, gb = _conv_grads(x, g.contiguous(), weight, geo, ctx.needs_input_grad[0], ctx.has_bias, work_dtype(x.dtype, g.dtype))
-                defer_step(ctx.layer, ctx.dist, ctx.spec, x, g.contiguous(), geo)
+            spec, chooser, g = *_on_device(ctx.spec, g.device), g.contiguous()
+            if ctx.collectives is None:
+                step = partial(prox_conv, x, g, weight, ctx.has_bias, geo, spec, ctx.needs_input_grad[0],
+                               chooser)
+                gx, gw, gb, _ = _solve_recorded(ctx.layer, step)
+            # data-parallel: the plain local gradient for DDP to average; the global step follows its
+            # reduction
+            else:
+                work = work_dtype(x.dtype, g.dtype)
+                gx, gw, gb = conv_grads(x, g, weight, geo, ctx.needs_input_grad[0], ctx.has_bias, work)
+                defer_step(ctx.layer, ctx.collectives, spec, x, g, geo,
+                           solve=partial(_solve_recorded, ctx.layer))
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
                 (gb.to(weight.dtype) if gb is not None else None), None, None, None, None)
 
 # %% ../nbs/02_layers.ipynb #c022
-_MAX_DENSE = 4096  # largest number of unknowns per row for which an exact step forms the operator column by column
+# largest number of unknowns per row for which an exact step forms the operator column by column
+_MAX_DENSE = 4096
 
 class _ProxConvMixin(ProxPropMixin):
     "ProxProp behaviour of ConvNd and ConvTransposeNd modules"
     def _check_supported(self, spec):
         if spec.kind == 'exact' and self.transposed:
             n = math.prod(self.weight.shape) // (self.out_channels if self.groups == 1 else 1) + 1
-            if n > _MAX_DENSE: raise ValueError(f"prox_exact for {type(self).__name__} forms the operator densely and allows at most "
-                                                f"{_MAX_DENSE} unknowns per output channel (this layer has {n}); use 'prox_cgN'")
+            if n > _MAX_DENSE: raise ValueError(f"prox_exact for {type(self).__name__} forms the operator "
+                                                f"densely and allows at most "
+                                                f"{_MAX_DENSE} unknowns per output channel (this layer "
+                                                f"has {n}); use 'prox_cgN'")
 
     def _prox_input(self, x):
         "The input as the convolution sees it: explicitly padded unless padding_mode is 'zeros' with numeric padding"
@@ -230,16 +305,20 @@ class _ProxConvMixin(ProxPropMixin):
         geo = ConvGeometry.of(self)
         if self.transposed:
             D = len(self.kernel_size)
-            op = self._output_padding(input, output_size, list(self.stride), list(self.padding), list(self.kernel_size), D, list(self.dilation))
+            op = self._output_padding(input, output_size, list(self.stride), list(self.padding),
+                                      list(self.kernel_size), D, list(self.dilation))
             geo = ConvGeometry(geo.stride, geo.padding, geo.dilation, True, tuple(op), geo.groups)
-        elif output_size is not None: raise TypeError('output_size is only accepted by transposed convolutions')
-        return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self, self._global())
+        elif output_size is not None: raise TypeError('output_size is only accepted by transposed '
+                                                      'convolutions')
+        return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self,
+                                 self._global())
 
 # %% ../nbs/02_layers.ipynb #c024
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
     "`nn.Conv2d` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad, A the patch matrix"
     _prox_base = nn.Conv2d
-    def __init__(self, in_channels:int, out_channels:int, kernel_size, stride=1, padding=0, dilation=1, groups:int=1,
+    def __init__(self, in_channels:int, out_channels:int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups:int=1,
                  bias:bool=True, padding_mode:str='zeros', # as in nn.Conv2d
                  device:torch.device|str|None=None, # where the parameters live (as in nn.Conv2d)
                  dtype:torch.dtype|None=None, # their dtype (as in nn.Conv2d)
@@ -250,7 +329,8 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
                  solver:str='auto', # 'auto' (flop model) or a forced route: 'primal', 'matrix_free'
                 ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
 
 # %% ../nbs/02_layers.ipynb #c030
@@ -273,8 +353,11 @@ class _ProxGenericFn(torch.autograd.Function):
             grads = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True)
             gx = grads[0] if ctx.needs_input_grad[0] else None
             grad = [torch.zeros_like(p) if q is None else q for p, q in zip(p_, grads[-len(p_):])]
-            if spec.kind == 'gradient': _solved(layer, SolveInfo('gradient', dtype=g.dtype))
-            else: grad = layer._prox_generic(*_full_precision(layer, out, x_, p_, grad, g), spec)
+            if spec.kind == 'gradient': _solve_recorded(layer,
+                                                        lambda: (SolveInfo('gradient', dtype=g.dtype),))
+            else:
+                step = partial(layer._prox_generic, *_full_precision(layer, out, x_, p_, grad, g), spec)
+                grad, _ = _solve_recorded(layer, step)
         ctx.graph = None
         return (gx, None, None, *[q.to(p.dtype) for q, p in zip(grad, p_)])
 
@@ -283,7 +366,8 @@ def _full_precision(layer, out, x_, p_, grad, g):
     "(out, x, params, grad) for the solve: as given in float32/64, else the graph rebuilt without autocast in float32"
     wd = work_dtype(out.dtype, x_.dtype, *[p.dtype for p in p_])
     if all(t.dtype == wd for t in (out, x_, *p_)): return out, x_.detach(), p_, grad
-    with torch.enable_grad():  # the forward ran under autocast or in half precision: phi and phi* in the work dtype
+    # the forward ran under autocast or in half precision: phi and phi* in the work dtype
+    with torch.enable_grad():
         x32, p32 = x_.detach().to(wd), [p.detach().to(wd).requires_grad_() for p in p_]
         out32 = layer._phi(p32, x32)
     grad32 = torch.autograd.grad(out32, p32, g.to(wd), retain_graph=True, allow_unused=True)
@@ -294,9 +378,11 @@ class _ProxGenericMixin(ProxPropMixin):
     "ProxProp behaviour of a module that is linear in its parameters, through autograd and functional_call"
     def _check_supported(self, spec):
         n = sum(p.numel() for p in self.parameters())
-        if n == 0: raise ValueError(f'{type(self).__name__} has no parameters: nothing for ProxProp to update')
+        if n == 0: raise ValueError(f'{type(self).__name__} has no parameters: nothing for ProxProp to '
+                                    f'update')
         if spec.kind == 'exact' and n > _MAX_DENSE:
-            raise ValueError(f"prox_exact for {type(self).__name__} forms the operator densely and allows at most {_MAX_DENSE} "
+            raise ValueError(f"prox_exact for {type(self).__name__} forms the operator densely and allows "
+                             f"at most {_MAX_DENSE} "
                              f"parameters (this module has {n}); use 'prox_cgN'")
 
     def _phi(self, params, x):
@@ -308,23 +394,30 @@ class _ProxGenericMixin(ProxPropMixin):
 
     def forward(self, input, *args, **kwargs):
         if self.__dict__.get('_prox_bypass') or not torch.is_grad_enabled(): return super().forward(input, *args, **kwargs)
-        if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass more)')
+        if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the '
+                                           f'module to pass more)')
         if self._global() is not None:
-            raise NotImplementedError(f"{type(self).__name__}: the global data-parallel step covers Linear and convolution layers; "
-                                      "set distributed='local' on this layer (its step then uses each process's own batch)")
+            raise NotImplementedError(f"{type(self).__name__}: the global data-parallel step covers "
+                                      f"Linear and convolution layers; "
+                                      "set distributed='local' on this layer (its step then uses each "
+                                      "process's own batch)")
         return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
 
 # %% ../nbs/02_layers.ipynb #c034
 def _generic_step(self, out, x, p_, grad, spec):
-    "ProxProp direction for a generic linear module from its autograd graph `out` and parameter gradient `grad`"
+    "(ProxProp direction, SolveInfo) of a generic linear module from its autograd graph `out` and gradient `grad`"
     with torch.no_grad():
         if not self.__dict__.get('_prox_checked'):
             zero = self._phi([torch.zeros_like(p) for p in p_], x)
-            if zero.abs().max() > 0: raise ValueError(f'{type(self).__name__} is not linear in its parameters (its output at zero '
-                                                     'parameters is not zero): ProxProp needs a linear map, see proxprop_module')
+            if zero.abs().max() > 0: raise ValueError(f'{type(self).__name__} is not linear in its '
+                                                      f'parameters (its output at zero '
+                                                     'parameters is not zero): ProxProp needs a linear '
+                                                      'map, see proxprop_module')
             object.__setattr__(self, '_prox_checked', True)
     def phi_adj(z): return [torch.zeros_like(p) if q is None else q
-                            for p, q in zip(p_, torch.autograd.grad(out, p_, z, retain_graph=True, allow_unused=True))]
+                            for p, q in zip(p_,
+                                            torch.autograd.grad(out, p_, z, retain_graph=True,
+                                                                allow_unused=True))]
     def apply_M(P):
         with torch.no_grad(): z = self._phi([q.view(p.shape) for q, p in zip(P, p_)], x)
         return [a.reshape(1, -1) + spec.beta * q for a, q in zip(phi_adj(z), P)]
@@ -335,8 +428,7 @@ def _generic_step(self, out, x, p_, grad, spec):
     else:
         X, fallback = dense_solve(apply_M, rhs, type(self).__name__)
         info = SolveInfo.of('dense>cg' if fallback else 'dense', fallback, rhs[0].dtype)
-    _solved(self, info)
-    return [q.view(p.shape).to(p.dtype) for q, p in zip(X, p_)]
+    return [q.view(p.shape).to(p.dtype) for q, p in zip(X, p_)], info
 
 _ProxGenericMixin._prox_generic = _generic_step
 
@@ -358,29 +450,34 @@ def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward 
     if BaseModule in _CLASSES: return _CLASSES[BaseModule]
     if not (isinstance(BaseModule, type) and issubclass(BaseModule, nn.Module)):
         raise TypeError(f'proxprop_module needs a torch.nn.Module subclass, not {BaseModule!r}')
-    if issubclass(BaseModule, ProxPropMixin): raise ValueError(f'{BaseModule.__name__} is a ProxProp module already')
+    if issubclass(BaseModule, ProxPropMixin): raise ValueError(f'{BaseModule.__name__} is a ProxProp '
+                                                               f'module already')
     mixin = (_ProxConvMixin if issubclass(BaseModule, nn.modules.conv._ConvNd)
              else ProxPropLinearBase if issubclass(BaseModule, nn.Linear) else _ProxGenericMixin)
-    def __init__(self, *args, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2, cg_variant='textbook', solver='auto', **kwargs):
+    def __init__(self, *args, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2,
+                 cg_variant='textbook', solver='auto', **kwargs):
         BaseModule.__init__(self, *args, **kwargs)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
     name = f'ProxProp{BaseModule.__name__}'
-    cls = type(name, (_Reducible, mixin, BaseModule), dict(__init__=__init__, _prox_base=BaseModule, __module__=__name__, __qualname__=name,
+    cls = type(name, (_Reducible, mixin, BaseModule),
+               dict(__init__=__init__, _prox_base=BaseModule, __module__=__name__, __qualname__=name,
                                                           __doc__=f'`{BaseModule.__module__}.{BaseModule.__qualname__}` with ProxProp parameter updates'))
     _CLASSES[BaseModule] = cls
     return cls
 
 # %% ../nbs/02_layers.ipynb #c043
-def _twin(module, cls, **prox):
-    "A module of class `cls` sharing all state of `module`"
+def _sharing_copy(module, cls, **prox):
+    "A module of class `cls` sharing all state of `module` (its parameters, buffers and submodules)"
     new = cls.__new__(cls)
-    new.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ('_prox', '_spec', '_last_solve', '_prox_checked')})
+    new.__dict__.update({k: v for k, v in module.__dict__.items()
+                         if k not in ('_prox', '_spec', '_last_solve', '_prox_checked')})
     if prox: new._init_prox(**prox)
     return new
 
-def _swap(model, pick, make):
+def _replace_modules(model, pick, make):
     "Replace every submodule m of model with pick(name, m) true by make(m), in place"
-    if pick('', model): raise ValueError('proxpropify converts the layers inside a model; wrap a single layer in nn.Sequential')
+    if pick('', model): raise ValueError('proxpropify converts the layers inside a model; wrap a single '
+                                         'layer in nn.Sequential')
     targets = [(name, m) for name, m in model.named_modules() if name and pick(name, m)]
     for name, m in targets:
         parent, _, attr = name.rpartition('.')
@@ -400,7 +497,8 @@ def proxpropify(model:nn.Module, # the model to convert in place
                 distributed:str='auto', # under DistributedDataParallel: 'auto'/'global' the step of the whole batch, 'local' each process's own
                ) -> nn.Module: # the same model, converted
     "Swap the Linear/Conv layers of `model` for ProxProp twins in place, sharing their parameters"
-    prox = dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol, cg_variant=cg_variant, solver=solver)
+    prox = dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol,
+                cg_variant=cg_variant, solver=solver)
     check_prox_args(**prox)
     check_distributed(distributed)
     kinds = (nn.Linear, nn.Conv2d) if types is None else (types,) if isinstance(types, type) else tuple(types)
@@ -408,18 +506,20 @@ def proxpropify(model:nn.Module, # the model to convert in place
     unknown = names - {n for n, _ in model.named_modules()}
     if unknown: raise ValueError(f'exclude names no module of this model: {sorted(unknown)}')
     ids = {id(e) for e in exclude if not isinstance(e, str)}
-    eligible = [n for n, m in model.named_modules() if n and type(m) in kinds and n not in names and id(m) not in ids]
+    eligible = [n for n, m in model.named_modules() if n and type(m) in kinds and n not in names
+                and id(m) not in ids]
     if last_explicit and eligible: names.add(eligible[-1])
     pick = lambda n, m: type(m) in kinds and n not in names and id(m) not in ids
     def convert(m):
-        twin = _twin(m, proxprop_module(type(m)), **prox)
+        twin = _sharing_copy(m, proxprop_module(type(m)), **prox)
         if distributed != 'auto': twin.distributed = distributed
         return twin
-    _swap(model, pick, convert)
+    _replace_modules(model, pick, convert)
     return model
 
 def unproxpropify(model:nn.Module, # a model with ProxProp layers
                  ) -> nn.Module: # the same model with plain PyTorch layers
     "Swap every ProxProp layer of `model` back to its base module in place, sharing parameters"
-    _swap(model, lambda n, m: isinstance(m, ProxPropMixin), lambda m: _twin(m, m._prox_base))
+    _replace_modules(model, lambda n, m: isinstance(m, ProxPropMixin),
+                     lambda m: _sharing_copy(m, m._prox_base))
     return model

@@ -8,8 +8,10 @@ import functools
 
 import torch
 
-from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, spd_inverse, choose_route, route_chooser,
-                                 RouteChooser, _safe_div, _early_stop, _relative_residual, _exact_or_cg, _pick)
+from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, spd_inverse,
+                                 RouteChooser,
+                                 choose_route, exact_or_cg, pick_route, _safe_div, _early_stop,
+                                 _relative_residual)
 
 # %% auto #0
 __all__ = ['linear_primal_gram', 'linear_dual_gram', 'dual_cg', 'linear_flops', 'prox_linear']
@@ -46,18 +48,19 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
             n_iter:int, # maximum number of CG iterations
             tol:float=0., # stop once max_j |r_j| < tol * rms_j |r0_j| over the columns j (0: run n_iter)
             variant:str='textbook', # 'textbook' or 'official'
-            sync_free:bool|None=None, # stop early without reading the residual on the host; None: on CUDA
+            sync_free:bool=False, # check the early stop on the device, without reading the residual on the host
            ) -> CGResult: # solution Y (the direction is D = Y^T A); residual only when CG stopped early
     "CG on (A^T A + beta I) D = A^T g run in the batch space of A"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
-    # Legend: primal CG's residual r = A^T s, direction p = A^T q, iterate D = A^T y; w = K s, u = K q, so that
-    # r^T r = s^T w, M p = A^T (u + beta q) and p^T M p = u^T u + beta q^T u. Only s, q, y (N x out) are stored.
-    s, q, y = g.clone(), g, torch.zeros_like(g)  # q is replaced, never updated in place, in the first iteration
+    # Legend: primal CG's residual r = A^T s, direction p = A^T q, iterate D = A^T y; w = K s, u = K q, so
+    # that r^T r = s^T w, M p = A^T (u + beta q) and p^T M p = u^T u + beta q^T u. Only s, q, y (N x out) are
+    # stored.
+    # q is replaced, never updated in place, in the first iteration
+    s, q, y = g.clone(), g, torch.zeros_like(g)
     w = K @ s
     u, rho = w, (s * w).sum(0)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
-    sync_free = g.device.type == 'cuda' if sync_free is None else sync_free
     live = rho.new_ones(()) if sync_free and stop is not None else None
     iters, residual = rho.new_zeros(()), None
     for k in range(1, n_iter + 1):
@@ -75,7 +78,8 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
                            else (torch.addcmul(s, q, cg_beta), torch.addcmul(w, u, cg_beta)))
         else: q.mul_(cg_beta).add_(s); u.mul_(cg_beta).add_(w)
         rho = rho_new
-    if live is not None: residual = _relative_residual(rho_new, rho0) if n_iter > 1 else None  # at the (device) stop
+    # at the (device) stop
+    if live is not None: residual = _relative_residual(rho_new, rho0) if n_iter > 1 else None
     return CGResult(y, k if live is None else iters, residual)
 
 # %% ../nbs/01a_linear.ipynb #c014
@@ -98,7 +102,7 @@ def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
                 g:torch.Tensor, # gradient of the loss w.r.t. the layer outputs (N, out_features)
                 bias:bool, # whether the layer has a bias
                 spec:ProxSpec, # the step's settings, from `check_prox_args`
-                chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: `route_chooser(x.device)`
+                chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: the flop model
                ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, SolveInfo)
     "The ProxProp direction (A^T A + I/tau_prox)^-1 grad for an nn.Linear layer, by the cheapest route"
     if spec.kind == 'gradient':  # autograd's gradient, in the dtype of the forward computation (g's)
@@ -109,7 +113,7 @@ def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
     flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
     runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
     key = ('linear', str(x.device), wd, N, d, out, bias, spec)
-    _, out = _pick(flops, runs, spec.solver, chooser or route_chooser(x.device), key)
+    _, out = pick_route(flops, runs, spec.solver, chooser, key)
     return out
 
 # %% ../nbs/01a_linear.ipynb #c018
@@ -120,7 +124,7 @@ def _split(D, d, bias):
 def _linear_dual(x, g, bias, spec):
     K = linear_dual_gram(x, bias)
     if spec.kind == 'cg':
-        cg = dual_cg(K, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant)
+        cg = dual_cg(K, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
         y, info = cg.solution, SolveInfo.of('dual', cg, x.dtype)
     else:
         K.diagonal().add_(spec.beta)
@@ -145,10 +149,10 @@ def _linear_primal(x, g, bias, spec, reducer=None, grad=None):
     if reducer is not None: reducer.all_reduce_(G); G.diagonal().add_(spec.beta)
     rhs = _rhs(x, g, bias, grad)
     if spec.kind == 'cg':
-        cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant)
+        cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
         D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
     else:
-        D, fallback = _exact_or_cg(G, rhs, 'primal')
+        D, fallback = exact_or_cg(G, rhs, 'primal')
         info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype)
     return (*_split(D, x.shape[1], bias), info)
 
@@ -161,7 +165,7 @@ def _linear_matrix_free(x, g, bias, spec, reducer=None, grad=None):
         if reducer is not None: AtAP = reducer.all_reduce_list_(AtAP)
         return [a + spec.beta * p for a, p in zip(AtAP, P)]
     rhs = list(grad[:1 + bias]) if grad is not None else [g.T @ x] + ([g.sum(0)] if bias else [])
-    cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
+    cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
     return cg.solution[0], (cg.solution[1] if bias else None), SolveInfo.of('matrix_free', cg, x.dtype)
 
 _LINEAR_ROUTES = {'dual': _linear_dual, 'primal': _linear_primal, 'matrix_free': _linear_matrix_free}

@@ -101,7 +101,8 @@ def backprop_penalty_step(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
     s = _grad_step(E, s, [f'W{L-1}', f'b{L-1}'] + ([f'a{L-2}'] if L > 2 else []), tau) # (A)
     for l in range(L-2, 0, -1):
         s = _grad_step(E, s, [f'z{l}'], tau) # (B) in z_l, eq. (21)
-        s = _grad_step(E, s, ([f'a{l-1}'] if l > 1 else []) + [f'W{l}', f'b{l}'], tau) # (B) in a_{l-1}, eq. (22), and (C), eq. (25)
+        # (B) in a_{l-1}, eq. (22), and (C), eq. (25)
+        s = _grad_step(E, s, ([f'a{l-1}'] if l > 1 else []) + [f'W{l}', f'b{l}'], tau)
     return _unstate(s, L)[0]
 
 # %% ../nbs/00_penalty.ipynb #c032
@@ -168,7 +169,9 @@ def proxprop_step(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
     (W, b), a = params[-1], a_prev[-1]
     g = _dloss(loss, phi((W, b), a), y)
     last = (W - tau*g.T @ a, b - tau*g.sum(0)) # (A) in theta_{L-1}, eq. (12)
-    return [prox_step_closed_form(th, a_in, zh, tau_prox) for th, a_in, zh in zip(params[:-1], a_prev, z_half)] + [last] # (C), eq. (11)
+    # (C), eq. (11)
+    return [prox_step_closed_form(th, a_in, zh, tau_prox)
+            for th, a_in, zh in zip(params[:-1], a_prev, z_half)] + [last]
 
 # %% ../nbs/00_penalty.ipynb #c047
 def vec_theta(W:torch.Tensor, # weight (out, in)

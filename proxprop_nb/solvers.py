@@ -11,15 +11,15 @@ import numbers
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args', 'rowdot', 'rowscale',
-           'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse', 'dense_solve', 'choose_route',
-           'warm_timer', 'RouteChooser', 'route_chooser', 'set_route_choice']
+__all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'SUMMARIZED', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args',
+           'rowdot', 'rowscale', 'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse', 'exact_or_cg',
+           'dense_solve', 'choose_route', 'warm_timer', 'RouteChooser', 'pick_route']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -30,7 +30,8 @@ def parse_mode(optimization_mode:str, # 'prox_exact', 'prox_cgN' or 'gradient'
     "Split an optimization mode into its kind and number of CG iterations, or raise ValueError"
     if optimization_mode == 'prox_exact': return 'exact', 0
     if optimization_mode == 'gradient': return 'gradient', 0
-    m = re.fullmatch(r'prox_cg([1-9][0-9]*)', str(optimization_mode), flags=re.ASCII)  # ASCII digits, no leading zero
+    # ASCII digits, no leading zero
+    m = re.fullmatch(r'prox_cg([1-9][0-9]*)', str(optimization_mode), flags=re.ASCII)
     if m: return 'cg', int(m.group(1))
     raise ValueError(f"optimization_mode={optimization_mode!r} is not valid: use {MODES}")
 
@@ -46,6 +47,8 @@ class ProxSpec:
     cg_tol:float   # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over the rows i (0: never early)
     cg_variant:str # 'textbook' or 'official'
     solver:str     # 'auto' or a forced route: 'dual', 'primal', 'matrix_free', 'dense'
+    # CG's early stop is checked on the device, never read on the host (the caller's choice)
+    sync_free:bool=False
 
     @property
     def beta(self): return 1.0 / self.tau_prox
@@ -62,20 +65,27 @@ def check_prox_args(tau_prox=1.0, # proximal step size tau_theta > 0
     if isinstance(tau_prox, bool) or not isinstance(tau_prox, numbers.Real) or not math.isfinite(tau_prox) or tau_prox <= 0:
         raise ValueError(f"tau_prox={tau_prox!r} is not valid: use a finite number > 0")
     if 1 / tau_prox > torch.finfo(torch.float32).max:
-        raise ValueError(f"tau_prox={tau_prox!r} is not valid: 1/tau_prox overflows float32; use tau_prox >= 3e-39")
-    if isinstance(cg_tol, bool) or not isinstance(cg_tol, numbers.Real) or not math.isfinite(cg_tol) or cg_tol < 0:
-        raise ValueError(f"cg_tol={cg_tol!r} is not valid: use a finite number >= 0 (0 runs exactly N iterations)")
-    if cg_variant not in CG_VARIANTS: raise ValueError(f"cg_variant={cg_variant!r} is not valid: use one of {CG_VARIANTS}")
+        raise ValueError(f"tau_prox={tau_prox!r} is not valid: 1/tau_prox overflows float32; use tau_prox "
+                         f">= 3e-39")
+    if isinstance(cg_tol, bool) or not isinstance(cg_tol,
+                                                  numbers.Real) or not math.isfinite(cg_tol) or cg_tol < 0:
+        raise ValueError(f"cg_tol={cg_tol!r} is not valid: use a finite number >= 0 (0 runs exactly N "
+                         f"iterations)")
+    if cg_variant not in CG_VARIANTS: raise ValueError(f"cg_variant={cg_variant!r} is not valid: use one "
+                                                       f"of {CG_VARIANTS}")
     if solver not in SOLVERS: raise ValueError(f"solver={solver!r} is not valid: use one of {SOLVERS}")
     if kind == 'exact' and solver == 'matrix_free':
-        raise ValueError("solver='matrix_free' needs a 'prox_cgN' mode: an exact step solves with a Gram matrix ('dual' or 'primal')")
+        raise ValueError("solver='matrix_free' needs a 'prox_cgN' mode: an exact step solves with a Gram "
+                         "matrix ('dual' or 'primal')")
     return ProxSpec(kind, n, float(tau_prox), float(cg_tol), cg_variant, solver)
 
 # %% ../nbs/01_solvers.ipynb #c012
 def rowdot(xs, ys):
     "Per-row inner products of two lists of tensors whose dimension 0 indexes the rows"
-    dots = [torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)) if x.dim() > 1 else x * y for x, y in zip(xs, ys)]
-    return dots[0] if len(dots) == 1 else sum(dots)  # one kernel per tensor: CG on a small layer is launch-bound
+    dots = [torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)) if x.dim() > 1
+            else x * y for x, y in zip(xs, ys)]
+    # one kernel per tensor: CG on a small layer is launch-bound
+    return dots[0] if len(dots) == 1 else sum(dots)
 
 def rowscale(alpha, x):
     "Multiply row i of `x` by `alpha[i]`"
@@ -86,21 +96,35 @@ def rowscale(alpha, x):
 class CGResult:
     "What CG returns"
     solution:list # the solution tensors (block_cg), or the batch-space solution (dual_cg)
-    iterations:int|torch.Tensor # iterations run: an int, or a device tensor when the early stop runs on the device
-    residual:torch.Tensor|None # the final relative residual, the quantity `cg_tol` bounds (see block_cg); None: not computed
+    # iterations run: an int, or a device tensor when the early stop runs on the device
+    iterations:int|torch.Tensor
+    # the final relative residual, the quantity `cg_tol` bounds (see block_cg); None: not computed
+    residual:torch.Tensor|None
 
 @dataclass(frozen=True)
 class SolveInfo:
     "How one proximal step was solved: what a layer exposes as `last_solve` after its backward pass"
-    route:str # the route that produced the direction, fallbacks included, e.g. 'dual', 'dual>primal', 'primal>cg'
-    iterations:int|torch.Tensor|None=None # CG iterations run (a device tensor on CUDA with early stopping); None: exact
-    residual:torch.Tensor|None=None # CG's final relative residual (see block_cg); None: exact, or not computed
+    # the route that produced the direction, fallbacks included, e.g. 'dual', 'dual>primal', 'primal>cg'
+    route:str
+    iterations:int|torch.Tensor|None = field(default=None,
+                                             metadata=dict(record='cg_iterations', summary=('mean', 'max')))
+    residual:torch.Tensor|None = field(default=None, metadata=dict(record='residual', summary=('mean',)))
     dtype:torch.dtype|None=None # the dtype the system was solved in
 
     @classmethod
     def of(cls, route:str, cg:CGResult|None, dtype) -> SolveInfo:
         "The record of a step by `route` whose CG (None: an exact solve) returned `cg`"
-        return cls(route, None, None, dtype) if cg is None else cls(route, cg.iterations, cg.residual, dtype)
+        return cls(route, dtype=dtype) if cg is None else cls(route, cg.iterations, cg.residual, dtype)
+
+    def record(self) -> dict:
+        "As plain numbers, one host read per value: route, dtype and every summarised field under its record name"
+        num = lambda v: None if v is None else float(v)
+        return dict(route=self.route, dtype=str(self.dtype),
+                    **{f.metadata['record']: num(getattr(self, f.name)) for f in SUMMARIZED})
+
+# numbers a SolveStats summarises per layer
+SUMMARIZED = [f for f in fields(SolveInfo) if 'summary' in f.metadata]
+
 
 # %% ../nbs/01_solvers.ipynb #c016
 def _safe_div(num, den):
@@ -122,7 +146,7 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
              n_iter:int, # maximum number of CG iterations
              tol:float=0., # stop once max_i |r_i| < tol * rms_i |r0_i| over the rows i (0: run n_iter)
              variant:str='textbook', # 'textbook' or 'official' (the official code's iteration)
-             sync_free:bool|None=None, # stop early without reading the residual on the host; None: on CUDA
+             sync_free:bool=False, # check the early stop on the device, without reading the residual on the host
             ) -> CGResult: # the solution list, the iterations run and the final relative residual
     "Solve M X = rhs row by row with conjugate gradients from X = 0"
     official = variant == 'official'
@@ -132,7 +156,6 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     R = list(rhs)  # never updated in place
     P, rho = R, rowdot(R, R)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
-    sync_free = rhs[0].device.type == 'cuda' if sync_free is None else sync_free
     live = rho.new_ones(()) if sync_free and stop is not None else None
     iters, done = rho.new_zeros(()), False
     for k in range(1, n_iter + 1):
@@ -165,11 +188,15 @@ def spd_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch o
 
 # %% ../nbs/01_solvers.ipynb #c028
 def _fallback_warning(what, n):
-    warnings.warn(f"ProxProp: the Cholesky factorization of the {what} Gram matrix failed in float32 and float64 "
+    warnings.warn(f"ProxProp: the Cholesky factorization of the {what} Gram matrix failed in float32 and "
+                  f"float64 "
                   f"(tau_prox too large for this data?); falling back to {n} CG iterations for this step.",
                   RuntimeWarning, stacklevel=3)
 
-def _exact_or_cg(G, rhs_rows, what) -> tuple: # (solution, CGResult of the CG fallback, or None after an exact solve)
+def exact_or_cg(G:torch.Tensor, # SPD matrix (n, n)
+                rhs_rows:torch.Tensor, # right-hand sides as rows (m, n)
+                what:str, # names the system in the fallback's warning
+               ) -> tuple: # (solution rows, CGResult of the CG fallback or None after an exact solve)
     "Rows of rhs_rows times G^-1 for an SPD G, or CG on G if the factorization fails; NaN if G is not finite"
     Ginv = spd_inverse(G)
     if Ginv is not None: return rhs_rows @ Ginv, None
@@ -195,7 +222,7 @@ def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SP
         E[ar, j + ar] = 1
         MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), rhs)])
         cols.append(torch.cat([m.reshape(R, -1) for m in MP], 1)[:k])
-    X, fallback = _exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
+    X, fallback = exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
     return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)], fallback
 
 # %% ../nbs/01_solvers.ipynb #c032
@@ -205,7 +232,8 @@ def choose_route(flops:dict, # route -> flops, as from `linear_flops`
     "The cheapest route by the flop model, or the forced one if it is available"
     if not flops: raise ValueError('no proximal solver route is available for this layer and mode')
     if solver == 'auto': return min(flops, key=flops.get)
-    if solver not in flops: raise ValueError(f"solver={solver!r} is not available here: use one of {sorted(flops)} or 'auto'")
+    if solver not in flops: raise ValueError(f"solver={solver!r} is not available here: use one of "
+                                             f"{sorted(flops)} or 'auto'")
     return solver
 
 # %% ../nbs/01_solvers.ipynb #c035
@@ -226,7 +254,8 @@ class RouteChooser:
                  timer=warm_timer, # (run, sync) -> (seconds, result)
                  prune:float=20., # time only routes within this factor of the fewest flops
                 ):
-        if policy not in ROUTE_POLICIES: raise ValueError(f"policy={policy!r} is not valid: use one of {ROUTE_POLICIES}")
+        if policy not in ROUTE_POLICIES: raise ValueError(f"policy={policy!r} is not valid: use one of "
+                                                          f"{ROUTE_POLICIES}")
         self.policy, self.sync, self.timer, self.prune = policy, sync, timer, prune
         self.choices = {}  # key -> (route, {route: seconds}) of every measured choice
 
@@ -248,27 +277,15 @@ class RouteChooser:
     def __repr__(self): return f"RouteChooser({self.policy!r}, {len(self.choices)} measured choices)"
 
 # %% ../nbs/01_solvers.ipynb #c036
-_DEFAULT_POLICY = {'cuda': 'measure'}  # other device types: 'model'
-_CHOOSERS = {}
-
-def _device_sync(device_type):
-    return torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
-
-def route_chooser(device) -> RouteChooser:
-    "The `RouteChooser` that `solver='auto'` uses for tensors on `device`"
-    t = torch.device(device).type
-    if t not in _CHOOSERS: _CHOOSERS[t] = RouteChooser(_DEFAULT_POLICY.get(t, 'model'), _device_sync(t))
-    return _CHOOSERS[t]
-
-def set_route_choice(policy:str, # 'model' (flop model) or 'measure' (time each route once per shape)
-                     device_type:str='cuda', # the device type it applies to: 'cuda', 'cpu', ...
-                    ) -> RouteChooser:
-    "Set how `solver='auto'` picks routes on a device type; forgets earlier measurements"
-    _CHOOSERS[device_type] = RouteChooser(policy, _device_sync(device_type))
-    return _CHOOSERS[device_type]
-
-def _pick(flops:dict, runs:dict, solver, chooser, key):
-    "(route, result): the forced route, else the chooser's"
+def pick_route(flops:dict, # route -> flops of every available route
+               runs:dict, # route -> function computing the step by that route
+               solver:str, # 'auto' or a forced route
+               chooser:RouteChooser|None, # picks the route for 'auto'; None: the flop model
+               key, # hashable: the layer's shapes and settings, for a chooser that remembers
+              ) -> tuple: # (route, its result)
+    "The step by the forced route, else by the route `chooser` (or the flop model) picks"
     if solver != 'auto': r = choose_route(flops, solver); return r, runs[r]()
+    if chooser is None: r = choose_route(flops); return r, runs[r]()
     r, out = chooser(key, flops, runs)
     return r, (runs[r]() if out is None else out)
+

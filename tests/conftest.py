@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from proxprop_nb.train import synthetic_cifar10
+from proxprop_nb.lab.train import synthetic_cifar10
 
 
 @pytest.fixture(autouse=True, scope='module')

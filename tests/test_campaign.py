@@ -1,4 +1,4 @@
-"""The GPU campaign (proxprop_nb.campaign), rehearsed on the CPU with a random stand-in for CIFAR-10."""
+"""The GPU campaign (proxprop_nb.lab.campaign), rehearsed on the CPU with a random stand-in for CIFAR-10."""
 import json
 import os
 import subprocess
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import proxprop_nb
-from proxprop_nb import campaign as C
-from proxprop_nb.train import RunConfig, run_name, run_paths, read_json, source_hash
+from proxprop_nb.lab import campaign as C
+from proxprop_nb.lab.train import RunConfig, run_name, run_paths, read_json, source_hash
 
 ROOT = Path(proxprop_nb.__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_campaign_command_rehearsal(tmp_path):
     "The command end to end on the CPU: tests (quick subset), benchmark, concurrency, runs, reports"
     out, work = tmp_path/'out', tmp_path/'work'
     env = dict(os.environ, PYTHONPATH=str(ROOT), PROXPROP_CACHE=str(tmp_path/'cache'), PROXPROP_GIT_COMMIT='0' * 40)
-    p = subprocess.run([sys.executable, '-m', 'proxprop_nb.experiments', 'campaign', '--quick', '--device', 'cpu', '--data',
+    p = subprocess.run([sys.executable, '-m', 'proxprop_nb.lab.campaign', '--quick', '--device', 'cpu', '--data',
                         'synthetic', '--out', str(out), '--work', str(work), '--max-runs', '3', '--max-workers', '2',
                         '--budget-minutes', '4', '--no-compare'], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -122,6 +122,18 @@ def test_campaign_command_errors(tmp_path):
 
 
 def test_python_m_experiments_runs():
-    p = subprocess.run([sys.executable, '-m', 'proxprop_nb.experiments', '--help'], capture_output=True, text=True, timeout=120,
+    "`python -m proxprop_nb.lab.experiments` (as torchrun starts it) runs the experiments alone: it knows no campaign"
+    p = subprocess.run([sys.executable, '-m', 'proxprop_nb.lab.experiments', '--help'], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0 and 'campaign' in p.stdout
+    assert p.returncode == 0 and '{fig2,table1,fig3,demo}' in p.stdout and 'campaign' not in p.stdout
+
+
+def test_proxprop_experiment_sends_campaign_to_the_campaign(capsys):
+    "`proxprop-experiment` is `experiment_command`: the campaign among the experiments in its help, `campaign ARGS` to `main`"
+    assert 'proxprop-experiment=proxprop_nb.lab.campaign:experiment_command' in (ROOT/'settings.ini').read_text()
+    with pytest.raises(SystemExit) as e: C.experiment_command(['--help'])
+    assert e.value.code == 0 and '{fig2,table1,fig3,demo,campaign}' in capsys.readouterr().out
+    with pytest.raises(SystemExit): C.experiment_command(['campaign', '--out', 'x', '--budget-minutes', '0.1'])
+    assert 'proxprop-experiment campaign: error: --budget-minutes 0.1' in capsys.readouterr().err
+    with pytest.raises(SystemExit): C.experiment_command(['fig4'])
+    assert "invalid choice: 'fig4'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tests of the optimizer comparison (proxprop_nb.compare, compare_run and compare_report): networks, methods, text data,
+"""Tests of the optimizer comparison (proxprop_nb.lab.compare, compare_run and compare_report): networks, methods, text data,
 settings and plan, the time-budgeted run, the command line, and the summaries, against independent computations."""
 import dataclasses
 import math
@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from proxprop_nb.compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, ResNetCifar, TransformerLM, build_network, prox_layers,
+from proxprop_nb.lab.compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, ResNetCifar, TransformerLM, build_network, prox_layers,
                                  muon_layers, make_method, stdlib_text, lr_grid, make_run, CompareRun, choose_lr, compare_plan)
-from proxprop_nb.compare_run import run_compare, load_records, compare_data, evaluate_lm_or_images, run_setting, main, estimate_s
-from proxprop_nb.compare_report import chosen_runs, time_to_target, summarize, format_summary, targets, describe_records
+from proxprop_nb.lab.compare_run import run_compare, load_records, compare_data, evaluate_lm_or_images, run_setting, main, estimate_s
+from proxprop_nb.lab.compare_report import chosen_runs, time_to_target, summarize, format_summary, targets, describe_records
 from proxprop_nb.layers import ProxPropMixin
-from proxprop_nb.runfiles import write_json
+from proxprop_nb.lab.runfiles import write_json
 
 torch.set_num_threads(1)
 
@@ -37,7 +37,7 @@ def test_resnet20_structure():
 
 
 def test_resnet_shortcut_is_zero_padded_identity():
-    from proxprop_nb.compare import BasicBlock
+    from proxprop_nb.lab.compare import BasicBlock
     b = BasicBlock(4, 8, stride=2).eval()
     for m in (b.conv1, b.conv2): nn.init.zeros_(m.weight)  # the residual branch is 0 (BatchNorm of 0 in eval mode: its shift, 0)
     x = torch.randn(2, 4, 6, 6)

@@ -12,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxprop_module, proxpropify, unproxpropify
-from proxprop_nb.solvers import check_prox_args, RouteChooser, route_chooser
+from proxprop_nb.solvers import check_prox_args, RouteChooser
+from proxprop_nb.layers import route_chooser
 from proxprop_nb.linear import prox_linear
 from proxprop_nb.conv import prox_conv, conv_gram, ConvGeometry
-from proxprop_nb.train import mlp, convnet
+from proxprop_nb.lab.train import mlp, convnet
 
 DEV = os.environ.get('PROXPROP_TEST_DEVICE', 'cuda')  # 'cpu' rehearses these tests on a machine without a GPU
 pytestmark = pytest.mark.skipif(DEV == 'cuda' and not torch.cuda.is_available(), reason='needs a CUDA GPU')

@@ -1,4 +1,4 @@
-"""proxprop_nb.data: the lookup rules that depend on the environment (current folder, PROXPROP_DATA,
+"""proxprop_nb.lab.data: the lookup rules that depend on the environment (current folder, PROXPROP_DATA,
 PROXPROP_CACHE, package location, network), checked on tiny fake sources in temporary folders."""
 import pickle
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxprop_nb import data, sources
+from proxprop_nb.lab import data, sources
 
 
 def write_batches(d, n=4, seed=0):

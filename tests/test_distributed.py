@@ -114,7 +114,7 @@ def test_training_on_two_processes_gives_the_one_process_losses(tmp_path):
     "train() under a torchrun-like launch: equal shares of every minibatch, rank 0 writes, a restart resumes"
     sys.path.insert(0, str(HERE))
     from ddp_train import CFG
-    from proxprop_nb.train import RunConfig, train, synthetic_cifar10, run_paths
+    from proxprop_nb.lab.train import RunConfig, train, synthetic_cifar10, run_paths
     torch.set_num_threads(1)
     one = train(RunConfig(**CFG), synthetic_cifar10(n_train=64), None, 'cpu', progress=False)
     out = tmp_path / 'two'

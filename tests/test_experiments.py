@@ -1,4 +1,4 @@
-"""The experiments and the `proxprop-experiment` command (proxprop_nb.experiments)."""
+"""The experiments and the `proxprop-experiment` command (proxprop_nb.lab.experiments)."""
 import json
 import subprocess
 import sys
@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import proxprop_nb.train as T
-from proxprop_nb.data import find_cifar10
-from proxprop_nb.experiments import (EXPERIMENTS, PAPER_TABLE1, TABLE1_TAUS, experiment_configs, format_table1, load_results,
+import proxprop_nb.lab.train as T
+from proxprop_nb.lab.data import find_cifar10
+from proxprop_nb.lab.experiments import (EXPERIMENTS, PAPER_TABLE1, TABLE1_TAUS, experiment_configs, format_table1, load_results,
                                      describe_runs, main, protocol, run_experiment, table1_grid)
-from proxprop_nb.train import run_name, synthetic_cifar10
+from proxprop_nb.lab.train import run_name, synthetic_cifar10
 
 DEEP = (192, 256, 256, 256, 10)
 

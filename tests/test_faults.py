@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import proxprop_nb.train as T
-import proxprop_nb.runfiles as RF
+import proxprop_nb.lab.train as T
+import proxprop_nb.lab.runfiles as RF
 from proxprop_nb import ProxPropConv2d
-from proxprop_nb.experiments import load_results, main as experiment_main, run_experiment
+from proxprop_nb.lab.experiments import load_results, main as experiment_main, run_experiment
 from proxprop_nb.solvers import check_prox_args, parse_mode
-from proxprop_nb.train import RunConfig, RunFileError, run_name, run_paths, train, read_json, write_json, save_checkpoint
+from proxprop_nb.lab.train import RunConfig, RunFileError, run_name, run_paths, train, read_json, write_json, save_checkpoint
 
 SMALL = dict(sizes=(192, 16, 10), batch_size=16, epochs=2)
 
@@ -207,8 +207,8 @@ def test_two_processes_on_one_folder_train_each_run_once(tmp_path):
     code = f"""
 import sys; sys.path.insert(0, {str(Path(T.__file__).parent.parent)!r})
 import torch; torch.set_num_threads(1)
-from proxprop_nb.train import synthetic_cifar10
-from proxprop_nb.experiments import run_experiment
+from proxprop_nb.lab.train import synthetic_cifar10
+from proxprop_nb.lab.experiments import run_experiment
 rows = run_experiment('table1', {str(tmp_path / 'out')!r}, synthetic_cifar10(64, 32, 32), 'cpu', progress=False, log=None,
                       methods=['backprop'], taus=[1, 0.5, 0.1, 0.05], sizes=(192, 64, 64, 64, 10), epochs=3)
 print(' '.join(r['status'].replace(' ', '_') for r in rows))

@@ -1,5 +1,6 @@
 """The package frame: README generated from the index notebook, sidebar, pinned environment."""
 import importlib.metadata as md
+import importlib.machinery
 import importlib.util
 import json
 import re
@@ -94,3 +95,43 @@ def test_docs_processing_runs_clean_and_pages_have_no_warts(tmp_path):
     assert sum('show_doc' in o or '```python' in o for o in outputs.values()) >= 10  # the API sections were rendered
     found = [(name, why) for name, text in outputs.items() for wart, why in warts.items() if wart in text]
     assert not found, found
+
+
+def _house():
+    "The .ci/house script as a module (it has no .py suffix)"
+    loader = importlib.machinery.SourceFileLoader('house', str(ROOT / '.ci' / 'house'))
+    spec = importlib.util.spec_from_loader('house', loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_house_has_two_rooms_no_cycles_no_undeclared_private_imports(capsys):
+    "`python .ci/house --check`: the library below the lab, 0 import cycles, private names only in declared seams"
+    house = _house()
+    assert house.main(['--check']) == 0, capsys.readouterr().out
+    modules = house.package_modules()
+    assert {house.room(m) for m in modules} == {'library', 'lab'}
+    assert house.room('proxprop_nb.lab.train') == 'lab' and house.room('proxprop_nb.layers') == 'library'
+
+
+def test_house_finds_cycles_lazy_imports_and_private_names(tmp_path):
+    "The checker itself: a lazy import that closes a cycle and an underscore name are both reported"
+    house = _house()
+    assert house.cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+    assert house.cycles({'a': {'b'}, 'b': set()}) == []
+    pkg = tmp_path / 'proxprop_nb'
+    (pkg / 'lab').mkdir(parents=True)
+    (pkg / '__init__.py').write_text('')
+    (pkg / 'lab' / '__init__.py').write_text('')
+    (pkg / 'solvers.py').write_text('def f():\n    from proxprop_nb.lab.train import _g\n')  # lazy, private, upward
+    (pkg / 'lab' / 'train.py').write_text('from ..solvers import f\ndef _g(): pass\n')
+    old = house.ROOT, house.PKG
+    house.ROOT, house.PKG = tmp_path, pkg
+    try:
+        edges, private = house.graph(house.package_modules())
+        assert house.cycles(edges) == [['proxprop_nb.lab.train', 'proxprop_nb.solvers']]
+        assert private == [('proxprop_nb.solvers', 'proxprop_nb.lab.train', '_g')]
+        problems = house.report(house.package_modules())
+        assert any('(library) imports proxprop_nb.lab.train (lab)' in p for p in problems) and len(problems) == 3
+    finally: house.ROOT, house.PKG = old

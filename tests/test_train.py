@@ -1,4 +1,4 @@
-"""The training loop (proxprop_nb.train): divergence, resume, skipping, results files, models and optimizers."""
+"""The training loop (proxprop_nb.lab.train): divergence, resume, skipping, results files, models and optimizers."""
 import itertools
 import json
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import proxprop_nb
-import proxprop_nb.train as T
-from proxprop_nb.train import (RunConfig, convnet, evaluate, make_optimizer, mlp, prepare_data, read_json, run_name, run_paths,
+import proxprop_nb.lab.train as T
+from proxprop_nb.lab.train import (RunConfig, convnet, evaluate, make_optimizer, mlp, prepare_data, read_json, run_name, run_paths,
                                synthetic_cifar10, train, write_json)
 
 DEEP = (192, 256, 256, 256, 10)  # a toy MLP that BackProp drives to NaN at tau = 50 (a shallow one loses its ReLUs first)
