@@ -8,6 +8,7 @@ import torch
 
 import proxprop_nb
 import proxprop_nb.lab.train as T
+from proxprop_nb.lab.train import reproducible_history
 from proxprop_nb.lab.train import (RunConfig, convnet, evaluate, make_optimizer, mlp, prepare_data, read_json, run_name, run_paths,
                                synthetic_cifar10, train, write_json)
 
@@ -23,7 +24,6 @@ def _strict_json(path):
     return json.loads(path.read_text(), parse_constant=no_constants)
 
 
-def _no_times(h): return {k: v for k, v in h.items() if not k.endswith('time')}
 
 
 def test_divergence_is_recorded(toy, tmp_path):
@@ -64,7 +64,7 @@ def test_resume_after_interrupt_equals_uninterrupted(toy, tmp_path, monkeypatch,
     assert T.load_checkpoint(ckpt)['epoch'] == 2
     monkeypatch.setattr(T, 'train_epoch', real)
     resumed = train(cfg, toy, tmp_path, 'cpu', progress=False)
-    assert _no_times(resumed['history']) == _no_times(full['history'])
+    assert reproducible_history(resumed['history']) == reproducible_history(full['history'])
     assert (resumed['test_loss'], resumed['test_acc']) == (full['test_loss'], full['test_acc'])
     assert resumed['resumed_at_epochs'] == [2] and resumed['status'] == 'finished' and not ckpt.exists()
 
@@ -76,7 +76,7 @@ def test_stop_after_keeps_checkpoint_and_resumes(toy, tmp_path):
         part = train(cfg, toy, tmp_path, 'cpu', progress=False, stop_after=1)
         assert (part['status'], part['epochs_done']) == ('stopped', done)
     r = train(cfg, toy, tmp_path, 'cpu', progress=False)
-    assert _no_times(r['history']) == _no_times(full['history']) and r['resumed_at_epochs'] == [1, 2]
+    assert reproducible_history(r['history']) == reproducible_history(full['history']) and r['resumed_at_epochs'] == [1, 2]
 
 
 def test_finished_run_is_skipped(toy, tmp_path, monkeypatch):

@@ -123,11 +123,10 @@ def machine_info(device='cpu') -> dict:
     return dict(env, threads=env['torch_threads'], device_name=env['gpu'] or env['cpu'])
 
 # %% ../../nbs/06_bench.ipynb #c016
-def _solve_record(s) -> dict|None:
-    "A layer's `last_solve` as plain numbers: route, CG iterations, final relative residual, dtype"
-    if s is None: return None
-    num = lambda v: None if v is None else float(v)
-    return dict(route=s.route, cg_iterations=num(s.iterations), residual=num(s.residual), dtype=str(s.dtype))
+def _solve_records(model) -> list:
+    "Each ProxProp layer's `last_solve` as plain numbers (`SolveInfo.record`); None for a layer without a step"
+    layers = [m for m in model.modules() if isinstance(m, ProxPropMixin)]
+    return [None if m.last_solve is None else m.last_solve.record() for m in layers]
 
 # %% ../../nbs/06_bench.ipynb #c017
 def benchmark(model:str='mlp', # 'mlp' or 'convnet'
@@ -157,7 +156,7 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
         out['modes'][m] = dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), times_ms=ms,
                                peak_bytes=step_peak_memory(s, held_bytes(s, x, y), device),
                                routes=[l.last_route for l in s.model.modules() if isinstance(l, ProxPropMixin)],
-                               solves=[_solve_record(l.last_solve) for l in s.model.modules() if isinstance(l, ProxPropMixin)])
+                               solves=_solve_records(s.model))
     base = out['modes']['plain']
     for r in out['modes'].values():
         r['ratio'] = r['median_ms'] / base['median_ms']

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import proxprop_nb
-from ..solvers import check_prox_args, parse_mode
+from ..solvers import check_prox_args, parse_mode, SUMMARIZED
 from ..layers import proxpropify, ProxPropMixin, SolveStats
 from ..distributed import DataParallel, data_parallel
 from .models import MLP_SIZES, mlp, CONVNET_CHANNELS, convnet, OPTIMIZERS, make_optimizer
@@ -29,9 +29,10 @@ from .runfiles import (write_json, read_json, environment, source_hash, save_che
                                       prepare_out_dir, utc_timestamp)
 
 # %% auto #0
-__all__ = ['MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'RunConfig', 'run_name', 'synthetic_cifar10', 'prepare_data', 'data_key',
-           'evaluate', 'epoch_generator', 'train_epoch', 'synchronize', 'default_device', 'build_model', 'run_paths',
-           'finished_results', 'device_problem', 'train', 'format_history']
+__all__ = ['MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'VARYING_HISTORY_KEYS', 'RunConfig', 'run_name', 'synthetic_cifar10',
+           'prepare_data', 'data_key', 'evaluate', 'epoch_generator', 'train_epoch', 'synchronize', 'default_device',
+           'reproducible_history', 'build_model', 'run_paths', 'finished_results', 'device_problem', 'train',
+           'format_history']
 
 # %% ../../nbs/04_train.ipynb #c008
 MODELS = ('mlp', 'convnet')
@@ -233,6 +234,20 @@ def synchronize(device # a torch device, or its name
 def default_device() -> str:
     "'cuda' if a GPU is available, else 'cpu'"
     return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+# %% ../../nbs/04_train.ipynb #3c349634
+VARYING_HISTORY_KEYS = ('train_time', 'eval_time', 'time')  # and, inside `solves`, the summaries of varying fields
+
+def reproducible_history(h:dict, # a run's history, as `train` records it
+                        ) -> dict: # the same without the entries that vary between identical runs
+    "What a resumed or repeated run must reproduce exactly: `h` without clock readings"
+    varying = {f"{f.metadata['record']}_{how}" for f in SUMMARIZED if f.metadata.get('varies')
+               for how in f.metadata['summary']}
+    keep = lambda row: {k: v for k, v in row.items() if k not in varying}
+    out = {k: v for k, v in h.items() if k not in VARYING_HISTORY_KEYS}
+    if 'solves' in out: out['solves'] = [s and {layer: keep(row) for layer, row in s.items()} for s in out['solves']]
+    return out
+
 
 # %% ../../nbs/04_train.ipynb #c034
 def build_model(cfg:RunConfig # the run's configuration
