@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -23,8 +24,9 @@ from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, conv_gra
 from .distributed import check_distributed, global_context, defer_step
 
 # %% auto #0
-__all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choice', 'ProxPropMixin', 'ProxPropLinearBase',
-           'ProxPropLinear', 'SolveStats', 'ProxPropConv2d', 'proxprop_module', 'proxpropify', 'unproxpropify']
+__all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choice', 'ElapsedTime', 'ProxPropMixin',
+           'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d', 'proxprop_module', 'proxpropify',
+           'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
@@ -70,13 +72,36 @@ def _on_device(spec:ProxSpec, device) -> tuple: # (the spec with the device's CG
     return _DEVICE_SPECS[key], route_chooser(device)
 
 
+# %% ../nbs/02_layers.ipynb #a29fd2a1
+class ElapsedTime:
+    "The time between two recorded CUDA events, in seconds; read (waiting for the later event) by float()"
+    def __init__(self, start, end): self.start, self.end = start, end
+    def __float__(self): self.end.synchronize(); return self.start.elapsed_time(self.end) / 1e3
+    def __repr__(self): return f'ElapsedTime({float(self):.3g} s)'
+
+class _Clock:
+    "Times a stretch of work on `device`: perf_counter on the CPU, a pair of CUDA events on a GPU"
+    def __init__(self, device):
+        self.cuda = device.type == 'cuda'
+        if self.cuda: self.start = torch.cuda.Event(enable_timing=True); self.start.record()
+        else: self.start = time.perf_counter()
+
+    def elapsed(self):
+        "Seconds since the start: a float, or an `ElapsedTime` on a GPU (no wait here)"
+        if not self.cuda: return time.perf_counter() - self.start
+        end = torch.cuda.Event(enable_timing=True); end.record()
+        return ElapsedTime(self.start, end)
+
+
 # %% ../nbs/02_layers.ipynb #a1bffc9e
 def _solve_recorded(layer, # the ProxProp layer whose step this is
                     solve, # computes the step; its last value is the step's SolveInfo
                    ) -> tuple: # what `solve` returned
-    "Compute a layer's step and keep its record as the layer's `last_solve` (not while torch.compile traces)"
+    "Compute a layer's step, timed, and keep its record as the layer's `last_solve` (not while torch.compile traces)"
+    if torch.compiler.is_compiling(): return solve()
+    clock = _Clock(next(layer.parameters()).device)
     out = solve()
-    if not torch.compiler.is_compiling(): object.__setattr__(layer, '_last_solve', out[-1])
+    object.__setattr__(layer, '_last_solve', replace(out[-1], seconds=clock.elapsed()))
     return out
 
 

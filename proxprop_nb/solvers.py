@@ -110,6 +110,8 @@ class SolveInfo:
                                              metadata=dict(record='cg_iterations', summary=('mean', 'max')))
     residual:torch.Tensor|None = field(default=None, metadata=dict(record='residual', summary=('mean',)))
     dtype:torch.dtype|None=None # the dtype the system was solved in
+    # the step's wall-clock time in seconds: a float, or a value read with float() (on a GPU, once per epoch)
+    seconds:float|None = field(default=None, metadata=dict(record='solve_seconds', summary=('mean', 'sum'), varies=True))
 
     @classmethod
     def of(cls, route:str, cg:CGResult|None, dtype) -> SolveInfo:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxprop_module, proxpropify, unproxpropify
 from proxprop_nb.solvers import check_prox_args, RouteChooser
-from proxprop_nb.layers import route_chooser
+from proxprop_nb.layers import route_chooser, ProxPropMixin, ElapsedTime
 from proxprop_nb.linear import prox_linear
 from proxprop_nb.conv import prox_conv, conv_gram, ConvGeometry
 from proxprop_nb.lab.train import mlp, convnet
@@ -256,9 +256,11 @@ def test_cg_backward_makes_no_host_sync(model, cg_tol):
     net(x).sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
-    try: net(x).sum().backward()
+    try: net(x).sum().backward()  # the solve-time events of every layer included
     finally: torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    times = [m.last_solve.seconds for m in net.modules() if isinstance(m, ProxPropMixin)]
+    assert times and all(isinstance(t, ElapsedTime) and 0 < float(t) < 10 for t in times)  # read after the step
 
 
 # ---- a few training steps of the paper's networks ----------------------------------------------------------
