@@ -12,31 +12,39 @@ from nbdev.showdoc import BasicMarkdownRenderer
 # %% auto #0
 __all__ = ['ShowDoc']
 
-# %% ../nbs/99_showdoc.ipynb #c005
+# %% ../nbs/99_showdoc.ipynb #72e11364
 def _own_init(cls) -> bool:
-    "Whether `cls` has a constructor written in Python (its own or inherited), whose signature the page can show"
+    "Whether `cls` has a Python constructor (its own or inherited), whose signature the page can show"
     return inspect.isfunction(cls.__init__)
-
-def _plain_defaults(sig:str) -> str:
-    "Drop the annotations fastcore infers from a default's type (`x:NoneType=None`, `log:builtin_function_or_method=print`)"
-    return re.sub(r'(\w):(?:NoneType|builtin_function_or_method|function)=', r'\1=', sig)
 
 def _source_line(sym) -> int|None:
     "The line where `sym` is defined in its module, or None where Python cannot tell"
     try: return inspect.getsourcelines(sym)[1]
     except (OSError, TypeError): return None
 
+# %% ../nbs/99_showdoc.ipynb #a6a7ec4d
+def _plain_defaults(sig:str) -> str:
+    "Drop the annotations fastcore infers from defaults: `x:NoneType=None` becomes `x=None`"
+    return re.sub(r'(\w):(?:NoneType|builtin_function_or_method|function)=', r'\1=', sig)
+
+def _link_line(md:str, line:int|None) -> str:
+    "Put `line` into nbdev's `#LNone` source link, or drop the anchor where the line is unknown"
+    return re.sub(r'(\.py)#LNone\)', rf'\1#L{line})' if line else r'\1)', md, count=1)
+
+# %% ../nbs/99_showdoc.ipynb #fae41af5
+def _as_class(md:str, cls, name:str) -> str:
+    "nbdev's markdown of class `cls`, its signature written as a class: the constructor's, or else the bases"
+    if _own_init(cls): return md.replace(f'```python\ndef {name}(', f'```python\nclass {name}(', 1)
+    bases = ', '.join(b.__name__ for b in cls.__bases__ if b is not object)
+    head = f'class {name}' + (f'({bases})' if bases else '') + ':'
+    return re.sub(r'```python\n.*?\n```', lambda m: f'```python\n{head}\n```', md, count=1, flags=re.S)
+
+# %% ../nbs/99_showdoc.ipynb #c005
 class ShowDoc(BasicMarkdownRenderer):
-    "nbdev's markdown renderer with classes written as `class`, classes without a Python constructor (mixins, exceptions) by their bases, defaults without inferred types, and source links to the line"
+    "nbdev's markdown renderer with classes shown as classes, defaults without inferred types, line links"
     def _repr_markdown_(self):
-        md, sym = _plain_defaults(super()._repr_markdown_()), self.sym
-        line = _source_line(sym)
-        md = re.sub(r'(\.py)#LNone\)', rf'\1#L{line})' if line else r'\1)', md, count=1)
-        if not inspect.isclass(sym): return md
-        if _own_init(sym): return md.replace(f'```python\ndef {self.nm}(', f'```python\nclass {self.nm}(', 1)
-        bases = ', '.join(b.__name__ for b in sym.__bases__ if b is not object)
-        head = f'class {self.nm}' + (f'({bases})' if bases else '') + ':'
-        return re.sub(r'```python\n.*?\n```', lambda m: f'```python\n{head}\n```', md, count=1, flags=re.S)
+        md = _link_line(_plain_defaults(super()._repr_markdown_()), _source_line(self.sym))
+        return _as_class(md, self.sym, self.nm) if inspect.isclass(self.sym) else md
 
     def __repr__(self):
         "The signature as the page shows it, then the docstring"

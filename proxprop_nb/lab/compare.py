@@ -24,6 +24,12 @@ __all__ = ['NETWORKS', 'METHODS', 'TAU_PROX', 'MUON_AUX_LR', 'LR_GRIDS', 'LR_GRI
            'Method', 'make_method', 'TextData', 'stdlib_text', 'lr_grid', 'NetSetting', 'Setting', 'CompareRun',
            'make_run', 'select_key', 'choose_lr', 'compare_plan']
 
+# %% ../../nbs/13_compare.ipynb #117c1ec9
+def _shortcut(x, stride:int, pad:int):
+    "He et al.'s option A: `x` subsampled by `stride`, with `pad` channels of zeros added, half on each side"
+    x = x[:, :, ::stride, ::stride] if stride > 1 else x
+    return F.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2)) if pad else x
+
 # %% ../../nbs/13_compare.ipynb #c007
 class BasicBlock(nn.Module):
     "ResNet basic block: two 3x3 convolutions with BatchNorm, and a parameter-free shortcut (option A)"
@@ -38,25 +44,29 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        sc = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
-        if self.pad: sc = F.pad(sc, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + sc)
+        return F.relu(out + _shortcut(x, self.stride, self.pad))
+
+# %% ../../nbs/13_compare.ipynb #06627507
+def _resnet_stages(width:int, blocks:int) -> list:
+    "Three stages of `blocks` basic blocks of width, 2x and 4x channels; later stages start with stride 2"
+    layers, c_in = [], width
+    for i, c_out in enumerate((width, 2 * width, 4 * width)):
+        for j in range(blocks):
+            layers.append(BasicBlock(c_in, c_out, 2 if i > 0 and j == 0 else 1)); c_in = c_out
+    return layers
 
 # %% ../../nbs/13_compare.ipynb #c008
 class ResNetCifar(nn.Module):
-    "The CIFAR-10 ResNet of He et al. (2016): a 3x3 stem, three stages of basic blocks, global average pooling, a classifier"
+    "CIFAR-10's ResNet (He et al. 2016): 3x3 stem, three stages of basic blocks, average pooling, classifier"
     def __init__(self, width:int=16, # channels of the first stage (the others have 2x and 4x)
                  blocks:int=3, # basic blocks per stage: 3 gives ResNet-20 (6 * blocks + 2 layers)
                  n_classes:int=10 # outputs of the classifier
                 ):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
-        layers, c = [], width
-        for i, w in enumerate((width, 2 * width, 4 * width)):
-            for j in range(blocks): layers.append(BasicBlock(c, w, 2 if i > 0 and j == 0 else 1)); c = w
-        self.layers, self.fc = nn.Sequential(*layers), nn.Linear(c, n_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        self.layers, self.fc = nn.Sequential(*_resnet_stages(width, blocks)), nn.Linear(4 * width, n_classes)
+        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+        for conv in convs: nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
 
     def forward(self, x): return self.fc(self.layers(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
 
@@ -74,7 +84,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        q, k, v = (split(proj(x)) for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
 # %% ../../nbs/13_compare.ipynb #c013
@@ -82,7 +93,8 @@ class TransformerBlock(nn.Module):
     "Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))"
     def __init__(self, d_model:int, n_head:int):
         super().__init__()
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d_model), CausalSelfAttention(d_model, n_head), nn.LayerNorm(d_model)
+        self.ln1, self.attn = nn.LayerNorm(d_model), CausalSelfAttention(d_model, n_head)
+        self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
     def forward(self, x):
@@ -105,7 +117,8 @@ class TransformerLM(nn.Module):
         self.ctx = ctx
 
     def forward(self, idx):
-        if idx.shape[1] > self.ctx: raise ValueError(f'sequence of {idx.shape[1]} tokens; the context is {self.ctx}')
+        if idx.shape[1] > self.ctx:
+            raise ValueError(f'sequence of {idx.shape[1]} tokens; the context is {self.ctx}')
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         return self.head(self.ln_f(self.blocks(x)))
 
@@ -113,7 +126,7 @@ class TransformerLM(nn.Module):
 NETWORKS = ('mlp', 'convnet', 'resnet20', 'lm')
 
 def build_network(network:str, # one of NETWORKS
-                  sizes:tuple|None=None, # mlp: widths; convnet: channels; resnet20: (width, blocks); lm: (d_model, n_layer, n_head, ctx)
+                  sizes:tuple|None=None, # sizes for its builder (see above); None: the standard network
                   seed:int=0 # seed of the initialisation (the global random state is left alone)
                  ) -> nn.Module:
     "The network `network` with plain PyTorch layers, initialised from `seed`"
@@ -129,13 +142,14 @@ def build_network(network:str, # one of NETWORKS
 def prox_layers(model:nn.Module, # a network from `build_network`
                 network:str # its name
                ) -> list:
-    "Names of the layers ProxProp treats implicitly: Linear/Conv2d but the last (mlp, convnet), all convolutions (resnet20), block Linears (lm)"
-    lin = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    if network in ('mlp', 'convnet'): return lin[:-1]
+    "Names of the layers ProxProp treats implicitly, in each network as listed above"
+    linear_or_conv = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    if network in ('mlp', 'convnet'): return linear_or_conv[:-1]
     if network == 'resnet20': return [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
-    if network == 'lm': return [n for n in lin if n.startswith('blocks.')]
+    if network == 'lm': return [n for n in linear_or_conv if n.startswith('blocks.')]
     raise ValueError(f'network={network!r} is not valid: use one of {NETWORKS}')
 
+# %% ../../nbs/13_compare.ipynb #ddff11ca
 def muon_layers(model:nn.Module, # a network from `build_network`
                 network:str # its name
                ) -> list:
@@ -152,6 +166,7 @@ class Method:
     mode:str # 'gradient' (BackProp) or a ProxProp optimization_mode
     optimizer:str # 'sgd', 'adamw', 'muon' or 'soap'
 
+# %% ../../nbs/13_compare.ipynb #57a3079c
 METHODS = {m.name: m for m in (
     Method('bp-sgd', 'BackProp + Nesterov SGD', 'gradient', 'sgd'),
     Method('bp-adamw', 'BackProp + AdamW', 'gradient', 'adamw'),
@@ -163,55 +178,110 @@ METHODS = {m.name: m for m in (
     Method('cg3-adamw', 'ProxProp cg3 + AdamW', 'prox_cg3', 'adamw'),
 )}
 TAU_PROX = 1.0  # tau_theta of every ProxProp method
-MUON_AUX_LR = 1e-3  # Muon's AdamW group (input layer, head, embeddings, biases, norms): the middle of AdamW's grid
+# the rate of Muon's AdamW group (input layer, head, embeddings, biases, norms): the middle of AdamW's grid
+MUON_AUX_LR = 1e-3
 
 # %% ../../nbs/13_compare.ipynb #c024
 def _method(name):
     if name not in METHODS: raise ValueError(f'method={name!r} is not valid: use one of {tuple(METHODS)}')
     return METHODS[name]
 
+# %% ../../nbs/13_compare.ipynb #5c423f44
 def _peers():
+    "pytorch-optimizer, where Muon and SOAP come from"
     try: import pytorch_optimizer
     except ImportError as e:
-        raise ImportError('Muon and SOAP come from pytorch-optimizer: pip install "proxprop_nb[compare]"') from e
+        raise ImportError('Muon and SOAP come from pytorch-optimizer: '
+                          'pip install "proxprop_nb[compare]"') from e
     return pytorch_optimizer
 
+# %% ../../nbs/13_compare.ipynb #0e8f74da
+def _optimizer(model:nn.Module, network:str, name:str, lr:float) -> torch.optim.Optimizer:
+    "The optimizer `name` ('sgd', 'adamw', 'soap' or 'muon') over the parameters of `model`"
+    params = list(model.parameters())
+    if name == 'sgd': return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name == 'adamw': return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    pytorch_optimizer = _peers()
+    if name == 'soap':
+        return pytorch_optimizer.SOAP(params, lr=lr, weight_decay=0.01, precondition_frequency=10,
+                                      max_precondition_dim=2048)
+    hidden = [model.get_submodule(n).weight for n in muon_layers(model, network)]
+    rest = [p for p in params if all(p is not q for q in hidden)]
+    groups = [dict(params=hidden, use_muon=True, lr=lr), dict(params=rest, use_muon=False, lr=MUON_AUX_LR)]
+    return pytorch_optimizer.Muon(groups, weight_decay=0.01, adamw_wd=0.01)
+
 # %% ../../nbs/13_compare.ipynb #c025
-def make_method(model:nn.Module, # a network from `build_network` (plain layers), converted in place for ProxProp methods
+def make_method(model:nn.Module, # a network from `build_network`, converted in place for ProxProp methods
                 network:str, # its name
                 method:str, # one of METHODS
                 lr:float # the learning rate (Muon: of its orthogonalised group)
                ) -> torch.optim.Optimizer:
     "Set up `model` for `method` (ProxProp layers where the method has them) and return its optimizer"
     m = _method(method)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f'lr={lr!r} is not valid: use a finite lr > 0')
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f'lr={lr!r} is not valid: use a finite lr > 0')
     if m.mode != 'gradient':
         keep = set(prox_layers(model, network))
-        proxpropify(model, TAU_PROX, m.mode, exclude=[n for n, _ in model.named_modules() if n and n not in keep])
-    params = list(model.parameters())
-    if m.optimizer == 'sgd': return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    if m.optimizer == 'adamw': return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    po = _peers()
-    if m.optimizer == 'soap': return po.SOAP(params, lr=lr, weight_decay=0.01, precondition_frequency=10, max_precondition_dim=2048)
-    hidden = [model.get_submodule(n).weight for n in muon_layers(model, network)]
-    rest = [p for p in params if all(p is not q for q in hidden)]
-    return po.Muon([dict(params=hidden, use_muon=True, lr=lr), dict(params=rest, use_muon=False, lr=MUON_AUX_LR)],
-                   weight_decay=0.01, adamw_wd=0.01)
+        explicit = [n for n, _ in model.named_modules() if n and n not in keep]
+        proxpropify(model, TAU_PROX, m.mode, exclude=explicit)
+    return _optimizer(model, network, m.optimizer, lr)
 
 # %% ../../nbs/13_compare.ipynb #c031
 @dataclass(repr=False)
 class TextData:
-    "Byte-level text split into training, validation and test bytes (uint8 tensors), with a description of the source"
+    "Byte-level text split into training, validation and test bytes (uint8 tensors), and where it came from"
     train:torch.Tensor # training bytes
     val:torch.Tensor # validation bytes
     test:torch.Tensor # test bytes
     source:dict # where the bytes came from: folder, Python version, files, SHA-256
 
-    def __repr__(self): return (f"TextData(train={len(self.train):,}, val={len(self.val):,}, test={len(self.test):,} bytes; "
-                                f"{len(self.source['files'])} files of Python {self.source['python']})")
+    def __repr__(self):
+        sizes = f'train={len(self.train):,}, val={len(self.val):,}, test={len(self.test):,} bytes'
+        return f"TextData({sizes}; {len(self.source['files'])} files of Python {self.source['python']})"
+
+# %% ../../nbs/13_compare.ipynb #2cf3b671
+def _seeded_files(root:Path, n_bytes:int|None, seed:int) -> list:
+    "The `*.py` files of `root` in a seeded random order, as many as it takes to hold `n_bytes` (None: all)"
+    files = sorted(root.glob('*.py'))
+    if len(files) < 3:
+        raise ValueError(f'{root} holds {len(files)} .py files; '
+                         'the test, validation and training text need at least 3')
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen, total = [], 0
+    for i in order:
+        if n_bytes is not None and total >= n_bytes: break
+        chosen.append(files[i]); total += files[i].stat().st_size
+    return chosen
+
+# %% ../../nbs/13_compare.ipynb #dcdac9fb
+def _split_parts(sizes:list, # bytes of each file, in order
+                 share:float=0.05 # least share of the bytes for each of the test and validation text
+                ) -> list:
+    "(start, end) file ranges of the test, validation and training text"
+    total, parts, end = sum(sizes), [], 0
+    for _ in range(2):
+        start, size = end, 0
+        while size < share * total and end < len(sizes) - 1: size += sizes[end]; end += 1
+        parts.append((start, end))
+    return parts + [(end, len(sizes))]
+
+# %% ../../nbs/13_compare.ipynb #c033
+def _split_text(chosen, root, seed, n_bytes) -> TextData:
+    "Test, validation and training text from the chosen files, in order, and where it came from"
+    blobs = [f.read_bytes() for f in chosen]
+    parts = _split_parts([len(b) for b in blobs])
+    as_tensor = lambda start, end: torch.frombuffer(bytearray(b''.join(blobs[start:end])), dtype=torch.uint8)
+    test, val, train = (as_tensor(start, end) for start, end in parts)
+    if min(len(test), len(val), len(train)) == 0:
+        raise ValueError(f'{len(chosen)} files are too few to split into test, val and train')
+    source = dict(kind='python-stdlib', root=str(root), python=sys.version.split()[0], seed=seed,
+                  n_bytes=n_bytes, files=[f.name for f in chosen],
+                  split_files=[end - start for start, end in parts], bytes=sum(map(len, blobs)),
+                  sha256=hashlib.sha256(b''.join(blobs)).hexdigest())
+    return TextData(train, val, test, source)
 
 # %% ../../nbs/13_compare.ipynb #c032
-def stdlib_text(n_bytes:int|None=1_000_000, # bytes to collect (whole files, so a little more); None: every file
+def stdlib_text(n_bytes:int|None=1_000_000, # bytes to collect (whole files: a little more); None: every file
                 seed:int=0, # seed of the file order
                 root=None # the folder of .py files; None: this Python's standard library
                ) -> TextData:
@@ -219,37 +289,16 @@ def stdlib_text(n_bytes:int|None=1_000_000, # bytes to collect (whole files, so 
     if n_bytes is not None and not (isinstance(n_bytes, int) and n_bytes >= 1000):
         raise ValueError(f'n_bytes={n_bytes!r} is not valid: use an integer >= 1000, or None for every file')
     root = Path(root or sysconfig.get_paths()['stdlib'])
-    files = sorted(root.glob('*.py'))
-    if len(files) < 3: raise ValueError(f'{root} holds {len(files)} .py files; the test, validation and training text need at least 3')
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen, total = [], 0
-    for i in order:
-        if n_bytes is not None and total >= n_bytes: break
-        chosen.append(files[i]); total += files[i].stat().st_size
-    return _split_text(chosen, root, seed, n_bytes)
-
-# %% ../../nbs/13_compare.ipynb #c033
-def _split_text(chosen, root, seed, n_bytes) -> TextData:
-    "Test, validation and training text from the chosen files, in order: at least 5% of the bytes each for test and val"
-    blobs = [f.read_bytes() for f in chosen]
-    total, parts, k = sum(map(len, blobs)), [], 0
-    for _ in range(2):
-        start, size = k, 0
-        while size < 0.05 * total and k < len(blobs) - 1: size += len(blobs[k]); k += 1
-        parts.append((start, k))
-    parts.append((k, len(blobs)))
-    test, val, train = (torch.frombuffer(bytearray(b''.join(blobs[a:b])), dtype=torch.uint8) for a, b in parts)
-    if min(len(test), len(val), len(train)) == 0: raise ValueError(f'{len(chosen)} files are too few to split into test, val and train')
-    src = dict(kind='python-stdlib', root=str(root), python=sys.version.split()[0], seed=seed, n_bytes=n_bytes,
-               files=[f.name for f in chosen], split_files=[b - a for a, b in parts], bytes=total,
-               sha256=hashlib.sha256(b''.join(blobs)).hexdigest())
-    return TextData(train, val, test, src)
+    return _split_text(_seeded_files(root, n_bytes, seed), root, seed, n_bytes)
 
 # %% ../../nbs/13_compare.ipynb #c037
-LR_GRIDS = dict(sgd=(0.01, 0.03, 0.1), adamw=(3e-4, 1e-3, 3e-3), muon=(0.01, 0.02, 0.05), soap=(1e-3, 3e-3, 1e-2),
-                prox_sgd=(0.3, 1.0, 3.0))
-LR_GRIDS_NET = dict(resnet20=dict(sgd=(0.03, 0.1, 0.3), prox_sgd=(0.1, 0.3, 1.0)), lm=dict(sgd=(0.1, 0.3, 1.0)))  # networks' own grids
+LR_GRIDS = dict(sgd=(0.01, 0.03, 0.1), adamw=(3e-4, 1e-3, 3e-3), muon=(0.01, 0.02, 0.05),
+                soap=(1e-3, 3e-3, 1e-2), prox_sgd=(0.3, 1.0, 3.0))
+# networks' own grids, where the common one does not fit
+LR_GRIDS_NET = dict(resnet20=dict(sgd=(0.03, 0.1, 0.3), prox_sgd=(0.1, 0.3, 1.0)),
+                    lm=dict(sgd=(0.1, 0.3, 1.0)))
 
+# %% ../../nbs/13_compare.ipynb #f6731dc1
 def lr_grid(network:str, # one of NETWORKS
             method:str # one of METHODS
            ) -> tuple:
@@ -265,10 +314,11 @@ class NetSetting:
     "How one network is trained and evaluated in a setting"
     budget_s:float # training time per run, seconds of the run's clock
     batch_size:int # images, or sequences of the language model
-    n_eval:int # examples (images, or windows of ctx bytes) of the fixed training and validation evaluation subsets
+    n_eval:int # examples (images, or windows of ctx bytes) in the fixed training and validation subsets
     n_test:int # examples of the fixed test subset, evaluated once at the end
     sizes:tuple|None=None # model sizes for `build_network`; None: the standard network
 
+# %% ../../nbs/13_compare.ipynb #82c83fd5
 @dataclass(frozen=True)
 class Setting:
     "A protocol of the comparison: per-network settings, learning-rate grids, seeds, data, evaluations"
@@ -283,16 +333,25 @@ class Setting:
 
 # %% ../../nbs/13_compare.ipynb #c040
 SETTINGS = {s.name: s for s in (
-    Setting('quick', dict(mlp=NetSetting(0.2, 32, 64, 64, (3072, 64, 32, 64, 10)), convnet=NetSetting(0.2, 32, 64, 64, (3, 4, 4, 4)),
-                          resnet20=NetSetting(0.2, 16, 64, 64, (4, 1)), lm=NetSetting(0.2, 8, 8, 8, (32, 1, 2, 32))),
+    Setting('quick', dict(mlp=NetSetting(0.2, 32, 64, 64, (3072, 64, 32, 64, 10)),
+                          convnet=NetSetting(0.2, 32, 64, 64, (3, 4, 4, 4)),
+                          resnet20=NetSetting(0.2, 16, 64, 64, (4, 1)),
+                          lm=NetSetting(0.2, 8, 8, 8, (32, 1, 2, 32))),
             2, (0,), (0, 1), 'middle', 'synthetic', 50_000),
     Setting('reduced', dict(mlp=NetSetting(20, 500, 400, 1000), convnet=NetSetting(20, 500, 400, 1000),
-                            resnet20=NetSetting(20, 128, 400, 1000), lm=NetSetting(20, 32, 32, 64, (128, 2, 4, 128))),
+                            resnet20=NetSetting(20, 128, 400, 1000),
+                            lm=NetSetting(20, 32, 32, 64, (128, 2, 4, 128))),
             5, (0,), (0, 1, 2), 'grid', 'cifar10', 1_000_000),
     Setting('full', dict(mlp=NetSetting(15, 500, 5000, 10000), convnet=NetSetting(20, 500, 5000, 10000),
-                         resnet20=NetSetting(60, 128, 5000, 10000), lm=NetSetting(60, 64, 256, 512, (256, 4, 8, 256))),
+                         resnet20=NetSetting(60, 128, 5000, 10000),
+                         lm=NetSetting(60, 64, 256, 512, (256, 4, 8, 256))),
             20, (0, 1, 2), (0, 1, 2), 'grid', 'cifar10', None),
 )}
+
+# %% ../../nbs/13_compare.ipynb #798c1809
+def _setting(name):
+    if name not in SETTINGS: raise ValueError(f'setting={name!r} is not valid: use one of {tuple(SETTINGS)}')
+    return SETTINGS[name]
 
 # %% ../../nbs/13_compare.ipynb #c042
 @dataclass(frozen=True)
@@ -314,15 +373,13 @@ class CompareRun:
 
     @property
     def name(self) -> str: return f'{self.setting}-{self.network}-{self.method}-lr{self.lr:g}-seed{self.seed}'
-    def to_dict(self) -> dict: return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
     @classmethod
-    def from_dict(cls, d:dict): return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+    def from_dict(cls, d:dict):
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 # %% ../../nbs/13_compare.ipynb #c043
-def _setting(name):
-    if name not in SETTINGS: raise ValueError(f'setting={name!r} is not valid: use one of {tuple(SETTINGS)}')
-    return SETTINGS[name]
-
 def make_run(setting:str, # one of SETTINGS
              network:str, # one of NETWORKS
              method:str, # one of METHODS
@@ -332,18 +389,24 @@ def make_run(setting:str, # one of SETTINGS
     "The run of `method` on `network` at `lr` and `seed` in `setting`"
     s, _ = _setting(setting), _method(method)
     if network not in NETWORKS: raise ValueError(f'network={network!r} is not valid: use one of {NETWORKS}')
-    n = s.nets[network]
-    return CompareRun(setting, network, method, float(lr), seed, n.budget_s, n.batch_size, s.n_evals, n.n_eval, n.n_test,
-                      n.sizes, s.images, s.text_bytes)
+    net = s.nets[network]
+    return CompareRun(setting, network, method, float(lr), seed, net.budget_s, net.batch_size, s.n_evals,
+                      net.n_eval, net.n_test, net.sizes, s.images, s.text_bytes)
 
 # %% ../../nbs/13_compare.ipynb #c046
 def select_key(network:str) -> tuple: # (history key, True if larger is better)
-    "The validation metric that picks the learning rate: accuracy for the image networks, loss for the language model"
+    "The validation metric that picks the learning rate: accuracy for images, loss for the language model"
     return ('val_loss', False) if network == 'lm' else ('val_acc', True)
 
 def _final(r:dict, key:str):
     v = (r.get('final') or {}).get(key)
     return v if r.get('status') == 'finished' and v is not None and math.isfinite(v) else None
+
+# %% ../../nbs/13_compare.ipynb #2a36000b
+def _grid(s:Setting, network:str, method:str) -> tuple:
+    "The learning rates of `method` that setting `s` sweeps: the whole grid, or only its middle rate"
+    rates = lr_grid(network, method)
+    return rates if s.grid == 'grid' else rates[len(rates) // 2:len(rates) // 2 + 1]
 
 # %% ../../nbs/13_compare.ipynb #c047
 def choose_lr(records:dict, # run name -> results record (e.g. from `load_records`)
@@ -351,19 +414,23 @@ def choose_lr(records:dict, # run name -> results record (e.g. from `load_record
               network:str, # one of NETWORKS
               method:str # one of METHODS
              ) -> float|None:
-    "The grid's learning rate with the best mean final validation metric over the sweep seeds; None while the sweep is incomplete"
+    "The grid's best learning rate by mean final validation metric on the sweep seeds; None until swept"
     s, (key, larger) = _setting(setting), select_key(network)
     score = {}
     for lr in _grid(s, network, method):
-        rs = [records.get(make_run(setting, network, method, lr, seed).name) for seed in s.sweep_seeds]
-        if any(r is None or r.get('status') not in ('finished', 'diverged') for r in rs): return None
-        vals = [_final(r, key) for r in rs]
-        score[lr] = -math.inf if None in vals else (1 if larger else -1) * sum(vals) / len(vals)
+        sweep = [records.get(make_run(setting, network, method, lr, seed).name) for seed in s.sweep_seeds]
+        if any(r is None or r.get('status') not in ('finished', 'diverged') for r in sweep): return None
+        finals = [_final(r, key) for r in sweep]
+        score[lr] = -math.inf if None in finals else (1 if larger else -1) * sum(finals) / len(finals)
     return max(score, key=score.get)  # the first of equals, in grid order
 
-def _grid(s, network, method):
-    g = lr_grid(network, method)
-    return g if s.grid == 'grid' else g[len(g) // 2:len(g) // 2 + 1]
+# %% ../../nbs/13_compare.ipynb #9309fe9b
+def _subsets(networks, methods) -> tuple:
+    "The networks and the methods asked for (None: all of them), checked"
+    networks, methods = tuple(networks or NETWORKS), tuple(methods or METHODS)
+    bad = [n for n in networks if n not in NETWORKS] + [m for m in methods if m not in METHODS]
+    if bad: raise ValueError(f'{bad} not valid: networks are {NETWORKS}, methods {tuple(METHODS)}')
+    return networks, methods
 
 # %% ../../nbs/13_compare.ipynb #c048
 def compare_plan(setting:str='reduced', # one of SETTINGS
@@ -371,14 +438,14 @@ def compare_plan(setting:str='reduced', # one of SETTINGS
                  networks=None, # a subset of NETWORKS; None: all
                  methods=None # a subset of METHODS; None: all
                 ) -> list:
-    "The runs of a setting known so far: the sweep, then every seed at the chosen rate of each method whose sweep is done"
+    "The runs of a setting known so far: the sweep, then every seed at the chosen rate of each method swept"
     s, records = _setting(setting), records or {}
-    networks, methods = tuple(networks or NETWORKS), tuple(methods or METHODS)
-    bad = [n for n in networks if n not in NETWORKS] + [m for m in methods if m not in METHODS]
-    if bad: raise ValueError(f'{bad} not valid: networks are {NETWORKS}, methods {tuple(METHODS)}')
-    runs = [make_run(setting, n, m, lr, seed) for seed in s.sweep_seeds for n in networks for m in methods for lr in _grid(s, n, m)]
+    networks, methods = _subsets(networks, methods)
+    runs = [make_run(setting, n, m, lr, seed) for seed in s.sweep_seeds for n in networks for m in methods
+            for lr in _grid(s, n, m)]
     for seed in (x for x in s.seeds if x not in s.sweep_seeds):
         for n in networks:
             for m in methods:
-                if (lr := choose_lr(records, setting, n, m)) is not None: runs.append(make_run(setting, n, m, lr, seed))
+                lr = choose_lr(records, setting, n, m)
+                if lr is not None: runs.append(make_run(setting, n, m, lr, seed))
     return runs

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from .data import Cifar10, load_cifar10
 from .runfiles import environment, write_json, read_json, utc_timestamp
 from .train import synthetic_cifar10, default_device
-from .compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, CompareRun, build_network, prox_layers, muon_layers,
-                                 make_method, stdlib_text, compare_plan)
+from .compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, CompareRun, build_network,
+                                     prox_layers, muon_layers, make_method, stdlib_text, compare_plan)
 
 # %% auto #0
 __all__ = ['HISTORY', 'CLOCKS', 'compare_data', 'evaluate_lm_or_images', 'estimate_s', 'run_compare', 'load_records',
@@ -31,84 +31,114 @@ def _fixed(n, k):
 
 def _windows(b:torch.Tensor, n:int, ctx:int) -> tuple:
     "(inputs, next-byte targets) of n windows of ctx bytes evenly spaced through the bytes b"
-    off = torch.linspace(0, len(b) - ctx - 1, min(n, len(b) - ctx)).long()
-    idx = off[:, None] + torch.arange(ctx + 1)
-    w = b.to(torch.long)[idx]
-    return w[:, :-1], w[:, 1:]
+    starts = torch.linspace(0, len(b) - ctx - 1, min(n, len(b) - ctx)).long()
+    window = b.to(torch.long)[starts[:, None] + torch.arange(ctx + 1)]
+    return window[:, :-1], window[:, 1:]
 
 # %% ../../nbs/13a_compare_run.ipynb #c008
 def _image_data(run, data):
+    "The images of an image network's run: synthetic ones, or CIFAR-10 as given or loaded"
     if run.images == 'synthetic': return synthetic_cifar10(512, 128, 128, size=32)
     if isinstance(data, Cifar10): return data
     if data is None or isinstance(data, (str, Path)): return load_cifar10(data)
-    raise TypeError(f'data: a Cifar10 or a CIFAR-10 source path for the image networks, not {type(data).__name__}')
+    raise TypeError('data: a Cifar10 or a CIFAR-10 source path for the image networks, '
+                    f'not {type(data).__name__}')
 
 def _ctx(run): return (run.sizes or (128, 2, 4, 128))[3]
 
+# %% ../../nbs/13a_compare_run.ipynb #c009
+def _image_sets(run, cifar:Cifar10, device) -> dict:
+    "The training images and the fixed evaluation subsets of an image network's run"
+    cifar = cifar.to(device, torch.float32)
+    i_train, i_val = _fixed(len(cifar.x_train), run.n_eval), _fixed(len(cifar.x_val), run.n_eval)
+    i_test = _fixed(len(cifar.x_test), run.n_test)
+    take = lambda x, y, i: (x[i.to(x.device)], y[i.to(y.device)])
+    source = dict(cifar.source or {}, n_train_used=len(cifar.x_train), n_eval_train=len(i_train),
+                  n_val_used=len(i_val), n_test_used=len(i_test))
+    return dict(train=(cifar.x_train, cifar.y_train), eval_train=take(cifar.x_train, cifar.y_train, i_train),
+                val=take(cifar.x_val, cifar.y_val, i_val), test=take(cifar.x_test, cifar.y_test, i_test),
+                source=source)
+
+# %% ../../nbs/13a_compare_run.ipynb #440c6073
+def _text_sets(run, device) -> dict:
+    "The training bytes and the fixed evaluation windows of the language model's run"
+    text, ctx = stdlib_text(run.text_bytes), _ctx(run)
+    windows = lambda b, n: tuple(w.to(device) for w in _windows(b, n, ctx))
+    source = dict(text.source, ctx=ctx, n_train_bytes=len(text.train), n_val_bytes=len(text.val),
+                  n_test_bytes=len(text.test))
+    return dict(train=text.train.to(device), eval_train=windows(text.train, run.n_eval),
+                val=windows(text.val, run.n_eval), test=windows(text.test, run.n_test), source=source)
+
+# %% ../../nbs/13a_compare_run.ipynb #bcb7f49d
+def _data_key(run, data, device) -> tuple:
+    "What a run's data sets depend on: runs with the same key share them"
+    if run.network == 'lm': source = run.text_bytes
+    elif run.images == 'synthetic': source = run.images
+    else: source = str(data) if data is None or isinstance(data, (str, Path)) else id(data)
+    ctx = _ctx(run) if run.network == 'lm' else 0
+    return (run.network == 'lm', source, run.n_eval, run.n_test, ctx, str(device))
+
+# %% ../../nbs/13a_compare_run.ipynb #517b629c
 _CACHE = {}
 def compare_data(run:CompareRun, # the run
-                 data=None, # image networks: a `Cifar10` or a source for `load_cifar10` (None: the usual places); ignored for lm
+                 data=None, # a `Cifar10` or a `load_cifar10` source (None: the usual places); unused by lm
                  device='cpu' # where the tensors go
                 ) -> dict:
-    "The run's training data and fixed evaluation sets on `device`: {'train', 'eval_train', 'val', 'test', 'source'}"
-    src = run.text_bytes if run.network == 'lm' else run.images if run.images == 'synthetic' else \
-          str(data) if data is None or isinstance(data, (str, Path)) else id(data)
-    key = (run.network == 'lm', src, run.n_eval, run.n_test, _ctx(run) if run.network == 'lm' else 0, str(device))
+    "The run's training data and fixed evaluation sets on `device`: train, eval_train, val, test, source"
+    key = _data_key(run, data, device)
     if key not in _CACHE:
         _CACHE.clear()  # one data set at a time: a worker runs one setting
-        _CACHE[key] = _text_sets(run, device) if run.network == 'lm' else _image_sets(run, _image_data(run, data), device)
+        if run.network == 'lm': _CACHE[key] = _text_sets(run, device)
+        else: _CACHE[key] = _image_sets(run, _image_data(run, data), device)
     return _CACHE[key]
 
-# %% ../../nbs/13a_compare_run.ipynb #c009
-def _image_sets(run, d:Cifar10, device) -> dict:
-    d = d.to(device, torch.float32)
-    it, iv, ie = _fixed(len(d.x_train), run.n_eval), _fixed(len(d.x_val), run.n_eval), _fixed(len(d.x_test), run.n_test)
-    take = lambda x, y, i: (x[i.to(x.device)], y[i.to(y.device)])
-    src = dict(d.source or {}, n_train_used=len(d.x_train), n_eval_train=len(it), n_val_used=len(iv), n_test_used=len(ie))
-    return dict(train=(d.x_train, d.y_train), eval_train=take(d.x_train, d.y_train, it), val=take(d.x_val, d.y_val, iv),
-                test=take(d.x_test, d.y_test, ie), source=src)
+# %% ../../nbs/13a_compare_run.ipynb #6b6406dc
+def _text_batches(text:torch.Tensor, ctx:int, batch_size:int, g:torch.Generator):
+    "Endless minibatches of `batch_size` random windows of ctx + 1 bytes: (inputs, next-byte targets)"
+    while True:
+        starts = torch.randint(0, len(text) - ctx - 1, (batch_size,), generator=g).to(text.device)
+        window = text[starts[:, None] + torch.arange(ctx + 1, device=text.device)].long()
+        yield window[:, :-1], window[:, 1:]
 
-def _text_sets(run, device) -> dict:
-    t, ctx = stdlib_text(run.text_bytes), _ctx(run)
-    ev = lambda b, n: tuple(w.to(device) for w in _windows(b, n, ctx))
-    src = dict(t.source, ctx=ctx, n_train_bytes=len(t.train), n_val_bytes=len(t.val), n_test_bytes=len(t.test))
-    return dict(train=t.train.to(device), eval_train=ev(t.train, run.n_eval), val=ev(t.val, run.n_eval), test=ev(t.test, run.n_test), source=src)
+# %% ../../nbs/13a_compare_run.ipynb #9fbcd8ef
+def _image_batches(x, y, batch_size:int, g:torch.Generator):
+    "Endless full minibatches of (x, y) in a new random order every epoch; a last, smaller one is dropped"
+    if batch_size > len(x):
+        raise ValueError(f'batch_size={batch_size} is larger than the {len(x)} training images')
+    while True:
+        perm = torch.randperm(len(x), generator=g).to(x.device)
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            yield x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]
 
 # %% ../../nbs/13a_compare_run.ipynb #c011
 def _batches(run, train, g:torch.Generator):
-    "An endless iterator of training minibatches (x, y) drawn with the generator g"
-    if run.network == 'lm':
-        ctx, b = _ctx(run), train
-        while True:
-            off = torch.randint(0, len(b) - ctx - 1, (run.batch_size,), generator=g).to(b.device)
-            w = b[off[:, None] + torch.arange(ctx + 1, device=b.device)].long()
-            yield w[:, :-1], w[:, 1:]
-    x, y = train
-    if run.batch_size > len(x): raise ValueError(f'batch_size={run.batch_size} is larger than the {len(x)} training images')
-    while True:
-        perm = torch.randperm(len(x), generator=g).to(x.device)
-        for i in range(0, len(x) - run.batch_size + 1, run.batch_size): yield x[perm[i:i + run.batch_size]], y[perm[i:i + run.batch_size]]
+    "An endless iterator of training minibatches (x, y) of `run` drawn with the generator g"
+    if run.network == 'lm': return _text_batches(train, _ctx(run), run.batch_size, g)
+    return _image_batches(*train, run.batch_size, g)
 
-# %% ../../nbs/13a_compare_run.ipynb #c012
+# %% ../../nbs/13a_compare_run.ipynb #d77d13ff
 def _loss(model, x, y):
+    "(mean cross-entropy of `model` on (x, y), the outputs)"
     out = model(x)
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)), out
 
+# %% ../../nbs/13a_compare_run.ipynb #c012
 @torch.no_grad()
 def evaluate_lm_or_images(model:nn.Module, # the model
                           x:torch.Tensor, # inputs: images, or windows of bytes
                           y:torch.Tensor, # labels, or next bytes
                           chunk:int=500 # examples per forward pass
                          ) -> tuple: # (mean cross-entropy, accuracy) per image or per byte
-    "Mean cross-entropy and accuracy of `model` on (x, y) in eval mode, for classifiers and language models alike"
-    was, loss, correct, n = model.training, 0.0, 0, 0
+    "Mean cross-entropy and accuracy of `model` on (x, y) in eval mode, for classifiers and language models"
+    was_training, loss, correct, n = model.training, 0.0, 0, 0
     model.eval()
     try:
         for i in range(0, len(x), chunk):
-            out, t = model(x[i:i + chunk]), y[i:i + chunk].reshape(-1)
+            out, target = model(x[i:i + chunk]), y[i:i + chunk].reshape(-1)
             out = out.reshape(-1, out.shape[-1])
-            loss += F.cross_entropy(out.double(), t, reduction='sum').item(); correct += int((out.argmax(1) == t).sum()); n += t.numel()
-    finally: model.train(was)
+            loss += F.cross_entropy(out.double(), target, reduction='sum').item()
+            correct += int((out.argmax(1) == target).sum()); n += target.numel()
+    finally: model.train(was_training)
     return loss / n, correct / n
 
 # %% ../../nbs/13a_compare_run.ipynb #c015
@@ -116,36 +146,46 @@ HISTORY = ('time', 'step', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'mi
 CLOCKS = ('process', 'wall')
 
 def _clock(kind, device):
+    "The run's clock: the process's CPU time, or wall-clock time after a synchronisation with the GPU"
     if kind == 'process': return time.process_time
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     return lambda: (sync(), time.perf_counter())[1]
 
-def _record(h, model, d, t, step, mb, chunk):
-    t0 = time.perf_counter()
-    (tl, ta), (vl, va) = (evaluate_lm_or_images(model, *d[k], chunk=chunk) for k in ('eval_train', 'val'))
-    row = dict(time=t, step=step, train_loss=tl, train_acc=ta, val_loss=vl, val_acc=va, minibatch_loss=mb, eval_s=time.perf_counter() - t0)
-    for k in HISTORY: h[k].append(row[k])
+# %% ../../nbs/13a_compare_run.ipynb #c5cf7612
+def _record(history, model, sets, t, step, minibatch_loss, chunk):
+    "Evaluate `model` on the evaluation subsets and append a row at training time `t` to `history`"
+    start = time.perf_counter()
+    train, val = (evaluate_lm_or_images(model, *sets[k], chunk=chunk) for k in ('eval_train', 'val'))
+    row = dict(time=t, step=step, train_loss=train[0], train_acc=train[1], val_loss=val[0], val_acc=val[1],
+               minibatch_loss=minibatch_loss, eval_s=time.perf_counter() - start)
+    for k in HISTORY: history[k].append(row[k])
+
+# %% ../../nbs/13a_compare_run.ipynb #8814195f
+def _eval_points(run) -> list:
+    "The training times after which a run evaluates: `n_evals` evenly spaced points, the last at the budget"
+    return [run.budget_s * i / run.n_evals for i in range(1, run.n_evals)] + [run.budget_s]
 
 # %% ../../nbs/13a_compare_run.ipynb #c016
-def _train(run, model, opt, d, clock, deadline, log):
+def _train(run, model, opt, sets, clock, deadline, log):
     "The budgeted loop; returns (status, history, steps)"
-    h, k, t, step, mb = {k: [] for k in HISTORY}, 0, 0.0, 0, []
-    points = [run.budget_s * i / run.n_evals for i in range(1, run.n_evals)] + [run.budget_s]
+    history, trained_s, step, losses = {k: [] for k in HISTORY}, 0.0, 0, []  # losses: since the last eval
+    points, n_passed = _eval_points(run), 0
     chunk = 500 if run.network != 'lm' else 64
-    _record(h, model, d, 0.0, 0, None, chunk)
-    batches = _batches(run, d['train'], torch.Generator().manual_seed(1_000_003 + run.seed))
-    while t < run.budget_s:
-        if deadline is not None and time.time() > deadline: return 'stopped', h, step
+    _record(history, model, sets, 0.0, 0, None, chunk)
+    batches = _batches(run, sets['train'], torch.Generator().manual_seed(1_000_003 + run.seed))
+    while trained_s < run.budget_s:
+        if deadline is not None and time.time() > deadline: return 'stopped', history, step
         t0 = clock()
         loss, _ = _loss(model, *next(batches))
-        if not math.isfinite(v := loss.item()):
-            log(f'{run.name}: diverged at step {step} (minibatch loss {v})'); return 'diverged', h, step
+        if not math.isfinite(value := loss.item()):
+            log(f'{run.name}: diverged at step {step} (minibatch loss {value})')
+            return 'diverged', history, step
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        t += clock() - t0; step += 1; mb.append(v)
-        if t >= points[k]:
-            while k < len(points) and t >= points[k]: k += 1
-            _record(h, model, d, t, step, sum(mb) / len(mb), chunk); mb = []
-    return 'finished', h, step
+        trained_s += clock() - t0; step += 1; losses.append(value)
+        if trained_s >= points[n_passed]:
+            while n_passed < len(points) and trained_s >= points[n_passed]: n_passed += 1
+            _record(history, model, sets, trained_s, step, sum(losses) / len(losses), chunk); losses = []
+    return 'finished', history, step
 
 # %% ../../nbs/13a_compare_run.ipynb #c017
 def _layers(run, model) -> dict:
@@ -154,66 +194,91 @@ def _layers(run, model) -> dict:
     return dict(prox_layers=prox_layers(model, run.network) if m.mode != 'gradient' else [],
                 muon_layers=muon_layers(model, run.network) if m.optimizer == 'muon' else [])
 
-def _results(run, status, h, steps, test, layers, d, device, clock, started):
-    "The results record of a run"
-    m = METHODS[run.method]
-    final = {k: h[k][-1] for k in HISTORY} if status == 'finished' else None
-    return dict(format=1, kind='compare', name=run.name, status=status, run=run.to_dict(), setting=run.setting, network=run.network,
-                method=run.method, label=m.label, lr=run.lr, seed=run.seed, tau_prox=TAU_PROX if m.mode != 'gradient' else None,
-                clock=clock, steps=steps, history=h, final=final, test_loss=test[0], test_acc=test[1], **layers,
-                data=d['source'], environment=environment(device), started=started, finished=utc_timestamp())
-
-# %% ../../nbs/13a_compare_run.ipynb #c018
-def _stored(path:Path, run:CompareRun):
-    "The stored record of `run` at `path` if it finished or diverged, else None; an error if it belongs to another run"
-    if not path.exists(): return None
-    r = read_json(path)
-    if CompareRun.from_dict(r['run']) != run: raise ValueError(f'{path} belongs to another configuration: {r["run"]}; use another results folder')
-    return r if r.get('status') in ('finished', 'diverged') else None
-
-def estimate_s(run:CompareRun) -> float:
-    "A generous estimate of a run's wall-clock seconds: its budget, evaluations, model and data setup"
-    return 1.5 * run.budget_s + 30
-
-# %% ../../nbs/13a_compare_run.ipynb #c019
-def run_compare(run:CompareRun, # the run
-                data=None, # image networks: a `Cifar10` or a CIFAR-10 source path (None: the usual places); unused for lm and synthetic
-                out_dir=None, # results folder: the record is written there as NAME.json, and a finished run there is skipped
-                device=None, # torch device; None: 'cuda' if available, else 'cpu'
-                deadline:float|None=None, # a time.time(): do not start a run that may not end before it; stop at it
-                clock:str|None=None, # 'process' (CPU time) or 'wall'; None: 'process' on the CPU, 'wall' on a GPU
-                log=None # called with a line per run, e.g. print; None: silent
-               ) -> dict: # the results record; status 'finished', 'diverged', 'stopped' (deadline) or 'not started'
-    "Train one comparison run for its time budget, evaluating as it goes; write and return its record"
-    device, log = torch.device(device or default_device()), log or (lambda s: None)
-    clock = clock or ('wall' if device.type == 'cuda' else 'process')
-    if clock not in CLOCKS: raise ValueError(f'clock={clock!r} is not valid: use one of {CLOCKS}')
-    path = Path(out_dir)/f'{run.name}.json' if out_dir is not None else None
-    if path is not None and (r := _stored(path, run)) is not None: log(f'{run.name}: {r["status"]} already, skipped'); return r
-    if deadline is not None and time.time() + estimate_s(run) > deadline: return dict(name=run.name, status='not started', run=run.to_dict())
-    d, started = compare_data(run, data, device), utc_timestamp()
+# %% ../../nbs/13a_compare_run.ipynb #306b2a6d
+def _build_and_train(run, sets, device, clock, deadline, log) -> tuple:
+    "Build and train the run's network from its seed: (model, layers, status, history, steps)"
     model = build_network(run.network, run.sizes, run.seed).to(device)
     layers = _layers(run, model)
     opt = make_method(model, run.network, run.method, run.lr)
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(run.seed)
-        status, h, steps = _train(run, model, opt, d, _clock(clock, device), deadline, log)
-    if status == 'stopped': return dict(name=run.name, status='stopped', run=run.to_dict(), history=h)
-    test = evaluate_lm_or_images(model, *d['test']) if status == 'finished' else (None, None)
-    r = _results(run, status, h, steps, test, layers, d, device, clock, started)
-    if path is not None: write_json(path, r)
-    log(f"{run.name}: {status}, {steps} steps" + (f", val acc {h['val_acc'][-1]:.3f}, val loss {h['val_loss'][-1]:.3f}" if status == 'finished' else ''))
-    return r
+        status, history, steps = _train(run, model, opt, sets, _clock(clock, device), deadline, log)
+    return model, layers, status, history, steps
+
+# %% ../../nbs/13a_compare_run.ipynb #65dc659e
+def _results(run, status, history, steps, test, layers, sets, device, clock, started):
+    "The results record of a run"
+    m = METHODS[run.method]
+    final = {k: history[k][-1] for k in HISTORY} if status == 'finished' else None
+    return dict(format=1, kind='compare', name=run.name, status=status, run=run.to_dict(),
+                setting=run.setting, network=run.network, method=run.method, label=m.label, lr=run.lr,
+                seed=run.seed, tau_prox=TAU_PROX if m.mode != 'gradient' else None, clock=clock, steps=steps,
+                history=history, final=final, test_loss=test[0], test_acc=test[1], **layers,
+                data=sets['source'], environment=environment(device), started=started,
+                finished=utc_timestamp())
+
+# %% ../../nbs/13a_compare_run.ipynb #b6612743
+def _summary_line(run, status, steps, history) -> str:
+    "The line `run_compare` logs when a run ends"
+    line = f'{run.name}: {status}, {steps} steps'
+    if status != 'finished': return line
+    return line + f", val acc {history['val_acc'][-1]:.3f}, val loss {history['val_loss'][-1]:.3f}"
+
+# %% ../../nbs/13a_compare_run.ipynb #c018
+def _stored(path:Path, run:CompareRun):
+    "The record of `run` stored at `path` if it finished or diverged, else None (an error if another run's)"
+    if not path.exists(): return None
+    record = read_json(path)
+    if CompareRun.from_dict(record['run']) != run:
+        raise ValueError(f'{path} belongs to another configuration: {record["run"]}; '
+                         'use another results folder')
+    return record if record.get('status') in ('finished', 'diverged') else None
+
+def estimate_s(run:CompareRun) -> float:
+    "A generous estimate of a run's wall-clock seconds: its budget, evaluations, model and data setup"
+    return 1.5 * run.budget_s + 30
+
+# %% ../../nbs/13a_compare_run.ipynb #a765f136
+def _skipped(run, path, deadline, log) -> dict|None:
+    "The record of a run to skip: finished or diverged at `path` already, or too long for the deadline"
+    if path is not None and (record := _stored(path, run)) is not None:
+        log(f'{run.name}: {record["status"]} already, skipped'); return record
+    if deadline is not None and time.time() + estimate_s(run) > deadline:
+        return dict(name=run.name, status='not started', run=run.to_dict())
+
+# %% ../../nbs/13a_compare_run.ipynb #c019
+def run_compare(run:CompareRun, # the run
+                data=None, # a `Cifar10` or a source path (None: the usual places); unused by lm, synthetic
+                out_dir=None, # results folder: written as NAME.json; a finished run there is skipped
+                device=None, # torch device; None: 'cuda' if available, else 'cpu'
+                deadline:float|None=None, # a time.time(): start no run that may not end by then; stop at it
+                clock:str|None=None, # 'process' (CPU time) or 'wall'; None: 'wall' on a GPU, else 'process'
+                log=None # called with a line per run, e.g. print; None: silent
+               ) -> dict: # the record; status 'finished', 'diverged', 'stopped' (deadline) or 'not started'
+    "Train one comparison run for its time budget, evaluating as it goes; write and return its record"
+    device, log = torch.device(device or default_device()), log or (lambda s: None)
+    clock = clock or ('wall' if device.type == 'cuda' else 'process')
+    if clock not in CLOCKS: raise ValueError(f'clock={clock!r} is not valid: use one of {CLOCKS}')
+    path = Path(out_dir)/f'{run.name}.json' if out_dir is not None else None
+    if (record := _skipped(run, path, deadline, log)) is not None: return record
+    sets, started = compare_data(run, data, device), utc_timestamp()
+    model, layers, status, history, steps = _build_and_train(run, sets, device, clock, deadline, log)
+    if status == 'stopped': return dict(name=run.name, status='stopped', run=run.to_dict(), history=history)
+    test = evaluate_lm_or_images(model, *sets['test']) if status == 'finished' else (None, None)
+    record = _results(run, status, history, steps, test, layers, sets, device, clock, started)
+    if path is not None: write_json(path, record)
+    log(_summary_line(run, status, steps, history))
+    return record
 
 # %% ../../nbs/13a_compare_run.ipynb #c020
 def load_records(folder # a results folder written by `run_compare`
                 ) -> dict: # run name -> record
     "The comparison records in `folder` (none if it does not exist)"
-    out = {}
+    records = {}
     for f in sorted(Path(folder).glob('*.json')):
-        r = read_json(f)
-        if r.get('kind') == 'compare': out[r['name']] = r
-    return out
+        record = read_json(f)
+        if record.get('kind') == 'compare': records[record['name']] = record
+    return records
 
 # %% ../../nbs/13a_compare_run.ipynb #c025
 def compare_task(run:dict, # `CompareRun.to_dict()`: picklable, for a process pool
@@ -228,20 +293,22 @@ def compare_task(run:dict, # `CompareRun.to_dict()`: picklable, for a process po
     r = run_compare(CompareRun.from_dict(run), data, out_dir, device, deadline)
     return r['name'], r['status'], r.get('steps')
 
+# %% ../../nbs/13a_compare_run.ipynb #2edef157
 def _run_all(todo, data, out_dir, device, deadline, workers, threads, log) -> int:
     "Run `todo`; return how many finished or diverged"
-    if workers == 1: results = (compare_task(r.to_dict(), data, out_dir, device, deadline, threads) for r in todo)
+    task_args = (data, out_dir, device, deadline, threads)
+    if workers == 1: results = (compare_task(r.to_dict(), *task_args) for r in todo)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(workers, mp.get_context('spawn'))
-        results = pool.map(compare_task, [r.to_dict() for r in todo], *zip(*[(data, out_dir, device, deadline, threads)] * len(todo)))
-    done = 0
+        results = pool.map(compare_task, [r.to_dict() for r in todo], *zip(*[task_args] * len(todo)))
+    n_ended = 0
     for i, (name, status, steps) in enumerate(results, 1):
         log(f'[{i}/{len(todo)}] {name}: {status}' + (f' ({steps} steps)' if steps is not None else ''))
-        done += status in ('finished', 'diverged')
+        n_ended += status in ('finished', 'diverged')
     if workers > 1: pool.shutdown()
-    return done
+    return n_ended
 
 # %% ../../nbs/13a_compare_run.ipynb #c026
 def run_setting(setting:str, # one of SETTINGS
@@ -257,47 +324,56 @@ def run_setting(setting:str, # one of SETTINGS
                ) -> dict: # run name -> record, of everything in out_dir
     "Run (or resume) a setting's sweep and then its other seeds at the chosen learning rates into `out_dir`"
     log = log or (lambda s: None)
-    if workers > 1 and isinstance(data, Cifar10): raise ValueError('workers > 1 need the CIFAR-10 source path as data, not a loaded Cifar10')
+    if workers > 1 and isinstance(data, Cifar10):
+        raise ValueError('workers > 1 need the CIFAR-10 source path as data, not a loaded Cifar10')
     while True:
         records = load_records(out_dir)
         todo = [r for r in compare_plan(setting, records, networks, methods) if r.name not in records]
         if not todo: return records
         log(f'{setting}: {len(todo)} runs to do -> {Path(out_dir)}')
-        if not _run_all(todo, data, out_dir, device, deadline, workers, threads, log): return load_records(out_dir)
+        n_ended = _run_all(todo, data, out_dir, device, deadline, workers, threads, log)
+        if not n_ended: return load_records(out_dir)
 
 # %% ../../nbs/13a_compare_run.ipynb #c027
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='proxprop-compare', description='ProxProp against BackProp with Nesterov SGD and AdamW, Muon and SOAP, '
-                                'at equal training time, on the MLP, ConvNet, ResNet-20 and a transformer LM (see the compare chapters).')
-    p.add_argument('--setting', choices=tuple(SETTINGS), default='reduced', help='quick (smoke test), reduced (CPU, about an hour of CPU time) or full (GPU)')
-    p.add_argument('--data', help='CIFAR-10 source for load_cifar10 (default: the usual places)')
-    p.add_argument('--out', type=Path, help='results folder (default results/compare-SETTING)')
-    p.add_argument('--networks', nargs='+', choices=NETWORKS, help='a subset of the networks')
-    p.add_argument('--methods', nargs='+', choices=tuple(METHODS), help='a subset of the methods')
-    p.add_argument('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
-    p.add_argument('--workers', type=int, default=1, help='runs at once, each in its own process (default 1)')
-    p.add_argument('--threads', type=int, default=1, help='torch threads per run (default 1)')
-    p.add_argument('--budget-minutes', type=float, help='start no run that may not end within this many minutes')
-    p.add_argument('--plan', action='store_true', help='print the runs known so far and exit')
-    return p
+    "The arguments of the `proxprop-compare` command"
+    parser = argparse.ArgumentParser(prog='proxprop-compare', description=(
+        'ProxProp against BackProp with Nesterov SGD and AdamW, Muon and SOAP, at equal training time, '
+        'on the MLP, ConvNet, ResNet-20 and a transformer LM (see the compare chapters).'))
+    parser.add_argument('--setting', choices=tuple(SETTINGS), default='reduced',
+                        help='quick (smoke test), reduced (CPU, about an hour of CPU time) or full (GPU)')
+    parser.add_argument('--data', help='CIFAR-10 source for load_cifar10 (default: the usual places)')
+    parser.add_argument('--out', type=Path, help='results folder (default results/compare-SETTING)')
+    parser.add_argument('--networks', nargs='+', choices=NETWORKS, help='a subset of the networks')
+    parser.add_argument('--methods', nargs='+', choices=tuple(METHODS), help='a subset of the methods')
+    parser.add_argument('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
+    parser.add_argument('--workers', type=int, default=1,
+                        help='runs at once, each in its own process (default 1)')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per run (default 1)')
+    parser.add_argument('--budget-minutes', type=float,
+                        help='start no run that may not end within this many minutes')
+    parser.add_argument('--plan', action='store_true', help='print the runs known so far and exit')
+    return parser
 
 # %% ../../nbs/13a_compare_run.ipynb #c028
 def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
         ) -> int:
     "The `proxprop-compare` command: run a setting into a results folder, then print the summary table"
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.workers < 1 or a.threads < 1: p.error('--workers and --threads must be >= 1')
-    out = a.out or Path('results')/f'compare-{a.setting}'
-    if a.plan:
-        for r in compare_plan(a.setting, load_records(out), a.networks, a.methods): print(r.name)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.threads < 1: parser.error('--workers and --threads must be >= 1')
+    out = args.out or Path('results')/f'compare-{args.setting}'
+    if args.plan:
+        for r in compare_plan(args.setting, load_records(out), args.networks, args.methods): print(r.name)
         return 0
-    torch.set_num_threads(a.threads)
-    deadline = time.time() + 60 * a.budget_minutes if a.budget_minutes else None
-    records = run_setting(a.setting, out, a.data, a.networks, a.methods, a.device, a.workers, a.threads, deadline)
+    torch.set_num_threads(args.threads)
+    deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
+    records = run_setting(args.setting, out, args.data, args.networks, args.methods, args.device,
+                          args.workers, args.threads, deadline)
     from proxprop_nb.lab.compare_report import summarize, format_summary
     print(f'\nresults in {out.resolve()}\n' + format_summary(summarize(records.values())))
     return 0
 
 # %% ../../nbs/13a_compare_run.ipynb #c032
-if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.lab.compare_run
+# python -m proxprop_nb.lab.compare_run
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
