@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 import proxprop_nb
-from .sources import (CIFAR10_CLASSES, N_VAL, SOURCE_LAYOUTS, source_kind, resolve_source, cache_folder,
-                                     decoded_arrays, fake_imagefolder, fake_batches, make_tar)
+from .sources import (CIFAR10_CLASSES, N_VAL, SOURCE_LAYOUTS, source_kind, resolve_source,
+                                     cache_folder, decoded_arrays, fake_imagefolder, fake_batches, make_tar)
 
 # %% auto #0
 __all__ = ['Cifar10NotFoundError', 'find_cifar10', 'Cifar10', 'load_cifar10', 'minibatches']
@@ -43,7 +43,8 @@ def _data_dirs() -> list[Path]:
 def _lookup(data, cache:Path) -> tuple[Path, str]|None:
     "The local source and the rule that found it, or None"
     if data is not None: return _explicit(data, 'data='), 'argument'
-    if os.environ.get('PROXPROP_DATA'): return _explicit(os.environ['PROXPROP_DATA'], '$PROXPROP_DATA='), 'PROXPROP_DATA'
+    if os.environ.get('PROXPROP_DATA'):
+        return _explicit(os.environ['PROXPROP_DATA'], '$PROXPROP_DATA='), 'PROXPROP_DATA'
     for d in _data_dirs():
         if (src := resolve_source(d)) is not None: return src, 'data folder'
     batches = cache/'cifar-10-batches-py'  # a previous torchvision download
@@ -68,38 +69,17 @@ def _not_found(cache:Path, why:str) -> Cifar10NotFoundError:
         f"  3. ./data and <repo>/data: {', '.join(map(str, _data_dirs()))}\n"
         f"  4. a previous torchvision download: {cache/'cifar-10-batches-py'} "
         f"(cache folder: $PROXPROP_CACHE, default ~/.cache/proxprop_nb)\n"
-        f"  5. a torchvision download into the cache folder: load_cifar10(download=True), which needs internet access")
+        f"  5. a torchvision download into the cache folder: load_cifar10(download=True), "
+        "which needs internet access")
 
 # %% ../../nbs/03_data.ipynb #c020
 def _download(cache:Path) -> Path:
     "Download the original CIFAR-10 python batches with torchvision into the cache folder"
     import torchvision  # imported here: slow to import, needed only for a download
     try: torchvision.datasets.CIFAR10(str(cache), train=True, download=True)
-    except Exception as e: raise _not_found(cache, f"the torchvision download failed: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise _not_found(cache, f"the torchvision download failed: {type(e).__name__}: {e}") from e
     return (cache/'cifar-10-batches-py').resolve()
-
-# %% ../../nbs/03_data.ipynb #c022
-def _take(x, idx): return x[idx.to(x.device)]
-
-def _subset(d, n_train:int, seed:int):
-    src = dict(d.source or {})
-    if src.get('subset_seed') is not None: raise ValueError("this is already a subset; call `subset` on the full data set")
-    if not 0 < n_train <= len(d.x_train): raise ValueError(f"n_train={n_train}: must be in 1..{len(d.x_train)}")
-    idx = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(seed))[:n_train].sort().values
-    src.update(n_train=n_train, subset_seed=seed)
-    return replace(d, x_train=_take(d.x_train, idx), y_train=_take(d.y_train, idx), source=src)
-
-# %% ../../nbs/03_data.ipynb #c023
-def _as(x, device, dtype):
-    "`x` on `device` as `dtype`; uint8 images become floats in [0, 1]"
-    if device is not None: x = x.to(device)
-    if dtype is None or dtype == x.dtype: return x
-    if not dtype.is_floating_point: raise ValueError(f"dtype={dtype}: use a floating dtype (pixels in [0, 1]) or None (keep {x.dtype})")
-    return x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
-
-def _to(d, device, dtype):
-    xs = {k: _as(v, device, dtype) for k, v in vars(d).items() if k.startswith('x_')}
-    return replace(d, **xs, **{k: _as(v, device, None) for k, v in vars(d).items() if k.startswith('y_')})
 
 # %% ../../nbs/03_data.ipynb #c024
 @dataclass(repr=False)
@@ -117,35 +97,69 @@ class Cifar10:
     def subset(self, n_train:int, # number of training images to keep
                seed:int=0 # seed of the random choice
               ) -> Cifar10:
-        "A seeded random subset of `n_train` training images, in their original order; validation and test unchanged"
+        "A seeded random subset of `n_train` training images, in their order; validation and test unchanged"
         return _subset(self, n_train, seed)
 
-    def to(self, device:str|torch.device|None=None, # where the tensors go, e.g. 'cuda'; None: stay where they are
-           dtype:torch.dtype|None=torch.float32 # image dtype (floats are in [0, 1]); None keeps the current one
+    def to(self, device:str|torch.device|None=None, # where the tensors go, e.g. 'cuda'; None: stay there
+           dtype:torch.dtype|None=torch.float32 # image dtype (floats in [0, 1]); None keeps the current one
           ) -> Cifar10:
         "The data set on `device`, with images as `dtype` in [0, 1]; labels stay int64"
         return _to(self, device, dtype)
 
-    def __repr__(self):
-        s, x = self.source or {}, self.x_train
-        return (f"Cifar10(train={len(x)}, val={len(self.x_val)}, test={len(self.x_test)}; {str(x.dtype)[6:]} on {x.device}; "
-                f"{s.get('kind')} {Path(s.get('path', '?')).name!r})")
+# %% ../../nbs/03_data.ipynb #c022
+def _take(x, idx): return x[idx.to(x.device)]
+
+def _subset(d, n_train:int, seed:int):
+    "`subset`: `n_train` training images chosen by `seed`, kept in their order, recorded in `source`"
+    src = dict(d.source or {})
+    if src.get('subset_seed') is not None:
+        raise ValueError("this is already a subset; call `subset` on the full data set")
+    if not 0 < n_train <= len(d.x_train):
+        raise ValueError(f"n_train={n_train}: must be in 1..{len(d.x_train)}")
+    choice = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(seed))[:n_train]
+    idx = choice.sort().values
+    src.update(n_train=n_train, subset_seed=seed)
+    return replace(d, x_train=_take(d.x_train, idx), y_train=_take(d.y_train, idx), source=src)
+
+# %% ../../nbs/03_data.ipynb #c023
+def _as(x, device, dtype):
+    "`x` on `device` as `dtype`; uint8 images become floats in [0, 1]"
+    if device is not None: x = x.to(device)
+    if dtype is None or dtype == x.dtype: return x
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype}: use a floating dtype (pixels in [0, 1]) or None (keep {x.dtype})")
+    return x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
+
+def _to(d, device, dtype):
+    "`to`: images as `dtype` (uint8 ones divided by 255), labels as they are, all on `device`"
+    xs = {k: _as(v, device, dtype) for k, v in vars(d).items() if k.startswith('x_')}
+    return replace(d, **xs, **{k: _as(v, device, None) for k, v in vars(d).items() if k.startswith('y_')})
+
+# %% ../../nbs/03_data.ipynb #dbfaee5d
+def _cifar10_repr(self:Cifar10) -> str:
+    "The sizes of the splits, the images' dtype and device, and the source's kind and file name"
+    s, x = self.source or {}, self.x_train
+    return (f"Cifar10(train={len(x)}, val={len(self.x_val)}, test={len(self.x_test)}; "
+            f"{str(x.dtype)[6:]} on {x.device}; {s.get('kind')} {Path(s.get('path', '?')).name!r})")
+
+Cifar10.__repr__ = _cifar10_repr
 
 # %% ../../nbs/03_data.ipynb #c028
 def _split(arrays:dict, meta:dict, split_seed:int, n_val:int):
     "Training and validation arrays; ImageFolder training images interleaved by `split_seed` first"
     x, y = arrays['x_train'], arrays['y_train']
-    if not 0 < n_val < len(x): raise ValueError(f"n_val={n_val}: must be in 1..{len(x) - 1} for {len(x)} training images")
+    if not 0 < n_val < len(x):
+        raise ValueError(f"n_val={n_val}: must be in 1..{len(x) - 1} for {len(x)} training images")
     if meta['kind'].startswith('imagefolder'):
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed)).numpy()
         x, y = x[perm], y[perm]
     return x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
 
 # %% ../../nbs/03_data.ipynb #c029
-def load_cifar10(data=None,  # a source or a folder holding one; None: look in the usual places (see `find_cifar10`)
-                 cache_dir=None,  # cache folder for decoded arrays and downloads (default: $PROXPROP_CACHE, else ~/.cache/proxprop_nb)
+def load_cifar10(data=None,  # a source or a folder holding one; None: the usual places (see `find_cifar10`)
+                 cache_dir=None,  # for decoded arrays and downloads; None: as `cache_folder` says
                  download=True,  # download with torchvision into the cache folder if no local source is found
-                 split_seed:int=0,  # seed of the interleaving of ImageFolder training images before the split (python batches keep their order)
+                 split_seed:int=0,  # interleaves ImageFolder training images; python batches keep their order
                  n_val:int=N_VAL  # validation images: the last n_val of the training set
                 ) -> Cifar10:
     "CIFAR-10 as uint8/int64 CPU tensors with the paper's train/validation/test split"
@@ -155,13 +169,16 @@ def load_cifar10(data=None,  # a source or a folder holding one; None: look in t
     src, how = found or (_download(cache), 'download')
     arrays, meta = decoded_arrays(src, cache)
     x_tr, y_tr, x_va, y_va = (torch.from_numpy(a) for a in _split(arrays, meta, split_seed, n_val))
-    source = dict(meta, path=str(src), found_by=how, n_train=len(x_tr), n_val=len(x_va), n_test=len(arrays['x_test']),
-                  split_seed=split_seed if meta['kind'].startswith('imagefolder') else None, subset_seed=None)
-    return Cifar10(x_tr, y_tr, x_va, y_va, torch.from_numpy(arrays['x_test']), torch.from_numpy(arrays['y_test']),
-                   CIFAR10_CLASSES, source)
+    imagefolder = meta['kind'].startswith('imagefolder')
+    source = dict(meta, path=str(src), found_by=how, n_train=len(x_tr), n_val=len(x_va),
+                  n_test=len(arrays['x_test']), split_seed=split_seed if imagefolder else None,
+                  subset_seed=None)
+    x_test, y_test = torch.from_numpy(arrays['x_test']), torch.from_numpy(arrays['y_test'])
+    return Cifar10(x_tr, y_tr, x_va, y_va, x_test, y_test, CIFAR10_CLASSES, source)
 
 # %% ../../nbs/03_data.ipynb #c043
 def _batches(x, y, idx, batch_size, stop):
+    "The minibatches of samples 0..stop-1: in stored order, or in the order `idx`"
     for i in range(0, stop, batch_size):
         if idx is None: yield x[i:i + batch_size], y[i:i + batch_size]
         else: j = idx[i:i + batch_size]; yield x[j], y[j]
@@ -171,7 +188,7 @@ def minibatches(x:torch.Tensor, # inputs, first dimension the samples, already o
                 y:torch.Tensor, # targets, same length as `x`
                 batch_size:int, # samples per batch (the last one may be smaller)
                 shuffle:bool=True, # draw a new random order (one per call, i.e. per epoch)
-                generator:torch.Generator|None=None, # the random source of the order; None: torch's global one
+                generator:torch.Generator|None=None, # the order's random source; None: torch's global one
                 drop_last:bool=False # leave out a last, smaller batch
                ):
     "An iterator over one epoch of minibatches `(x[idx], y[idx])`, indexed on the tensors' device"

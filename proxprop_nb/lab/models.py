@@ -17,7 +17,7 @@ __all__ = ['MLP_SIZES', 'CONVNET_CHANNELS', 'OPTIMIZERS', 'mlp', 'convnet', 'mak
 MLP_SIZES = (3072, 4000, 1000, 4000, 10)
 
 def mlp(sizes:tuple=MLP_SIZES, # layer widths, input first: the paper's 3072-4000-1000-4000-10
-        **prox # ProxProp settings passed to `proxpropify`: tau_prox, optimization_mode, cg_tol, cg_variant, solver
+        **prox # ProxProp settings for `proxpropify`: tau_prox, optimization_mode, cg_tol, cg_variant, solver
        ) -> nn.Sequential:
     "The fully connected ReLU network of section 5.1: ProxProp layers, the last one explicit (eq. 12)"
     layers = [nn.Flatten()]
@@ -29,15 +29,16 @@ def mlp(sizes:tuple=MLP_SIZES, # layer widths, input first: the paper's 3072-400
 # %% ../../nbs/04b_models.ipynb #c012
 CONVNET_CHANNELS = (3, 16, 20, 20)
 
-def convnet(arch:str='official', # 'official': the official code's net (no third pool, FC from 20x8x8); 'paper': section 5.3's text (FC from 20x4x4)
+def convnet(arch:str='official', # 'official' code's net (no third pool) or 'paper': section 5.3's text
             channels:tuple=CONVNET_CHANNELS, # input channels, then the filters of each convolution
             kernel_size:int=5, # square kernel size; padding kernel_size // 2 keeps the image size
             img_size:int=32, # height and width of the input images
             n_classes:int=10, # outputs of the final fully connected layer
             **prox # ProxProp settings passed to `proxpropify`
            ) -> nn.Sequential:
-    "The ConvNet of section 5.3: ProxProp convolutions with ReLU and 2x2 max pooling, then an explicit FC layer"
-    if arch not in ('official', 'paper'): raise ValueError(f"arch={arch!r} is not valid: use 'official' or 'paper'")
+    "Section 5.3's ConvNet: ProxProp convolutions with ReLU and 2x2 max pooling, then an explicit FC layer"
+    if arch not in ('official', 'paper'):
+        raise ValueError(f"arch={arch!r} is not valid: use 'official' or 'paper'")
     layers, side = [], img_size
     for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
         layers += [nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.ReLU()]

@@ -37,16 +37,19 @@ def json_safe(o # a value made of dicts, lists, tuples, numbers, strings and Non
     if isinstance(o, (list, tuple)): return [json_safe(v) for v in o]
     return o
 
-_WHY = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded', errno.EROFS: 'the file system is read-only',
-        errno.EACCES: 'permission denied', errno.EPERM: 'permission denied', errno.ENOTDIR: 'a part of the path is a file, not a folder',
-        errno.EEXIST: 'a part of the path is a file, not a folder',
-        errno.EISDIR: 'it is a folder'}
+# %% ../../nbs/04a_runfiles.ipynb #ca472fb8
+_WHY = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
+        errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
+        errno.EPERM: 'permission denied', errno.ENOTDIR: 'a part of the path is a file, not a folder',
+        errno.EEXIST: 'a part of the path is a file, not a folder', errno.EISDIR: 'it is a folder'}
 
 def _write_error(path, e:OSError) -> OSError:
     "The OSError of a failed write, in plain words, naming the file and the way out"
     why = _WHY.get(e.errno, e.strerror or str(e))
-    return OSError(e.errno, f"cannot write {path}: {why}; free space, fix the permissions, or choose another results folder")
+    return OSError(e.errno, f"cannot write {path}: {why}; "
+                            "free space, fix the permissions, or choose another results folder")
 
+# %% ../../nbs/04a_runfiles.ipynb #5bd23446
 def _atomic_write(path:Path, write):
     "Call write(tmp) on a temporary file next to `path`, then move it over `path`; OSError in plain words"
     path = Path(path)
@@ -70,21 +73,25 @@ def write_json(path, # the file to write
             f.flush(); os.fsync(f.fileno())
     _atomic_write(path, write)
 
+# %% ../../nbs/04a_runfiles.ipynb #b0c451f9
 def read_json(path # a results file
              ) -> dict:
     "Read a results file; ValueError naming the file if it is not JSON"
     try:
         with open(path, encoding='utf-8') as f: return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from None
 
 # %% ../../nbs/04a_runfiles.ipynb #c012
 def _cpu_model() -> str:
+    "The CPU's model name, from /proc/cpuinfo where there is one"
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
             if line.startswith('model name'): return line.split(':', 1)[1].strip()
     except OSError: pass
     return platform.processor() or platform.machine()
 
+# %% ../../nbs/04a_runfiles.ipynb #b385d1a6
 def _git_commit() -> str|None:
     "The commit of the package's repository, with '+dirty' for uncommitted changes; None outside git"
     root = Path(proxprop_nb.__file__).resolve().parent.parent
@@ -92,19 +99,22 @@ def _git_commit() -> str|None:
         run = lambda *a: subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=10)
         head = run('rev-parse', 'HEAD')
         if head.returncode: return None
-        return head.stdout.strip() + ('+dirty' if run('status', '--porcelain', '--untracked-files=no').stdout.strip() else '')
+        dirty = run('status', '--porcelain', '--untracked-files=no').stdout.strip()
+        return head.stdout.strip() + ('+dirty' if dirty else '')
     except (OSError, subprocess.SubprocessError): return None
 
+# %% ../../nbs/04a_runfiles.ipynb #524970e5
 def source_hash() -> str:
-    "sha256 (first 16 hex digits) of the package's Python sources (the lab's too), with their paths: which code ran"
+    "sha256 (first 16 hex digits) of the package's Python sources (the lab's too), with their paths"
     root, h = Path(proxprop_nb.__file__).resolve().parent, hashlib.sha256()
-    for f in sorted(root.rglob('*.py'), key=lambda f: f.relative_to(root).as_posix()):  # a flat package: as before
+    # sorted by path relative to the package: the same order on every machine
+    for f in sorted(root.rglob('*.py'), key=lambda f: f.relative_to(root).as_posix()):
         h.update(f.relative_to(root).as_posix().encode() + b'\0' + f.read_bytes() + b'\0')
     return h.hexdigest()[:16]
 
 def _commit() -> tuple: # (commit, how it is known)
-    "The commit of the code: $PROXPROP_GIT_COMMIT if set (a copy of a checkout, whose .git may be stale or missing), else git's"
-    c = os.environ.get('PROXPROP_GIT_COMMIT')
+    "The commit of the code: $PROXPROP_GIT_COMMIT if set (a copy of a checkout), else git's"
+    c = os.environ.get('PROXPROP_GIT_COMMIT')  # wins: a copy's .git may be stale or missing
     if c: return c, 'PROXPROP_GIT_COMMIT'
     c = _git_commit()
     return (c, 'git') if c is not None else (None, None)
@@ -112,7 +122,7 @@ def _commit() -> tuple: # (commit, how it is known)
 # %% ../../nbs/04a_runfiles.ipynb #c013
 def environment(device='cpu' # the device a run uses
                ) -> dict:
-    "Where and with what a run ran: versions, device, CPU model, threads, GPU, git commit and a hash of the sources"
+    "Where and with what a run ran: versions, device, CPU, threads, GPU, git commit, a hash of the sources"
     device = torch.device(device)
     commit, commit_from = _commit()
     env = dict(proxprop_nb=proxprop_nb.__version__, torch=torch.__version__, python=platform.python_version(),
@@ -135,23 +145,27 @@ _CKPT_KEYS = {'config', 'model', 'optimizer', 'epoch', 'history', 'rng', 'starte
 def save_checkpoint(path, # the checkpoint file
                     state:dict # tensors and plain Python values
                    ):
-    "Save a checkpoint atomically and durably: serialized in memory, written to a temporary file, fsynced, moved"
+    "Save a checkpoint atomically and durably: serialized in memory, written to a temporary file, fsynced"
     buf = io.BytesIO()
     torch.save(state, buf)
     def write(tmp):
         with open(tmp, 'wb') as f: f.write(buf.getbuffer()); f.flush(); os.fsync(f.fileno())
     _atomic_write(path, write)
 
+# %% ../../nbs/04a_runfiles.ipynb #185b72a9
 def load_checkpoint(path, # the checkpoint file
                     device='cpu' # where its tensors go
                    ) -> dict:
-    "Load a checkpoint written by `save_checkpoint` (tensors and plain values only); `RunFileError` if it is damaged"
+    "Load a checkpoint of `save_checkpoint` (tensors and plain values only); `RunFileError` if damaged"
     try: s = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e: raise RunFileError(f"{path} is damaged: it does not load as a checkpoint ({type(e).__name__})") from None
+    except Exception as e:
+        why = f"it does not load as a checkpoint ({type(e).__name__})"
+        raise RunFileError(f"{path} is damaged: {why}") from None
     if not isinstance(s, dict) or not _CKPT_KEYS <= set(s):
         raise RunFileError(f"{path} is damaged: not a checkpoint of proxprop_nb.lab.train")
     return s
 
+# %% ../../nbs/04a_runfiles.ipynb #4c3bb191
 def move_aside(path:Path, # the file that cannot be used
                why:str # what is wrong with it, for the warning
               ) -> Path: # where it went
@@ -166,6 +180,7 @@ def utc_timestamp() -> str:
     "The time now in UTC, to the second, in ISO 8601: '2026-01-31T12:00:00+00:00'"
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
+# %% ../../nbs/04a_runfiles.ipynb #f49efcc9
 def take_run_lock(out_dir:Path, # the results folder
                   name:str # the run's name
                  ) -> Path|dict: # the lock file taken, or the record of the process that holds it
@@ -179,7 +194,8 @@ def take_run_lock(out_dir:Path, # the results folder
             try: holder = json.loads(f.read_text())
             except (OSError, ValueError): holder = {}
             here = holder.get('host') == me['host'] and isinstance(holder.get('pid'), int)
-            if here and not process_alive(holder['pid']): f.unlink(missing_ok=True); continue  # its holder died
+            if here and not process_alive(holder['pid']):  # its holder died
+                f.unlink(missing_ok=True); continue
             if holder: return holder
             time.sleep(0.1); continue  # being written right now
         with os.fdopen(fd, 'w') as fh: json.dump(me, fh)
@@ -201,11 +217,12 @@ def prepare_out_dir(out_dir:Path, # the results folder
 # %% ../../nbs/04a_runfiles.ipynb #c022
 def data_identity(source:dict|None # a `Cifar10.source`, or the `data` of a results file
                  ) -> dict:
-    "What identifies the images a run sees: the kind, the content (an archive's sha256, else the fingerprint, or a seed) and the split"
+    "What identifies a run's images: the kind, the content (sha256, else fingerprint, or seed), the split"
     s = source or {}
     keys = ('kind', 'sha256') if s.get('sha256') else ('kind', 'fingerprint', 'seed')
     return {k: s.get(k) for k in keys + ('split_seed', 'n_val', 'n_test') if s.get(k) is not None}
 
+# %% ../../nbs/04a_runfiles.ipynb #24a05aba
 def differences(a:dict, # one record, e.g. a checkpoint's `data_identity`
                 b:dict # the other, e.g. that of the data now
                ) -> dict: # {key: (value in a, value in b)}, in key order

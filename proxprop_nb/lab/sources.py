@@ -78,7 +78,8 @@ SOURCE_LAYOUTS = (  # what a source may be, in words: the messages that ask for 
 def _is_archive(p): return p.is_file() and p.name.endswith(('.tar.gz', '.tgz'))
 def _is_batches(p): return p.is_dir() and all((p/f).is_file() for f in _BATCHES)
 def _is_imagefolder(p):
-    return p.is_dir() and all((p/s).is_dir() and any(c.is_dir() for c in (p/s).iterdir()) for s in ('train', 'test'))
+    has_classes = lambda split: (p/split).is_dir() and any(c.is_dir() for c in (p/split).iterdir())
+    return p.is_dir() and all(has_classes(s) for s in ('train', 'test'))
 
 # %% ../../nbs/03a_sources.ipynb #c015
 def source_kind(p:Path # a file or folder
@@ -90,6 +91,7 @@ def source_kind(p:Path # a file or folder
     if _is_imagefolder(p): return 'imagefolder'
     return None
 
+# %% ../../nbs/03a_sources.ipynb #24baeb50
 def resolve_source(p:Path # a source, or a folder holding one under a usual name
                   ) -> Path|None:
     "The source at `p` or under one of the usual names inside it, or None"
@@ -98,18 +100,16 @@ def resolve_source(p:Path # a source, or a folder holding one under a usual name
     return next((q.resolve() for q in (p/n for n in _NAMES) if p.is_dir() and source_kind(q)), None)
 
 # %% ../../nbs/03a_sources.ipynb #c018
-_CIFAR_MD5 = {'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
-              'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
-              'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
-              'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'}  # the original release, as torchvision checks it
-
 class _BatchUnpickler(pickle.Unpickler):
     "An unpickler that admits only what a CIFAR-10 batch holds: containers, strings, numbers, numpy arrays"
-    _ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')} | {
-                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}  # _codecs.encode: bytes in protocol 2
+    _ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')  # numpy 1 and 2
+                for n in ('_reconstruct', 'scalar')}
+    _ALLOWED |= {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}  # _codecs: protocol 2 bytes
+
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED: return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds (refused, not run)")
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds "
+                                     "(refused, not run)")
 
 # %% ../../nbs/03a_sources.ipynb #c019
 def _unpickle(b:bytes, name:str) -> dict:
@@ -117,62 +117,91 @@ def _unpickle(b:bytes, name:str) -> dict:
     try: d = _BatchUnpickler(io.BytesIO(b), encoding='latin1').load()
     except Exception as e:
         raise ValueError(f"{name}: not a readable CIFAR-10 python batch: {type(e).__name__}: {e}") from None
-    if not isinstance(d, dict): raise ValueError(f"{name}: a CIFAR-10 batch is a pickled dict, not a {type(d).__name__}")
+    if not isinstance(d, dict):
+        raise ValueError(f"{name}: a CIFAR-10 batch is a pickled dict, not a {type(d).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
-def _read_batch(b:bytes, name:str):
-    d = _unpickle(b, name)
-    if 'data' not in d or 'labels' not in d: raise ValueError(f"{name}: a CIFAR-10 batch has 'data' and 'labels', this has {sorted(d)}")
-    x, y = np.asarray(d['data']), np.asarray(d['labels'])
-    if x.dtype != np.uint8: raise ValueError(f"{name}: pixels of dtype {x.dtype}; CIFAR-10 batches hold uint8 values 0-255")
-    if y.dtype.kind not in 'iu' or y.ndim != 1: raise ValueError(f"{name}: labels must be a list of integers, got {y.dtype} {y.shape}")
+# %% ../../nbs/03a_sources.ipynb #e1478944
+def _check_batch(x:np.ndarray, y:np.ndarray, name:str):
+    "ValueError naming the file unless `x` holds N uint8 rows of 3072 pixels and `y` N labels 0-9"
+    if x.dtype != np.uint8:
+        raise ValueError(f"{name}: pixels of dtype {x.dtype}; CIFAR-10 batches hold uint8 values 0-255")
+    if y.dtype.kind not in 'iu' or y.ndim != 1:
+        raise ValueError(f"{name}: labels must be a list of integers, got {y.dtype} {y.shape}")
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
-        raise ValueError(f"{name}: expected 'data' of shape (N, 3072) and N 'labels', got {x.shape} and {len(y)}")
+        raise ValueError(f"{name}: expected 'data' of shape (N, 3072) and N 'labels', "
+                         f"got {x.shape} and {len(y)}")
     if len(y) and (y.min() < 0 or y.max() > 9):
-        bad = sorted({int(v) for v in y if not 0 <= v <= 9})[:5]
-        raise ValueError(f"{name}: labels {bad} outside 0-9 (the ten CIFAR-10 classes)")
+        outside = sorted({int(v) for v in y if not 0 <= v <= 9})[:5]
+        raise ValueError(f"{name}: labels {outside} outside 0-9 (the ten CIFAR-10 classes)")
+
+def _read_batch(b:bytes, name:str):
+    "The images (N, 3, 32, 32) and int64 labels of a python batch; ValueError naming the file otherwise"
+    d = _unpickle(b, name)
+    if 'data' not in d or 'labels' not in d:
+        raise ValueError(f"{name}: a CIFAR-10 batch has 'data' and 'labels', this has {sorted(d)}")
+    x, y = np.asarray(d['data']), np.asarray(d['labels'])
+    _check_batch(x, y, name)
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 # %% ../../nbs/03a_sources.ipynb #c020
+def _file_reader(d:Path):
+    "The `read(name)` of folder `d`: a file's bytes, or None if there is no such file"
+    return lambda name: (d/name).read_bytes() if (d/name).is_file() else None
+
+# %% ../../nbs/03a_sources.ipynb #4c9b4ece
 def _read_batches(read, where) -> dict:
     "Decode python batches into uint8 NCHW arrays and int64 labels, in stored order"
-    tr = [_read_batch(read(f), f'{where}/{f}') for f in _BATCHES[:5]]
+    train_batches = [_read_batch(read(f), f'{where}/{f}') for f in _BATCHES[:5]]
     x_test, y_test = _read_batch(read('test_batch'), f'{where}/test_batch')
     meta = read('batches.meta')
-    classes = CIFAR10_CLASSES if meta is None else tuple(_unpickle(meta, f'{where}/batches.meta').get('label_names', ()))
-    if classes != CIFAR10_CLASSES: raise ValueError(f"{where}/batches.meta: label names {classes}, expected {CIFAR10_CLASSES}")
-    return dict(x_train=np.concatenate([x for x, _ in tr]), y_train=np.concatenate([y for _, y in tr]),
-                x_test=x_test, y_test=y_test)
+    names = () if meta is None else _unpickle(meta, f'{where}/batches.meta').get('label_names', ())
+    classes = CIFAR10_CLASSES if meta is None else tuple(names)
+    if classes != CIFAR10_CLASSES:
+        raise ValueError(f"{where}/batches.meta: label names {classes}, expected {CIFAR10_CLASSES}")
+    return dict(x_train=np.concatenate([x for x, _ in train_batches]),
+                y_train=np.concatenate([y for _, y in train_batches]), x_test=x_test, y_test=y_test)
+
+# %% ../../nbs/03a_sources.ipynb #274361de
+_CIFAR_MD5 = {  # the original release, as torchvision checks it
+    'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+    'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
+    'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
+    'batches.meta': '5ff9c542aee3614f3951f8cda6e48888'}
 
 def _original_release(read) -> bool:
     "Whether every batch file (and batches.meta) has the md5 sum of the original CIFAR-10 release"
     return all((b := read(f)) is not None and hashlib.md5(b).hexdigest() == h for f, h in _CIFAR_MD5.items())
-
-def _file_reader(d:Path):
-    return lambda name: (d/name).read_bytes() if (d/name).is_file() else None
 
 # %% ../../nbs/03a_sources.ipynb #c025
 def _is_image(name:str) -> bool: return name.lower().endswith(_IMG_SUFFIXES) and not name.startswith('.')
 
 def _folder_listing(d:Path) -> dict:
     "{split: {class: sorted image names}} of an ImageFolder folder"
-    classes = {s: sorted(c.name for c in (d/s).iterdir() if c.is_dir() and not c.name.startswith('.')) for s in ('train', 'test')}
+    classes = {s: sorted(c.name for c in (d/s).iterdir() if c.is_dir() and not c.name.startswith('.'))
+               for s in ('train', 'test')}
     return {s: {c: sorted(f'{s}/{c}/{f.name}' for f in (d/s/c).iterdir() if _is_image(f.name)) for c in cs}
             for s, cs in classes.items()}
 
 # %% ../../nbs/03a_sources.ipynb #c026
-_IMAGE_MODES = ('RGB', 'L', 'P', 'RGBA', 'LA', 'PA', 'CMYK', 'YCbCr', '1')  # 8-bit modes PIL converts to RGB exactly
+# the 8-bit modes that PIL converts to RGB exactly
+_IMAGE_MODES = ('RGB', 'L', 'P', 'RGBA', 'LA', 'PA', 'CMYK', 'YCbCr', '1')
 
 def _decode_one(data:bytes, name:str) -> np.ndarray:
     "One 32x32 8-bit image as an HWC uint8 array; ValueError naming the file for anything else"
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only: size and mode are checked before any pixel
-            if im.size != (32, 32): raise ValueError(f"{name}: image of size {im.size}, CIFAR-10 images are 32x32")
-            if im.mode not in _IMAGE_MODES: raise ValueError(f"{name}: image mode {im.mode!r}, CIFAR-10 images are 8-bit RGB")
+        # opening reads the header only: size and mode are checked before any pixel is decoded
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size != (32, 32):
+                raise ValueError(f"{name}: image of size {im.size}, CIFAR-10 images are 32x32")
+            if im.mode not in _IMAGE_MODES:
+                raise ValueError(f"{name}: image mode {im.mode!r}, CIFAR-10 images are 8-bit RGB")
             return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
     except ValueError: raise
-    except Exception as e: raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 
+# %% ../../nbs/03a_sources.ipynb #9214cd1a
 def _decode(names, read, where='') -> np.ndarray:
     "Decode 32x32 images into one uint8 NCHW array"
     out = np.empty((len(names), 32, 32, 3), np.uint8)
@@ -186,15 +215,19 @@ def _decode(names, read, where='') -> np.ndarray:
 def _read_imagefolder(listing:dict, read, where) -> dict:
     "Decode an ImageFolder listing into uint8 NCHW arrays and int64 labels, class by class"
     out = {}
-    for s, by_class in listing.items():
+    for split, by_class in listing.items():
         if tuple(by_class) != CIFAR10_CLASSES:
-            raise ValueError(f"{where}/{s}: class folders {tuple(by_class)}, expected the CIFAR-10 classes {CIFAR10_CLASSES}")
-        empty = [c for c, ns in by_class.items() if not ns]
-        if empty: raise ValueError(f"{where}/{s}: class folders {empty} hold no images; CIFAR-10 has all ten classes")
-        names = [n for ns in by_class.values() for n in ns]
-        print(f"decoding the {len(names):,} {s} images of {where} (once: the arrays are cached)", file=sys.stderr)
-        out[f'x_{s}'] = _decode(names, read, where)
-        out[f'y_{s}'] = np.repeat(np.arange(10), [len(ns) for ns in by_class.values()])
+            raise ValueError(f"{where}/{split}: class folders {tuple(by_class)}, "
+                             f"expected the CIFAR-10 classes {CIFAR10_CLASSES}")
+        empty = [c for c, names in by_class.items() if not names]
+        if empty:
+            raise ValueError(f"{where}/{split}: class folders {empty} hold no images; "
+                             "CIFAR-10 has all ten classes")
+        names = [n for class_names in by_class.values() for n in class_names]
+        print(f"decoding the {len(names):,} {split} images of {where} (once: the arrays are cached)",
+              file=sys.stderr)
+        out[f'x_{split}'] = _decode(names, read, where)
+        out[f'y_{split}'] = np.repeat(np.arange(10), [len(ns) for ns in by_class.values()])
     return out
 
 # %% ../../nbs/03a_sources.ipynb #c032
@@ -202,38 +235,49 @@ _MAX_IMAGE_BYTES = 256 * 2**10  # a 32x32 image file is a few kB; more is not CI
 _MAX_BATCH_BYTES = 64 * 2**20  # a python batch is 31 MB
 _MAX_ARCHIVE_BYTES = 2**30  # all members kept together: the JPEG archive needs ~100 MB, torchvision's 180 MB
 
+def _file_name(member:str) -> str: return member.rsplit('/', 1)[-1]
+def _wanted(member:str) -> bool:
+    return _is_image(_file_name(member)) or _file_name(member) in _BATCHES + ('batches.meta',)
+
+def _check_size(archive, m:tarfile.TarInfo, total:int):
+    "ValueError unless member `m`, and the `total` bytes kept with it, fit a CIFAR-10 archive"
+    limit = _MAX_IMAGE_BYTES if _is_image(_file_name(m.name)) else _MAX_BATCH_BYTES
+    if m.size > limit: raise ValueError(f"{archive}: member {m.name} has {m.size:,} bytes, more than a "
+                                        f"CIFAR-10 file ever has ({limit:,}); not a CIFAR-10 archive")
+    if total > _MAX_ARCHIVE_BYTES: raise ValueError(f"{archive}: its image and batch members exceed "
+                                                    f"{_MAX_ARCHIVE_BYTES:,} bytes; not a CIFAR-10 archive")
+
+# %% ../../nbs/03a_sources.ipynb #8c039f10
 def _tar_members(archive:Path) -> dict:
     "{name: bytes} of the image and python-batch files of `archive`, read in one pass, with bounded sizes"
-    keep = lambda n: _is_image(n.rsplit('/', 1)[-1]) or n.rsplit('/', 1)[-1] in _BATCHES + ('batches.meta',)
-    norm = lambda n: '/'.join(p for p in n.split('/') if p not in ('', '.'))
-    out, total = {}, 0
+    norm = lambda n: '/'.join(p for p in n.split('/') if p not in ('', '.'))  # without './' and empty parts
+    members, total = {}, 0
     try:
-        with tarfile.open(archive, 'r:*') as t:
-            for m in t:
-                if not (m.isfile() and keep(m.name)): continue
-                limit = _MAX_IMAGE_BYTES if _is_image(m.name.rsplit('/', 1)[-1]) else _MAX_BATCH_BYTES
-                if m.size > limit: raise ValueError(f"{archive}: member {m.name} has {m.size:,} bytes, more than a CIFAR-10 "
-                                                    f"file ever has ({limit:,}); not a CIFAR-10 archive")
+        with tarfile.open(archive, 'r:*') as tar:
+            for m in tar:
+                if not (m.isfile() and _wanted(m.name)): continue
                 total += m.size
-                if total > _MAX_ARCHIVE_BYTES: raise ValueError(f"{archive}: its image and batch members exceed "
-                                                                f"{_MAX_ARCHIVE_BYTES:,} bytes; not a CIFAR-10 archive")
-                out[norm(m.name)] = t.extractfile(m).read()
-        return out
+                _check_size(archive, m, total)  # from the header, before reading the member
+                members[norm(m.name)] = tar.extractfile(m).read()
+        return members
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as e:
         raise ValueError(f"{archive} is not a readable .tar.gz archive ({type(e).__name__}: {e})") from e
 
 # %% ../../nbs/03a_sources.ipynb #c033
 def _tar_layout(names, archive) -> tuple[str, str]:
     "The kind of source in an archive and its folder prefix ('' or 'folder/')"
-    cands = set()
+    candidates = set()  # (depth, 0 for python batches or 1 for an ImageFolder, the folders above it)
     for n in names:
         *pre, last = n.split('/')
-        if last == 'data_batch_1' and all('/'.join(pre + [f]) in names for f in _BATCHES): cands.add((len(pre), 0, tuple(pre)))
-        if len(pre) >= 2 and pre[-2] == 'train': cands.add((len(pre) - 2, 1, tuple(pre[:-2])))
-    for depth, batches, pre in sorted(cands):
-        p = ''.join(f'{q}/' for q in pre)
-        if batches == 0: return 'torchvision-batches-tar.gz', p
-        if any(n.startswith(p + 'test/') and n.count('/') == p.count('/') + 2 for n in names): return 'imagefolder-tar.gz', p
+        if last == 'data_batch_1' and all('/'.join(pre + [f]) in names for f in _BATCHES):
+            candidates.add((len(pre), 0, tuple(pre)))
+        if len(pre) >= 2 and pre[-2] == 'train': candidates.add((len(pre) - 2, 1, tuple(pre[:-2])))
+    for depth, is_imagefolder, pre in sorted(candidates):  # the shallowest first
+        prefix = ''.join(f'{q}/' for q in pre)
+        if not is_imagefolder: return 'torchvision-batches-tar.gz', prefix
+        depth_of_images = prefix.count('/') + 2
+        has_test = any(n.startswith(prefix + 'test/') and n.count('/') == depth_of_images for n in names)
+        if has_test: return 'imagefolder-tar.gz', prefix
     raise ValueError(f"{archive} holds no CIFAR-10 source; expected {SOURCE_LAYOUTS}")
 
 # %% ../../nbs/03a_sources.ipynb #c034
@@ -242,17 +286,18 @@ def _tar_listing(names, prefix:str) -> dict:
     out = {'train': {}, 'test': {}}
     for n in sorted(names):
         parts = n[len(prefix):].split('/') if n.startswith(prefix) else []
-        if len(parts) == 3 and parts[0] in out and _is_image(parts[2]): out[parts[0]].setdefault(parts[1], []).append(n[len(prefix):])
+        if len(parts) == 3 and parts[0] in out and _is_image(parts[2]):
+            out[parts[0]].setdefault(parts[1], []).append(n[len(prefix):])
     return {s: dict(sorted(by_class.items())) for s, by_class in out.items()}
 
 # %% ../../nbs/03a_sources.ipynb #c040
-_CACHE_FORMAT = 2
-
 def cache_folder(cache_dir=None # a folder; None: $PROXPROP_CACHE, else ~/.cache/proxprop_nb
                 ) -> Path:
     "The cache folder: `cache_dir`, else $PROXPROP_CACHE, else ~/.cache/proxprop_nb"
-    return Path(cache_dir or os.environ.get('PROXPROP_CACHE') or Path.home()/'.cache'/'proxprop_nb').expanduser()
+    folder = cache_dir or os.environ.get('PROXPROP_CACHE') or Path.home()/'.cache'/'proxprop_nb'
+    return Path(folder).expanduser()
 
+# %% ../../nbs/03a_sources.ipynb #53671c4a
 def process_alive(pid:int # a process id on this machine
                  ) -> bool:
     "Whether process `pid` is running; True where that cannot be told (e.g. another user's process)"
@@ -261,6 +306,7 @@ def process_alive(pid:int # a process id on this machine
     except (PermissionError, OverflowError, ValueError): return True
     return True
 
+# %% ../../nbs/03a_sources.ipynb #37c50a2e
 def remove_dead_temps(folder:Path, # where the temporary files are
                       pattern:str, # a glob of their names, e.g. 'cifar10-*.npz.part-*'
                       pid_re:str # a regex whose group 1 is the writer's pid in a name, e.g. r'\.part-(\d+)$'
@@ -274,23 +320,30 @@ def remove_dead_temps(folder:Path, # where the temporary files are
     return gone
 
 # %% ../../nbs/03a_sources.ipynb #c041
+_CACHE_FORMAT = 2
+
 def _fingerprint(src:Path) -> str:
     "A hash of the absolute path, sizes and modification times of the files of `src`"
     h = hashlib.sha256(f'{_CACHE_FORMAT}|{src}'.encode())
     if src.is_file(): files = [src]
     elif _is_batches(src): files = [src/f for f in _BATCHES + ('batches.meta',) if (src/f).is_file()]
-    else: files = sorted(f for s in ('train', 'test') for c in (src/s).iterdir() if c.is_dir() for f in c.iterdir())
+    else:
+        class_dirs = [c for s in ('train', 'test') for c in (src/s).iterdir() if c.is_dir()]
+        files = sorted(f for c in class_dirs for f in c.iterdir())
     for f in files:
-        st = f.stat(); h.update(f'|{f.relative_to(src) if f != src else ""}:{st.st_size}:{st.st_mtime_ns}'.encode())
+        st = f.stat()
+        h.update(f'|{f.relative_to(src) if f != src else ""}:{st.st_size}:{st.st_mtime_ns}'.encode())
     return h.hexdigest()[:16]
 
 # %% ../../nbs/03a_sources.ipynb #c043
 def _sha256(f:Path) -> str:
+    "The sha256 of file `f`, read in blocks of 1 MB"
     h = hashlib.sha256()
     with open(f, 'rb') as fh:
         for block in iter(lambda: fh.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
 
+# %% ../../nbs/03a_sources.ipynb #98cbafff
 def _save(f:Path, arrays:dict, meta:dict):
     "Write the cache file `f` atomically; warn instead of failing if that is impossible"
     part = f.with_name(f'{f.name}.part-{os.getpid()}')
@@ -300,7 +353,8 @@ def _save(f:Path, arrays:dict, meta:dict):
         os.replace(part, f)
     except OSError as e:
         part.unlink(missing_ok=True)
-        warnings.warn(f"could not cache the decoded CIFAR-10 arrays in {f} ({e}); the next load decodes again")
+        warnings.warn(f"could not cache the decoded CIFAR-10 arrays in {f} ({e}); "
+                      "the next load decodes again")
 
 # %% ../../nbs/03a_sources.ipynb #c044
 def _decode_source(src:Path) -> tuple[dict, dict]:
@@ -320,10 +374,24 @@ def _decode_source(src:Path) -> tuple[dict, dict]:
 # %% ../../nbs/03a_sources.ipynb #c045
 def _valid_arrays(a:dict) -> bool:
     "Whether cached arrays have the shapes, dtypes and labels of CIFAR-10"
-    ok = lambda x, y: x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, 32, 32) and y.dtype == np.int64 \
-                      and len(x) == len(y) and (not len(y) or 0 <= y.min() <= y.max() <= 9)
-    return all(k in a for k in ('x_train', 'y_train', 'x_test', 'y_test')) and ok(a['x_train'], a['y_train']) and ok(a['x_test'], a['y_test'])
+    def split_ok(x, y):
+        return (x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, 32, 32) and y.dtype == np.int64
+                and len(x) == len(y) and (not len(y) or 0 <= y.min() <= y.max() <= 9))
+    has_all = all(k in a for k in ('x_train', 'y_train', 'x_test', 'y_test'))
+    return has_all and split_ok(a['x_train'], a['y_train']) and split_ok(a['x_test'], a['y_test'])
 
+# %% ../../nbs/03a_sources.ipynb #7c35900e
+def _load_cached(f:Path) -> tuple[dict, dict]|None:
+    "The arrays and description in the cache file `f`; None if it is missing, unreadable or not CIFAR-10"
+    if not f.is_file(): return None
+    try:
+        with np.load(f) as z:  # allow_pickle=False: a cache file cannot run code
+            arrays, meta = {k: z[k] for k in z.files if k != 'meta'}, json.loads(str(z['meta']))
+        if _valid_arrays(arrays): return arrays, meta
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile): pass  # unreadable: decode again
+    return None
+
+# %% ../../nbs/03a_sources.ipynb #b536bd90
 def decoded_arrays(src:Path, # a source, as `resolve_source` finds it
                    cache:Path # the cache folder
                   ) -> tuple[dict, dict]: # (the arrays by name, the source's description)
@@ -331,15 +399,11 @@ def decoded_arrays(src:Path, # a source, as `resolve_source` finds it
     key = _fingerprint(src)
     f = cache/f'cifar10-{key}.npz'
     remove_dead_temps(cache, 'cifar10-*.npz.part-*', r'\.part-(\d+)$')  # left by a writer that was killed
-    if f.is_file():
-        try:
-            with np.load(f) as z:  # allow_pickle=False: a cache file cannot run code
-                a, meta = {k: z[k] for k in z.files if k != 'meta'}, json.loads(str(z['meta']))
-            if _valid_arrays(a): return a, meta
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile): pass  # unreadable: decode again
+    if (cached := _load_cached(f)) is not None: return cached
     arrays, meta = _decode_source(src)
     meta['fingerprint'] = key
     _save(f, arrays, meta)
-    if f.is_file(): print(f'cached the decoded arrays in {f} ({f.stat().st_size / 1e6:.0f} MB; delete the folder to reclaim '
-                           'the space; $PROXPROP_CACHE moves it)', file=sys.stderr)
+    if f.is_file():
+        print(f'cached the decoded arrays in {f} ({f.stat().st_size / 1e6:.0f} MB; delete the folder to '
+              'reclaim the space; $PROXPROP_CACHE moves it)', file=sys.stderr)
     return arrays, meta

@@ -24,13 +24,13 @@ from ..layers import proxpropify, ProxPropMixin, SolveStats
 from ..distributed import DataParallel, data_parallel
 from .models import MLP_SIZES, mlp, CONVNET_CHANNELS, convnet, OPTIMIZERS, make_optimizer
 from .data import Cifar10, load_cifar10, minibatches, N_VAL
-from .runfiles import (write_json, read_json, environment, source_hash, save_checkpoint, load_checkpoint,
-                                      RunFileError, data_identity, differences, json_safe, move_aside, take_run_lock,
-                                      prepare_out_dir, utc_timestamp)
+from .runfiles import (write_json, read_json, environment, source_hash, save_checkpoint,
+                                      load_checkpoint, RunFileError, data_identity, differences, json_safe,
+                                      move_aside, take_run_lock, prepare_out_dir, utc_timestamp)
 
 # %% auto #0
-__all__ = ['MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'VARYING_HISTORY_KEYS', 'RunConfig', 'run_name', 'synthetic_cifar10',
-           'prepare_data', 'data_key', 'evaluate', 'epoch_generator', 'train_epoch', 'synchronize', 'default_device',
+__all__ = ['MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'VARYING_HISTORY_KEYS', 'RunConfig', 'run_name', 'synthetic_cifar10', 'data_key',
+           'prepare_data', 'evaluate', 'epoch_generator', 'train_epoch', 'synchronize', 'default_device',
            'reproducible_history', 'build_model', 'run_paths', 'finished_results', 'device_problem', 'train',
            'format_history']
 
@@ -39,25 +39,12 @@ MODELS = ('mlp', 'convnet')
 N_TRAIN = 50000 - N_VAL  # training images of the paper's split
 
 def _check(ok, msg):
+    "ValueError(msg) unless `ok`"
     if not ok: raise ValueError(msg)
 
-def _pos_int(v, allow_none=False): return (allow_none and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-
-# %% ../../nbs/04_train.ipynb #c009
-def _validate(c):
-    "Raise ValueError naming the first invalid setting of RunConfig `c`"
-    _check(c.model in MODELS, f"model={c.model!r} is not valid: use one of {MODELS}")
-    _check(c.optimizer in OPTIMIZERS, f"optimizer={c.optimizer!r} is not valid: use one of {OPTIMIZERS}")
-    _check(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0, f"lr={c.lr!r} is not valid: use a finite step size tau > 0")
-    check_prox_args(c.tau_prox, c.optimization_mode, c.cg_tol, c.cg_variant)
-    for k in ('epochs', 'batch_size'): _check(_pos_int(getattr(c, k)), f"{k}={getattr(c, k)!r} is not valid: use an integer >= 1")
-    for k in ('n_train', 'n_eval'): _check(_pos_int(getattr(c, k), True), f"{k}={getattr(c, k)!r} is not valid: use an integer >= 1 or None")
-    _check(c.n_train is None or c.n_train <= N_TRAIN, f"n_train={c.n_train} is not valid: the training set has {N_TRAIN:,} images")
-    _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed < 2**32 and
-           isinstance(c.subset_seed, int) and 0 <= c.subset_seed < 2**32,
-           f"seed={c.seed!r}, subset_seed={c.subset_seed!r}: use integers 0 <= seed < 2**32")
-    _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} is not valid: use 0 <= momentum < 1")
-    _check(c.arch in ('official', 'paper'), f"arch={c.arch!r} is not valid: use 'official' or 'paper'")
+def _pos_int(v, allow_none=False):
+    "Whether `v` is an integer >= 1 (a bool is not), or None where that is allowed"
+    return (allow_none and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
 
 # %% ../../nbs/04_train.ipynb #c010
 @dataclass(frozen=True)
@@ -75,18 +62,45 @@ class RunConfig:
     momentum:float=0.95 # Nesterov momentum (sgd)
     seed:int=0 # seed of the initialisation and of the minibatch order
     n_train:int|None=None # a seeded random subset of the training set (reduced protocols); None: all 45,000
-    n_eval:int|None=None # evaluate on a fixed random choice of n_eval validation and test images (smoke tests); None: all
+    n_eval:int|None=None # evaluate on n_eval fixed random validation and test images (smoke tests); None: all
     arch:str='official' # ConvNet variant: 'official' code or 'paper' text
     sizes:tuple|None=None # MLP widths or ConvNet channels (tests); None: the paper's
     subset_seed:int=0 # seed of the training subset
 
     def __post_init__(self):
         _validate(self)
-        kind, _ = parse_mode(self.optimization_mode)
-        reset = dict(tau_prox=1.0, cg_variant='textbook', cg_tol=1e-2) if kind == 'gradient' else dict(cg_variant='textbook') if kind == 'exact' else {}
-        if self.optimizer == 'adam': reset['momentum'] = 0.95
-        if self.sizes is not None: reset['sizes'] = tuple(self.sizes)
-        for k, v in reset.items(): object.__setattr__(self, k, v)
+        for k, v in _canonical_settings(self).items(): object.__setattr__(self, k, v)
+
+# %% ../../nbs/04_train.ipynb #c009
+def _validate(c):
+    "Raise ValueError naming the first invalid setting of RunConfig `c`"
+    _check(c.model in MODELS, f"model={c.model!r} is not valid: use one of {MODELS}")
+    _check(c.optimizer in OPTIMIZERS, f"optimizer={c.optimizer!r} is not valid: use one of {OPTIMIZERS}")
+    _check(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0,
+           f"lr={c.lr!r} is not valid: use a finite step size tau > 0")
+    check_prox_args(c.tau_prox, c.optimization_mode, c.cg_tol, c.cg_variant)
+    for k in ('epochs', 'batch_size'):
+        _check(_pos_int(getattr(c, k)), f"{k}={getattr(c, k)!r} is not valid: use an integer >= 1")
+    for k in ('n_train', 'n_eval'):
+        _check(_pos_int(getattr(c, k), True),
+               f"{k}={getattr(c, k)!r} is not valid: use an integer >= 1 or None")
+    _check(c.n_train is None or c.n_train <= N_TRAIN,
+           f"n_train={c.n_train} is not valid: the training set has {N_TRAIN:,} images")
+    _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed < 2**32 and
+           isinstance(c.subset_seed, int) and 0 <= c.subset_seed < 2**32,
+           f"seed={c.seed!r}, subset_seed={c.subset_seed!r}: use integers 0 <= seed < 2**32")
+    _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} is not valid: use 0 <= momentum < 1")
+    _check(c.arch in ('official', 'paper'), f"arch={c.arch!r} is not valid: use 'official' or 'paper'")
+
+# %% ../../nbs/04_train.ipynb #54b71f8a
+def _canonical_settings(c:RunConfig) -> dict:
+    "The settings to reset: those `c` does not use, back at their defaults, and `sizes` as a tuple"
+    kind, _ = parse_mode(c.optimization_mode)
+    reset = (dict(tau_prox=1.0, cg_variant='textbook', cg_tol=1e-2) if kind == 'gradient' else
+             dict(cg_variant='textbook') if kind == 'exact' else {})
+    if c.optimizer == 'adam': reset['momentum'] = 0.95
+    if c.sizes is not None: reset['sizes'] = tuple(c.sizes)
+    return reset
 
 # %% ../../nbs/04_train.ipynb #c011
 def _method(self:RunConfig) -> str:
@@ -94,31 +108,40 @@ def _method(self:RunConfig) -> str:
     kind, n = parse_mode(self.optimization_mode)
     return {'gradient': 'backprop', 'exact': 'exact'}.get(kind, f'cg{n}')
 
+RunConfig.method = property(_method)
+
+# %% ../../nbs/04_train.ipynb #cec28775
 def _label(self:RunConfig) -> str:
     "The method as the paper names it, e.g. 'ProxProp (cg3, official CG)'"
     m = self.method
-    return 'BackProp' if m == 'backprop' else f"ProxProp ({m}{', official CG' if m.startswith('cg') and self.cg_variant == 'official' else ''})"
+    if m == 'backprop': return 'BackProp'
+    return f"ProxProp ({m}{', official CG' if m.startswith('cg') and self.cg_variant == 'official' else ''})"
 
+RunConfig.label = property(_label)
+
+# %% ../../nbs/04_train.ipynb #7a7bc56d
 def _to_dict(self:RunConfig) -> dict:
     "The configuration as a JSON-safe dict"
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
-RunConfig.method, RunConfig.label, RunConfig.to_dict = property(_method), property(_label), _to_dict
+RunConfig.to_dict = _to_dict
 RunConfig.from_dict = classmethod(lambda cls, d: cls(**d))
 
 # %% ../../nbs/04_train.ipynb #c013
 def run_name(cfg:RunConfig # the run's configuration
             ) -> str:
     "A file-name-safe name for `cfg`, e.g. 'mlp-sgd-lr0.05-cg3-official-tauprox1-ep50-seed0'"
-    d, m = RunConfig(), cfg.method
-    parts = [cfg.model + ('-paperarch' if cfg.model == 'convnet' and cfg.arch == 'paper' else ''), cfg.optimizer, f'lr{cfg.lr:g}', m]
+    defaults, m = RunConfig(), cfg.method
+    model = cfg.model + ('-paperarch' if cfg.model == 'convnet' and cfg.arch == 'paper' else '')
+    parts = [model, cfg.optimizer, f'lr{cfg.lr:g}', m]
     if m.startswith('cg'): parts.append(cfg.cg_variant)
     if m != 'backprop': parts.append(f'tauprox{cfg.tau_prox:g}')
-    if m.startswith('cg') and cfg.cg_tol != d.cg_tol: parts.append(f'tol{cfg.cg_tol:g}')
-    if cfg.optimizer == 'sgd' and cfg.momentum != d.momentum: parts.append(f'mom{cfg.momentum:g}')
-    if cfg.batch_size != d.batch_size: parts.append(f'bs{cfg.batch_size}')
+    if m.startswith('cg') and cfg.cg_tol != defaults.cg_tol: parts.append(f'tol{cfg.cg_tol:g}')
+    if cfg.optimizer == 'sgd' and cfg.momentum != defaults.momentum: parts.append(f'mom{cfg.momentum:g}')
+    if cfg.batch_size != defaults.batch_size: parts.append(f'bs{cfg.batch_size}')
     if cfg.sizes is not None: parts.append('w' + 'x'.join(map(str, cfg.sizes)))
-    if cfg.n_train is not None: parts.append(f'n{cfg.n_train}' + (f'ss{cfg.subset_seed}' if cfg.subset_seed else ''))
+    if cfg.n_train is not None:
+        parts.append(f'n{cfg.n_train}' + (f'ss{cfg.subset_seed}' if cfg.subset_seed else ''))
     if cfg.n_eval is not None: parts.append(f'eval{cfg.n_eval}')
     return '-'.join(parts + [f'ep{cfg.epochs}', f'seed{cfg.seed}'])
 
@@ -135,14 +158,20 @@ def synthetic_cifar10(n_train:int=64, # training images
     x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     w = torch.randn(3 * size * size, 10, generator=g, dtype=torch.float64)
     y = ((x.flatten(1).double() / 255 - 0.5) @ w).argmax(1)
-    parts = torch.split(torch.arange(n), [n_train, n_val, n_test])
-    return Cifar10(*[t[i] for i in parts for t in (x, y)], source=dict(kind='synthetic', seed=seed, n_train=n_train, n_val=n_val,
-                                                                        n_test=n_test, subset_seed=None))
+    splits = torch.split(torch.arange(n), [n_train, n_val, n_test])
+    source = dict(kind='synthetic', seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, subset_seed=None)
+    return Cifar10(*[t[i] for i in splits for t in (x, y)], source=source)
 
 # %% ../../nbs/04_train.ipynb #c018
 def _eval_choice(n, k):
     "A fixed random choice of min(k, n) of n indices, in their order"
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
+
+# %% ../../nbs/04_train.ipynb #c020
+def data_key(cfg:RunConfig # a run's configuration
+            ) -> list: # [n_train, subset_seed (None without a subset), n_eval]
+    "What selects the images a run sees: runs with the same key can share what `prepare_data` makes"
+    return [cfg.n_train, cfg.subset_seed if cfg.n_train is not None else None, cfg.n_eval]
 
 # %% ../../nbs/04_train.ipynb #c019
 def prepare_data(data:Cifar10, # CIFAR-10 as loaded (uint8 on the CPU) or already as floats
@@ -152,23 +181,22 @@ def prepare_data(data:Cifar10, # CIFAR-10 as loaded (uint8 on the CPU) or alread
     "The data a run trains and evaluates on, as float32 on `device`"
     if cfg.n_train is not None: data = data.subset(cfg.n_train, cfg.subset_seed)
     if cfg.n_eval is not None:
-        iv, it = _eval_choice(len(data.x_val), cfg.n_eval), _eval_choice(len(data.x_test), cfg.n_eval)
-        data = replace(data, x_val=data.x_val[iv], y_val=data.y_val[iv], x_test=data.x_test[it], y_test=data.y_test[it])
-    src = dict(data.source or {}, n_train_used=len(data.x_train), n_val_used=len(data.x_val), n_test_used=len(data.x_test),
-               prepared_for=data_key(cfg))
+        val_idx = _eval_choice(len(data.x_val), cfg.n_eval)
+        test_idx = _eval_choice(len(data.x_test), cfg.n_eval)
+        data = replace(data, x_val=data.x_val[val_idx], y_val=data.y_val[val_idx],
+                       x_test=data.x_test[test_idx], y_test=data.y_test[test_idx])
+    src = dict(data.source or {}, n_train_used=len(data.x_train), n_val_used=len(data.x_val),
+               n_test_used=len(data.x_test), prepared_for=data_key(cfg))
     return replace(data.to(device, torch.float32), source=src)
 
-# %% ../../nbs/04_train.ipynb #c020
-def data_key(cfg:RunConfig # a run's configuration
-            ) -> list: # [n_train, subset_seed (None without a subset), n_eval]
-    "What selects the images a run sees: runs with the same key can share what `prepare_data` makes"
-    return [cfg.n_train, cfg.subset_seed if cfg.n_train is not None else None, cfg.n_eval]
-
+# %% ../../nbs/04_train.ipynb #8c460c39
 def _data_for(data, cfg, device):
     "`data` prepared for `cfg` on `device`: prepared here, or checked if `prepare_data` made it already"
     key = (data.source or {}).get('prepared_for')
     if key is None: return prepare_data(data, cfg, device)
-    if key != data_key(cfg): raise ValueError(f"the data was prepared for n_train, subset_seed, n_eval = {key}, not {data_key(cfg)}")
+    if key != data_key(cfg):
+        raise ValueError(f"the data was prepared for n_train, subset_seed, n_eval = {key}, "
+                         f"not {data_key(cfg)}")
     return data.to(device, torch.float32)
 
 # %% ../../nbs/04_train.ipynb #c023
@@ -205,30 +233,32 @@ def train_epoch(model:nn.Module, # the model, in training mode
                 generator:torch.Generator, # the random source of the minibatch order
                 bar=None, # a tqdm bar to advance with the live loss, or None
                 solves:SolveStats|None=None, # collects the layers' `last_solve` after every step, or None
-                dp:DataParallel|None=None, # several processes: `model` is DDP-wrapped and each takes its share of every minibatch
+                dp:DataParallel|None=None, # the processes that share each minibatch (`model` DDP-wrapped)
                ) -> tuple: # (mean minibatch loss, None), or (the bad loss, its step) on divergence
     "One pass of minibatch steps over shuffled (x, y), stopping at the first non-finite loss"
-    total, n, world = 0.0, 0, dp.world if dp is not None else 1
+    loss_sum, n_samples, world = 0.0, 0, dp.world if dp is not None else 1
     for step, (xb, yb) in enumerate(minibatches(x, y, batch_size, generator=generator)):
         if world > 1: xb, yb = dp.shard(xb), dp.shard(yb)
         loss = F.cross_entropy(model(xb), yb)
-        value = loss.item() if world == 1 else dp.sum(loss.item())[0] / world  # the whole minibatch's mean, on every process
+        # the whole minibatch's mean loss, on every process
+        value = loss.item() if world == 1 else dp.sum(loss.item())[0] / world
         if not math.isfinite(value): return value, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if solves is not None: solves.add()
         opt.step()
-        total, n = total + value * len(yb) * world, n + len(yb) * world
+        loss_sum, n_samples = loss_sum + value * len(yb) * world, n_samples + len(yb) * world
         if bar is not None: bar.set_postfix_str(f'loss {value:.4g}', refresh=False); bar.update(1)
-    return total / n, None
+    return loss_sum / n_samples, None
 
 # %% ../../nbs/04_train.ipynb #c033
-HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time', 'eval_time', 'time',
-                'solves')  # solves: per layer, the routes, CG iterations and residuals of the epoch's steps (None at epoch 0)
+# solves: per layer, the routes, CG iterations and residuals of the epoch's steps (None at epoch 0)
+HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time',
+                'eval_time', 'time', 'solves')
 
 def synchronize(device # a torch device, or its name
                ):
-    "Wait until the work queued on `device` is done: CUDA runs asynchronously; on the CPU there is nothing to wait for"
+    "Wait until the work queued on `device` is done: CUDA runs asynchronously; a CPU has nothing to wait for"
     if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
 
 def default_device() -> str:
@@ -236,7 +266,7 @@ def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 # %% ../../nbs/04_train.ipynb #3c349634
-VARYING_HISTORY_KEYS = ('train_time', 'eval_time', 'time')  # and, inside `solves`, the summaries of varying fields
+VARYING_HISTORY_KEYS = ('train_time', 'eval_time', 'time')  # and in `solves`, the summaries of varying fields
 
 def reproducible_history(h:dict, # a run's history, as `train` records it
                         ) -> dict: # the same without the entries that vary between identical runs
@@ -245,15 +275,16 @@ def reproducible_history(h:dict, # a run's history, as `train` records it
                for how in f.metadata['summary']}
     keep = lambda row: {k: v for k, v in row.items() if k not in varying}
     out = {k: v for k, v in h.items() if k not in VARYING_HISTORY_KEYS}
-    if 'solves' in out: out['solves'] = [s and {layer: keep(row) for layer, row in s.items()} for s in out['solves']]
+    if 'solves' in out:
+        out['solves'] = [s and {layer: keep(row) for layer, row in s.items()} for s in out['solves']]
     return out
-
 
 # %% ../../nbs/04_train.ipynb #c034
 def build_model(cfg:RunConfig # the run's configuration
                ) -> nn.Module:
-    "The configuration's model on the CPU, initialised from `cfg.seed` without touching the global random state"
-    prox = dict(optimization_mode=cfg.optimization_mode, tau_prox=cfg.tau_prox, cg_tol=cfg.cg_tol, cg_variant=cfg.cg_variant)
+    "The configuration's model on the CPU, initialised from `cfg.seed`, the global random state untouched"
+    prox = dict(optimization_mode=cfg.optimization_mode, tau_prox=cfg.tau_prox, cg_tol=cfg.cg_tol,
+                cg_variant=cfg.cg_variant)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if cfg.model == 'mlp': return mlp(cfg.sizes or MLP_SIZES, **prox)
@@ -263,13 +294,14 @@ def build_model(cfg:RunConfig # the run's configuration
 def _record(h:dict, epoch, d:Cifar10, model, minibatch_loss, train_time, device, batch_size, solves=None):
     "Evaluate after `epoch` and append a row to the history `h`"
     t0 = time.perf_counter()
-    tl, ta = evaluate(model, d.x_train, d.y_train, batch_size)
-    vl, va = evaluate(model, d.x_val, d.y_val, batch_size)
+    train_loss, train_acc = evaluate(model, d.x_train, d.y_train, batch_size)
+    val_loss, val_acc = evaluate(model, d.x_val, d.y_val, batch_size)
     synchronize(device)
-    row = dict(epoch=epoch, train_loss=tl, train_acc=ta, val_loss=vl, val_acc=va, minibatch_loss=minibatch_loss,
-               train_time=train_time, eval_time=time.perf_counter() - t0, time=(h['time'][-1] if h['time'] else 0.) + train_time,
-               solves=solves)
-    for k in HISTORY_KEYS: h.setdefault(k, [None] * (len(h['epoch']) - 1 if k != 'epoch' else 0)).append(row[k])
+    row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+               minibatch_loss=minibatch_loss, train_time=train_time, eval_time=time.perf_counter() - t0,
+               time=(h['time'][-1] if h['time'] else 0.) + train_time, solves=solves)
+    for k in HISTORY_KEYS:  # a key an older history lacks starts with None for its earlier epochs
+        h.setdefault(k, [None] * (len(h['epoch']) - 1 if k != 'epoch' else 0)).append(row[k])
 
 # %% ../../nbs/04_train.ipynb #c037
 def run_paths(out_dir, # the results folder
@@ -279,73 +311,56 @@ def run_paths(out_dir, # the results folder
     name = run_name(cfg)
     return Path(out_dir)/f'{name}.json', Path(out_dir)/f'{name}.ckpt'
 
+# %% ../../nbs/04_train.ipynb #368843a8
 def _same_config(stored:dict, cfg:RunConfig, path):
+    "Check a file's configuration `stored` against `cfg`: RunFileError if not valid, ValueError if another"
     try: other = RunConfig.from_dict(stored)
-    except (TypeError, ValueError) as e: raise RunFileError(f"{path} is damaged: its configuration is not valid ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise RunFileError(f"{path} is damaged: its configuration is not valid ({e})") from None
     if other != cfg:
         diff = {k: (stored.get(k), v) for k, v in cfg.to_dict().items() if stored.get(k) != v}
-        raise ValueError(f"{path} belongs to another configuration (stored vs requested: {diff}); use another results folder")
+        raise ValueError(f"{path} belongs to another configuration (stored vs requested: {diff}); "
+                         "use another results folder")
 
 # %% ../../nbs/04_train.ipynb #c038
-def _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta):
+def _results(cfg, status, h, diverged_at, test_metrics, d, device, started, resumed, meta):
     "The results record of a run"
-    val = [v for v in h['val_acc'] if v is not None]
-    return dict(format=1, name=run_name(cfg), status=status, config=cfg.to_dict(), seed=cfg.seed, method=cfg.method, label=cfg.label,
-                epochs_done=h['epoch'][-1] if h['epoch'] else 0, diverged_at=diverged_at,
+    val_accs = [v for v in h['val_acc'] if v is not None]
+    return dict(format=1, name=run_name(cfg), status=status, config=cfg.to_dict(), seed=cfg.seed,
+                method=cfg.method, label=cfg.label, epochs_done=h['epoch'][-1] if h['epoch'] else 0,
+                diverged_at=diverged_at,
                 final_train_loss=h['train_loss'][-1] if status == 'finished' else None,
-                best_val_acc=max(val) if val else None, test_loss=test[0], test_acc=test[1], history=h,
-                data=d.source, environment=environment(device), started=started, finished=utc_timestamp(),
-                resumed_at_epochs=resumed, meta=meta or {})
+                best_val_acc=max(val_accs) if val_accs else None, test_loss=test_metrics[0],
+                test_acc=test_metrics[1], history=h, data=d.source, environment=environment(device),
+                started=started, finished=utc_timestamp(), resumed_at_epochs=resumed, meta=meta or {})
 
-# %% ../../nbs/04_train.ipynb #c040
-def _start(cfg, model, opt, d, device, ckpt, bs):
-    "(history, first epoch to run, start time, resumed epochs): from the checkpoint if there is one, else after recording epoch 0"
-    s = None
-    if ckpt is not None and ckpt.exists():
-        try: s = load_checkpoint(ckpt)  # on the CPU: the random states must stay there; load_state_dict copies to the device
-        except RunFileError as e: move_aside(ckpt, str(e))
-    if s is not None:
-        _same_config(s['config'], cfg, ckpt)
-        if s.get('data') is not None and (diff := differences(s['data'], data_identity(d.source))):
-            raise RunFileError(f"{ckpt} was written on other data (checkpoint vs now: {diff}); resume it with the data it "
-                               "started on, or move the checkpoint away to start the run again on this data")
-        model.load_state_dict(s['model']); opt.load_state_dict(s['optimizer'])
-        torch.set_rng_state(s['rng']['torch'])
-        if device.type == 'cuda' and s['rng'].get('cuda') is not None: torch.cuda.set_rng_state(s['rng']['cuda'], device)
-        return s['history'], s['epoch'] + 1, s['started'], s['resumed_at_epochs'] + [s['epoch']]
-    h, started = {k: [] for k in HISTORY_KEYS}, utc_timestamp()
-    _record(h, 0, d, model, None, 0.0, device, bs)
-    return h, 1, started, []
-
-def _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device, d):
-    if ckpt is None: return
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
-    save_checkpoint(ckpt, dict(config=cfg.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, history=h,
-                               rng=rng, started=started, resumed_at_epochs=resumed, data=data_identity(d.source)))
-
-# %% ../../nbs/04_train.ipynb #c041
-def _epoch_line(name, h):
-    return (f"{name} epoch {h['epoch'][-1]}: train loss {h['train_loss'][-1]:.4g}, val acc {h['val_acc'][-1]:.4f} "
-            f"({h['train_time'][-1]:.1f} s train, {h['eval_time'][-1]:.1f} s eval)")
-
-def finished_results(path:Path, # the run's results file, as `run_paths` names it
-                     cfg:RunConfig, # the run's configuration: a file of another one under its name is an error
-                     data:Cifar10|None=None # the data the run is asked for: a warning if the stored run saw other data
-                    ) -> dict|None:
-    "The stored results of `cfg` if `path` holds a finished or diverged run, else None; a damaged file is moved aside"
-    if not path.exists(): return None
+# %% ../../nbs/04_train.ipynb #17012387
+def _stored_results(path:Path, cfg:RunConfig) -> dict|None:
+    "The results in `path`; None if the file is damaged (moved aside); ValueError if it is another config's"
     try:
         r = read_json(path)
-        if not (isinstance(r, dict) and {'config', 'status', 'history'} <= set(r)): raise RunFileError(f"{path} is damaged: not a results file")
+        if not (isinstance(r, dict) and {'config', 'status', 'history'} <= set(r)):
+            raise RunFileError(f"{path} is damaged: not a results file")
         _same_config(r['config'], cfg, path)
     except RunFileError as e: move_aside(path, str(e)); return None
     except ValueError as e:
         if 'belongs to another configuration' in str(e): raise
         move_aside(path, str(e)); return None
-    if r.get('status') not in ('finished', 'diverged'): return None
+    return r
+
+# %% ../../nbs/04_train.ipynb #c041
+def finished_results(path:Path, # the run's results file, as `run_paths` names it
+                     cfg:RunConfig, # the run's configuration: another one's file under its name is an error
+                     data:Cifar10|None=None # the data asked for: a warning if the stored run saw other data
+                    ) -> dict|None:
+    "The stored results of `cfg` if `path` holds a finished or diverged run, else None; damaged: moved aside"
+    if not path.exists(): return None
+    r = _stored_results(path, cfg)
+    if r is None or r.get('status') not in ('finished', 'diverged'): return None
     if data is not None and (diff := differences(data_identity(r.get('data')), data_identity(data.source))):
-        warnings.warn(f"{path}: {r['status']} on other data (file vs now: {diff}); skipped, not trained again; "
-                      "move the file away to train this run on this data", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{path}: {r['status']} on other data (file vs now: {diff}); skipped, not trained "
+                      "again; move the file away to train this run on this data",
+                      RuntimeWarning, stacklevel=2)
     ckpt = path.with_suffix('.ckpt')
     if ckpt.exists(): ckpt.unlink()  # a stale checkpoint of a run that has its results
     return r
@@ -365,23 +380,180 @@ def _check_device(device) -> torch.device:
     if (why := device_problem(device)) is not None: raise ValueError(f"device={device!r}: {why}")
     return torch.device(device or default_device())
 
-# %% ../../nbs/04_train.ipynb #c043
-def train(cfg:RunConfig, # the run's configuration
-          data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration (a sweep prepares it once)
-          out_dir=None, # results folder for the checkpoint and results file; None: keep nothing on disk
-          device=None, # 'cpu' or 'cuda'; None: 'cuda' if available, else 'cpu'
-          progress:bool=True, # show a text progress bar on stderr
-          log=None, # called with one line per epoch, e.g. print; None: silent
-          stop_after:int|None=None, # stop after this many epochs in this call, keeping the checkpoint (a time box)
-          deadline:float|None=None, # a time.time(): stop before an epoch that would end after it, keeping the checkpoint
-          meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
-          eval_batch_size:int=1000 # chunk size of the evaluations
-         ) -> dict: # the results record (status 'finished', 'diverged', 'stopped', or 'running elsewhere')
-    "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results. Under torchrun (or an initialised process group) every process trains its share of each minibatch under DDP and rank 0 alone writes"
-    device, log = _check_device(device), log or (lambda s: None)
-    dp = data_parallel(device)
-    if not dp.main: log, progress = (lambda s: None), False
-    path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
+# %% ../../nbs/04_train.ipynb #c040
+def _resume(cfg, model, opt, d, device, ckpt) -> tuple|None:
+    "(history, first epoch to run, start time, resumed epochs) of the checkpoint, its states loaded; or None"
+    s = None
+    if ckpt is not None and ckpt.exists():
+        # on the CPU: the random states must stay there; load_state_dict copies to the device
+        try: s = load_checkpoint(ckpt)
+        except RunFileError as e: move_aside(ckpt, str(e))
+    if s is None: return None
+    _same_config(s['config'], cfg, ckpt)
+    if s.get('data') is not None and (diff := differences(s['data'], data_identity(d.source))):
+        raise RunFileError(f"{ckpt} was written on other data (checkpoint vs now: {diff}); resume it with "
+                           "the data it started on, or move the checkpoint away to start the run again on "
+                           "this data")
+    model.load_state_dict(s['model']); opt.load_state_dict(s['optimizer'])
+    torch.set_rng_state(s['rng']['torch'])
+    if device.type == 'cuda' and s['rng'].get('cuda') is not None:
+        torch.cuda.set_rng_state(s['rng']['cuda'], device)
+    return s['history'], s['epoch'] + 1, s['started'], s['resumed_at_epochs'] + [s['epoch']]
+
+# %% ../../nbs/04_train.ipynb #9141fc3a
+def _start(cfg, model, opt, d, device, ckpt, eval_batch_size):
+    "(history, first epoch to run, start time, resumed epochs): the checkpoint's, else after epoch 0's record"
+    if (resumed := _resume(cfg, model, opt, d, device, ckpt)) is not None: return resumed
+    h, started = {k: [] for k in HISTORY_KEYS}, utc_timestamp()
+    _record(h, 0, d, model, None, 0.0, device, eval_batch_size)
+    return h, 1, started, []
+
+# %% ../../nbs/04_train.ipynb #898b6468
+def _check_shards(cfg, n_train:int, dp:DataParallel):
+    "Every minibatch must split into equal shares (the global ProxProp step needs equal local batches)"
+    last = n_train % cfg.batch_size
+    if cfg.batch_size % dp.world or last % dp.world:
+        raise ValueError(f"batch_size={cfg.batch_size} with {n_train} training images gives minibatches of "
+                         f"{cfg.batch_size}" + (f" and {last}" if last else '')
+                         + f" samples, which do not split evenly over {dp.world} processes: "
+                         "choose a batch size (and n_train) divisible by the number of processes")
+
+# %% ../../nbs/04_train.ipynb #36495ef5
+@dataclass
+class _Run:
+    "A run being trained: what the pieces of `train` share"
+    cfg: RunConfig
+    d: Cifar10 # the run's data, as `prepare_data` made it, on `device`
+    device: torch.device
+    ckpt: Path|None # the checkpoint: read by every process, written by rank 0; None: nothing on disk
+    log: object # called with a line of text (silent but on rank 0)
+    eval_batch_size: int
+    dp: DataParallel
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    history: dict # {key of HISTORY_KEYS: one value per epoch, epoch 0 first}
+    started: str # when the run first started, as `utc_timestamp` gives it
+    resumed: list # the epochs after which it was resumed
+    net: nn.Module # what takes the steps: `model`, or its DistributedDataParallel wrapper
+
+    @property
+    def name(self) -> str: return run_name(self.cfg)
+
+# %% ../../nbs/04_train.ipynb #454e74eb
+def _ddp(model, device, dp):
+    "What the processes train: `model` itself, or wrapped in DistributedDataParallel when there are several"
+    if dp.world <= 1: return model
+    from torch.nn.parallel import DistributedDataParallel
+    # data_parallel set the GPU of LOCAL_RANK
+    gpu = torch.cuda.current_device() if device.type == 'cuda' and device.index is None else device.index
+    return DistributedDataParallel(model, device_ids=[gpu] if device.type == 'cuda' else None)
+
+# %% ../../nbs/04_train.ipynb #d1cda455
+def _set_up(cfg, data, ckpt, device, log, eval_batch_size, dp) -> tuple:
+    "(the run, its first epoch to train): data, model and optimizer, resumed from the checkpoint or new"
+    d = _data_for(data, cfg, device)
+    if dp.world > 1: _check_shards(cfg, len(d.x_train), dp)
+    model = build_model(cfg).to(device)
+    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+    if not dp.main: dp.barrier()  # rank 0 reads (or moves aside) the checkpoint first
+    history, first, started, resumed = _start(cfg, model, opt, d, device, ckpt, eval_batch_size)
+    if dp.main: dp.barrier()
+    run = _Run(cfg, d, device, ckpt, log, eval_batch_size, dp, model, opt, history, started, resumed,
+               net=_ddp(model, device, dp))
+    return run, first
+
+# %% ../../nbs/04_train.ipynb #553edfd3
+def _write_checkpoint(run:_Run, epoch:int):
+    "Save the run's state after `epoch`: rank 0 does, where the run has a checkpoint file"
+    if run.ckpt is None or not run.dp.main: return
+    rng = dict(torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state(run.device) if run.device.type == 'cuda' else None)
+    save_checkpoint(run.ckpt, dict(config=run.cfg.to_dict(), model=run.model.state_dict(),
+                                   optimizer=run.opt.state_dict(), epoch=epoch, history=run.history, rng=rng,
+                                   started=run.started, resumed_at_epochs=run.resumed,
+                                   data=data_identity(run.d.source)))
+
+# %% ../../nbs/04_train.ipynb #9caf6332
+def _epoch_line(name, h):
+    "The line `train` logs after an epoch"
+    return (f"{name} epoch {h['epoch'][-1]}: train loss {h['train_loss'][-1]:.4g}, "
+            f"val acc {h['val_acc'][-1]:.4f} ({h['train_time'][-1]:.1f} s train, "
+            f"{h['eval_time'][-1]:.1f} s eval)")
+
+# %% ../../nbs/04_train.ipynb #6070d3f0
+def _epoch(run:_Run, epoch:int, bar, solves:SolveStats) -> dict|None:
+    "Train `epoch`, record it, write the checkpoint; where the run diverged instead, if it did"
+    cfg, h = run.cfg, run.history
+    synchronize(run.device); t0 = time.perf_counter()
+    minibatch_loss, bad_step = train_epoch(run.net, run.opt, run.d.x_train, run.d.y_train, cfg.batch_size,
+                                           epoch_generator(cfg.seed, epoch), bar, solves, run.dp)
+    synchronize(run.device); train_time = time.perf_counter() - t0
+    if bad_step is not None:
+        run.log(f'{run.name}: diverged in epoch {epoch}, step {bad_step} (minibatch loss {minibatch_loss})')
+        return dict(epoch=epoch, step=bad_step, where='minibatch loss')
+    _record(h, epoch, run.d, run.model, minibatch_loss, train_time, run.device, run.eval_batch_size,
+            solves.summary())
+    if not math.isfinite(h['train_loss'][-1]):
+        run.log(f'{run.name}: diverged in epoch {epoch} (full-batch loss {h["train_loss"][-1]})')
+        return dict(epoch=epoch, step=None, where='full-batch loss')
+    _write_checkpoint(run, epoch)
+    return None
+
+# %% ../../nbs/04_train.ipynb #557098fc
+def _would_end_late(h:dict, deadline:float|None) -> bool:
+    "Whether an epoch as long as the last one would end after `deadline` (never so before the first epoch)"
+    if deadline is None or h['epoch'][-1] < 1: return False
+    return time.time() + h['train_time'][-1] + h['eval_time'][-1] > deadline
+
+# %% ../../nbs/04_train.ipynb #c045
+def _loop(run:_Run, first:int, progress:bool, stop_after:int|None, deadline:float|None) -> tuple:
+    "Run epochs first..cfg.epochs; return (status, diverged_at)"
+    cfg, h = run.cfg, run.history
+    steps, solves = math.ceil(len(run.d.x_train) / cfg.batch_size), SolveStats(run.model)
+    if not math.isfinite(h['train_loss'][-1]):
+        return 'diverged', dict(epoch=h['epoch'][-1], step=None, where='full-batch loss')
+    with tqdm(total=cfg.epochs * steps, initial=(first - 1) * steps, desc=run.name, disable=not progress,
+              ascii=True, file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
+        for epoch in range(first, cfg.epochs + 1):
+            if stop_after is not None and epoch - first >= stop_after: return 'stopped', None
+            if run.dp.sum(float(_would_end_late(h, deadline)))[0]:  # one decision for all processes
+                run.log(f'{run.name}: stopped before epoch {epoch}, which would end after the deadline; '
+                        'the checkpoint resumes it')
+                return 'stopped', None
+            if (diverged_at := _epoch(run, epoch, bar, solves)) is not None: return 'diverged', diverged_at
+            bar.set_postfix_str(f"epoch {epoch}: full-batch loss {h['train_loss'][-1]:.4g}, "
+                                f"val acc {h['val_acc'][-1]:.3f}")
+            with tqdm.external_write_mode(): run.log(_epoch_line(run.name, h))
+    return 'finished', None
+
+# %% ../../nbs/04_train.ipynb #2a80f651
+def _finish(run:_Run, status:str, diverged_at:dict|None, path:Path|None, meta:dict|None) -> dict:
+    "The results: test metrics if the run finished; rank 0 writes them and deletes the checkpoint"
+    test_metrics = (None, None)
+    if status == 'finished':
+        test_metrics = evaluate(run.model, run.d.x_test, run.d.y_test, run.eval_batch_size)
+    r = _results(run.cfg, status, run.history, diverged_at, test_metrics, run.d, run.device, run.started,
+                 run.resumed, meta)
+    if run.dp.world > 1:
+        r['data_parallel'] = dict(processes=run.dp.world, backend=torch.distributed.get_backend())
+    if path is not None and run.dp.main:
+        write_json(path, r)
+        if run.ckpt.exists(): run.ckpt.unlink()
+    return json_safe(r)  # what the file holds
+
+# %% ../../nbs/04_train.ipynb #a5502c3f
+def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size,
+           dp=DataParallel()):
+    "Train a run that has no results yet: set up (or resume), loop over the epochs, finish"
+    run, first = _set_up(cfg, data, ckpt, device, log, eval_batch_size, dp)
+    status, diverged_at = _loop(run, first, progress, stop_after, deadline)
+    if status != 'stopped': return _finish(run, status, diverged_at, path, meta)
+    return dict(name=run.name, status='stopped', epochs_done=run.history['epoch'][-1], history=run.history,
+                config=cfg.to_dict(), checkpoint=str(ckpt) if ckpt is not None else None)
+
+# %% ../../nbs/04_train.ipynb #8f4d0131
+def _finished_or_locked(cfg, data, path, dp) -> tuple:
+    "(stored results, None) of a finished run; else (None, the run's lock or its holder's record) on rank 0"
     if not dp.main: dp.barrier()  # rank 0 first: it tidies damaged or stale files and takes the run lock
     r = finished_results(path, cfg, data) if path is not None else None
     lock = None
@@ -389,87 +561,49 @@ def train(cfg:RunConfig, # the run's configuration
         prepare_out_dir(path.parent, run_name(cfg))
         lock = take_run_lock(path.parent, run_name(cfg))
     if dp.main: dp.barrier()
+    return r, lock
+
+# %% ../../nbs/04_train.ipynb #c043
+def train(cfg:RunConfig, # the run's configuration
+          data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration
+          out_dir=None, # results folder for the checkpoint and results file; None: keep nothing on disk
+          device=None, # 'cpu' or 'cuda'; None: 'cuda' if available, else 'cpu'
+          progress:bool=True, # show a text progress bar on stderr
+          log=None, # called with one line per epoch, e.g. print; None: silent
+          stop_after:int|None=None, # stop after this many epochs in this call, keeping the checkpoint
+          deadline:float|None=None, # a time.time(): keep the checkpoint, stop before an epoch ending after it
+          meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
+          eval_batch_size:int=1000 # chunk size of the evaluations
+         ) -> dict: # the results record (status 'finished', 'diverged', 'stopped', or 'running elsewhere')
+    "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
+    device, log = _check_device(device), log or (lambda s: None)
+    dp = data_parallel(device)
+    if not dp.main: log, progress = (lambda s: None), False
+    path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
+    r, lock = _finished_or_locked(cfg, data, path, dp)
     if r is not None: log(f'{r["name"]}: already {r["status"]} in {path.parent}, skipped'); return r
     if dp.sum(float(isinstance(lock, dict)))[0]:  # every process follows rank 0
         log(f"{run_name(cfg)}: running in another process ({lock}), skipped")
-        return dict(name=run_name(cfg), status='running elsewhere', holder=lock if dp.main else None, config=cfg.to_dict())
-    try: return _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size, dp)
+        return dict(name=run_name(cfg), status='running elsewhere', holder=lock if dp.main else None,
+                    config=cfg.to_dict())
+    try: return _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta,
+                       eval_batch_size, dp)
     finally:
         if lock is not None: lock.unlink(missing_ok=True)
-
-def _check_shards(cfg, n_train:int, dp:DataParallel):
-    "Every minibatch of the run must split into equal shares (the global ProxProp step needs equal local batches)"
-    last = n_train % cfg.batch_size
-    if cfg.batch_size % dp.world or last % dp.world:
-        raise ValueError(f"batch_size={cfg.batch_size} with {n_train} training images gives minibatches of {cfg.batch_size}"
-                         + (f" and {last}" if last else '') + f" samples, which do not split evenly over {dp.world} processes: "
-                         "choose a batch size (and n_train) divisible by the number of processes")
-
-def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size, dp=DataParallel()):
-    d = _data_for(data, cfg, device)
-    if dp.world > 1: _check_shards(cfg, len(d.x_train), dp)
-    model = build_model(cfg).to(device)
-    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
-    if not dp.main: dp.barrier()  # rank 0 reads (or moves aside) the checkpoint first
-    h, first, started, resumed = _start(cfg, model, opt, d, device, ckpt, eval_batch_size)
-    if dp.main: dp.barrier()
-    net = model
-    if dp.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        gpu = torch.cuda.current_device() if device.type == 'cuda' and device.index is None else device.index  # data_parallel set LOCAL_RANK's
-        net = DistributedDataParallel(model, device_ids=[gpu] if device.type == 'cuda' else None)
-    status, diverged_at = _loop(cfg, model, opt, d, device, h, first, ckpt if dp.main else None, started, resumed, progress, log,
-                                stop_after, eval_batch_size, deadline, net, dp)
-    if status == 'stopped': return dict(name=run_name(cfg), status='stopped', epochs_done=h['epoch'][-1], history=h,
-                                        config=cfg.to_dict(), checkpoint=str(ckpt) if ckpt is not None else None)
-    test = evaluate(model, d.x_test, d.y_test, eval_batch_size) if status == 'finished' else (None, None)
-    r = _results(cfg, status, h, diverged_at, test, d, device, started, resumed, meta)
-    if dp.world > 1: r['data_parallel'] = dict(processes=dp.world, backend=torch.distributed.get_backend())
-    if path is not None and dp.main:
-        write_json(path, r)
-        if ckpt.exists(): ckpt.unlink()
-    return json_safe(r)  # what the file holds
-
-# %% ../../nbs/04_train.ipynb #c045
-def _loop(cfg, model, opt, d, device, h, first, ckpt, started, resumed, progress, log, stop_after, bs, deadline=None, net=None,
-          dp=DataParallel()):
-    "Run epochs first..cfg.epochs; return (status, diverged_at)"
-    name, steps, solves = run_name(cfg), math.ceil(len(d.x_train) / cfg.batch_size), SolveStats(model)
-    if not math.isfinite(h['train_loss'][-1]): return 'diverged', dict(epoch=h['epoch'][-1], step=None, where='full-batch loss')
-    with tqdm(total=cfg.epochs * steps, initial=(first - 1) * steps, desc=name, disable=not progress, ascii=True,
-              file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
-        for epoch in range(first, cfg.epochs + 1):
-            if stop_after is not None and epoch - first >= stop_after: return 'stopped', None
-            late = deadline is not None and h['epoch'][-1] >= 1 and time.time() + h['train_time'][-1] + h['eval_time'][-1] > deadline
-            if dp.sum(float(late))[0]:  # one decision for all processes
-                log(f'{name}: stopped before epoch {epoch}, which would end after the deadline; the checkpoint resumes it')
-                return 'stopped', None
-            synchronize(device); t0 = time.perf_counter()
-            mb, bad = train_epoch(net or model, opt, d.x_train, d.y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), bar,
-                                  solves, dp)
-            synchronize(device); t = time.perf_counter() - t0
-            if bad is not None:
-                log(f'{name}: diverged in epoch {epoch}, step {bad} (minibatch loss {mb})')
-                return 'diverged', dict(epoch=epoch, step=bad, where='minibatch loss')
-            _record(h, epoch, d, model, mb, t, device, bs, solves.summary())
-            if not math.isfinite(h['train_loss'][-1]):
-                log(f'{name}: diverged in epoch {epoch} (full-batch loss {h["train_loss"][-1]})')
-                return 'diverged', dict(epoch=epoch, step=None, where='full-batch loss')
-            _save(ckpt, cfg, model, opt, h, epoch, started, resumed, device, d)
-            bar.set_postfix_str(f"epoch {epoch}: full-batch loss {h['train_loss'][-1]:.4g}, val acc {h['val_acc'][-1]:.3f}")
-            with tqdm.external_write_mode(): log(_epoch_line(name, h))
-    return 'finished', None
 
 # %% ../../nbs/04_train.ipynb #c047
 def format_history(r:dict # a results record, as `train` returns it
                   ) -> str:
     "The history of a run as a text table, one line per epoch"
     h, lines = r['history'], [f"{r['name']}: {r['status']}"]
-    lines.append(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val loss':>8} {'val acc':>7} {'train s':>8} {'eval s':>7}")
+    lines.append(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'val loss':>8} {'val acc':>7} "
+                 f"{'train s':>8} {'eval s':>7}")
     for i, e in enumerate(h['epoch']):
-        f = lambda k, w, p: f"{h[k][i]:{w}.{p}f}" if h[k][i] is not None else f"{'-':>{w}}"
-        lines.append(f"{e:>5} {f('train_loss', 10, 4)} {f('train_acc', 9, 4)} {f('val_loss', 8, 4)} {f('val_acc', 7, 4)} "
-                     f"{f('train_time', 8, 2)} {f('eval_time', 7, 2)}")
-    if r.get('test_acc') is not None: lines.append(f"test loss {r['test_loss']:.4f}, test accuracy {r['test_acc']:.4f}")
+        column = lambda k, w, p: f"{h[k][i]:{w}.{p}f}" if h[k][i] is not None else f"{'-':>{w}}"
+        lines.append(f"{e:>5} {column('train_loss', 10, 4)} {column('train_acc', 9, 4)} "
+                     f"{column('val_loss', 8, 4)} {column('val_acc', 7, 4)} "
+                     f"{column('train_time', 8, 2)} {column('eval_time', 7, 2)}")
+    if r.get('test_acc') is not None:
+        lines.append(f"test loss {r['test_loss']:.4f}, test accuracy {r['test_acc']:.4f}")
     if r.get('diverged_at'): lines.append(f"diverged: {r['diverged_at']}")
     return '\n'.join(lines)
