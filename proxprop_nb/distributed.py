@@ -55,6 +55,12 @@ FLOPS_PER_BYTE = 100.
 def _wire(kind:str, payload:float, world:int) -> float:
     return 2 * (world - 1) / world * payload if kind == 'all_reduce' else (world - 1) * payload
 
+def _with_wire(routes:dict, world:int) -> dict:
+    "route -> dict(flops, payload, wire), from route -> dict(flops, payload, kind of collective)"
+    return {name: dict(flops=r['flops'], payload=r['payload'], wire=_wire(r['kind'], r['payload'], world))
+            for name, r in routes.items()}
+
+# %% ../nbs/02a_distributed.ipynb #f38cff61
 def linear_routes(n:int, # local batch (rows)
                   d_in:int, # in_features
                   out:int, # out_features
@@ -65,16 +71,15 @@ def linear_routes(n:int, # local batch (rows)
                  ) -> dict: # route -> dict(flops, payload, wire) per step
     "Flops and bytes of each data-parallel route of a Linear layer's proximal step"
     d, N, k, s = d_in + bias, n * world, spec.n_iter, itemsize
-    single = min(linear_flops(N, d, out, spec.kind, k).values())
-    r = {'gather': dict(flops=single, payload=n * (d_in + out) * s, kind='all_gather'),
-         'gram': dict(flops=2 * n * d * d
-                      + (4 * d**3 / 3 + 2 * d * d * out if spec.kind == 'exact' else k * 2 * d * d * out),
-                      payload=d * d * s, kind='all_reduce')}
-    if spec.kind == 'cg': r['cg'] = dict(flops=k * 4 * n * d * out, payload=k * d * out * s,
-                                         kind='all_reduce')
-    return {name: dict(flops=v['flops'], payload=v['payload'],
-                       wire=_wire(v['kind'], v['payload'], world)) for name, v in r.items()}
+    whole_batch_flops = min(linear_flops(N, d, out, spec.kind, k).values())
+    solve_flops = 4 * d**3 / 3 + 2 * d * d * out if spec.kind == 'exact' else k * 2 * d * d * out
+    routes = {'gather': dict(flops=whole_batch_flops, payload=n * (d_in + out) * s, kind='all_gather'),
+              'gram': dict(flops=2 * n * d * d + solve_flops, payload=d * d * s, kind='all_reduce')}
+    if spec.kind == 'cg':
+        routes['cg'] = dict(flops=k * 4 * n * d * out, payload=k * d * out * s, kind='all_reduce')
+    return _with_wire(routes, world)
 
+# %% ../nbs/02a_distributed.ipynb #95e5d408
 def conv_routes(x_shape:tuple, # local input (n, C, *spatial), padded as the convolution sees it
                 w_shape:tuple, # weight
                 g_shape:tuple, # local output gradient
@@ -86,29 +91,31 @@ def conv_routes(x_shape:tuple, # local input (n, C, *spatial), padded as the con
                ) -> dict: # route -> dict(flops, payload, wire) per step
     "Flops and bytes of each data-parallel route of a convolution's proximal step"
     ksize, s, k = tuple(w_shape[2:]), itemsize, spec.n_iter
-    glob = lambda shape: (shape[0] * world, *shape[1:])
-    local = _conv_flops(tuple(x_shape), tuple(w_shape), tuple(g_shape), ksize, geo, spec.kind, k,
-                        spec.cg_variant)
-    single = _conv_flops(glob(x_shape), tuple(w_shape), glob(g_shape), ksize, geo, spec.kind, k,
-                         spec.cg_variant)
-    P = math.prod(w_shape) + (g_shape[1] if bias else 0)
-    r = {'gather': dict(flops=min(single.values()), payload=(math.prod(x_shape) + math.prod(g_shape)) * s,
-                        kind='all_gather')}
-    if 'primal' in local:
-        n = math.prod(w_shape[1:]) + bias
-        r['gram'] = dict(flops=local['primal'], payload=geo.groups * n * n * s, kind='all_reduce')
-    if 'matrix_free' in local: r['cg'] = dict(flops=local['matrix_free'], payload=k * P * s,
-                                              kind='all_reduce')
-    return {name: dict(flops=v['flops'], payload=v['payload'],
-                       wire=_wire(v['kind'], v['payload'], world)) for name, v in r.items()}
+    whole_batch = lambda shape: (shape[0] * world, *shape[1:])
+    local_flops = _conv_flops(tuple(x_shape), tuple(w_shape), tuple(g_shape), ksize, geo, spec.kind, k,
+                              spec.cg_variant)
+    whole_batch_flops = _conv_flops(whole_batch(x_shape), tuple(w_shape), whole_batch(g_shape), ksize, geo,
+                                    spec.kind, k, spec.cg_variant)
+    n_params = math.prod(w_shape) + (g_shape[1] if bias else 0)
+    gathered = (math.prod(x_shape) + math.prod(g_shape)) * s
+    routes = {'gather': dict(flops=min(whole_batch_flops.values()), payload=gathered, kind='all_gather')}
+    if 'primal' in local_flops:
+        unknowns = math.prod(w_shape[1:]) + bias  # per output channel
+        routes['gram'] = dict(flops=local_flops['primal'], payload=geo.groups * unknowns**2 * s,
+                              kind='all_reduce')
+    if 'matrix_free' in local_flops:
+        routes['cg'] = dict(flops=local_flops['matrix_free'], payload=k * n_params * s, kind='all_reduce')
+    return _with_wire(routes, world)
 
+# %% ../nbs/02a_distributed.ipynb #1b75881a
 def choose_global_route(routes:dict, # from `linear_routes` or `conv_routes`
                         forced:str='auto', # 'auto' or a route name
                        ) -> str:
     "The route with the least flops + FLOPS_PER_BYTE * wire bytes, or the forced one if it applies"
     if forced != 'auto':
-        if forced not in routes: raise ValueError(f"distributed_route={forced!r} does not apply to this "
-                                                  f"layer and mode: use one of {sorted(routes)} or 'auto'")
+        if forced not in routes:
+            raise ValueError(f"distributed_route={forced!r} does not apply to this layer and mode: use one "
+                             f"of {sorted(routes)} or 'auto'")
         return forced
     return min(routes, key=lambda r: routes[r]['flops'] + FLOPS_PER_BYTE * routes[r]['wire'])
 
@@ -118,60 +125,66 @@ ROUTES = ('auto', 'gather', 'gram', 'cg')
 
 def check_distributed(mode:str, route:str='auto'):
     "Validate a layer's `distributed` mode and `distributed_route`"
-    if mode not in MODES: raise ValueError(f"distributed={mode!r} is not valid: use 'auto' (the global "
-                                           f"step under "
-                                           "DistributedDataParallel, else single-process), 'global' "
-                                           "(require it) or 'local'")
-    if route not in ROUTES: raise ValueError(f"distributed_route={route!r} is not valid: use one of {ROUTES}")
+    if mode not in MODES:
+        raise ValueError(f"distributed={mode!r} is not valid: use 'auto' (the global step under "
+                         "DistributedDataParallel, else single-process), 'global' (require it) or 'local'")
+    if route not in ROUTES:
+        raise ValueError(f"distributed_route={route!r} is not valid: use one of {ROUTES}")
 
+# %% ../nbs/02a_distributed.ipynb #e219a2c6
+def _check_ddp_supported(layer, ddp):
+    "Refuse DDP's no_sync() and join(): the global step cannot be formed under either"
+    if not ddp.require_backward_grad_sync:
+        raise RuntimeError(f"{type(layer).__name__}: inside DistributedDataParallel.no_sync() the gradients "
+                           "are not averaged, so the global ProxProp step cannot be formed. Accumulate "
+                           "without no_sync() (each backward pass then reduces and adds its global step), "
+                           "take one larger batch per step, or set distributed='local' on the ProxProp "
+                           "layers (each process then preconditions with its own batch)")
+    if ddp._join_config.enable:
+        raise RuntimeError(f"{type(layer).__name__}: DistributedDataParallel.join() (uneven inputs) is not "
+                           "supported by the global ProxProp step: give every process the same number of "
+                           "equal batches (e.g. DistributedSampler with drop_last=True), or set "
+                           "distributed='local'")
+
+# %% ../nbs/02a_distributed.ipynb #8daa1608
+_WARNED_OUTSIDE = False  # the warning below is given once per process
+
+def _warn_outside_ddp(layer):
+    "Warn, once per process, that `layer` runs with gradients in a process group of several but outside DDP"
+    global _WARNED_OUTSIDE
+    if not _WARNED_OUTSIDE and dist.get_world_size() > 1:
+        _WARNED_OUTSIDE = True
+        warnings.warn(f"{type(layer).__name__}: a forward with gradients in a group of "
+                      f"{dist.get_world_size()} processes, but not inside DistributedDataParallel (or "
+                      "inside it where DDP does not mark its forward, as in reentrant checkpointing): "
+                      "ProxProp steps with this process's batch alone there. Wrap the model in DDP for the "
+                      "global step, or set distributed='local' on the layers to say that this is meant",
+                      RuntimeWarning, stacklevel=4)  # the layer's forward
+
+# %% ../nbs/02a_distributed.ipynb #2b0f2ae9
 def global_context(layer, # the ProxProp layer running its forward
                    mode:str, # its `distributed` mode: 'auto' or 'global'
                   ) -> Collectives|None:
     "The collectives of this forward's global step, or None where the layer steps on its own batch"
     if not (dist.is_available() and dist.is_initialized()):
         if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global' needs an "
-                                                f"initialised process group "
-                                                "(torch.distributed.init_process_group) and the model "
-                                                "wrapped in DistributedDataParallel")
+                                                "initialised process group (torch.distributed."
+                                                "init_process_group) and the model wrapped in "
+                                                "DistributedDataParallel")
         return None
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel._active_ddp_module
     if ddp is None:
         if mode == 'global': raise RuntimeError(f"{type(layer).__name__}: distributed='global', but this "
-                                                f"forward does not run inside "
-                                                "DistributedDataParallel: wrap the model in it (DDP "
-                                                "averages the gradients the global step starts from)")
-        global _WARNED_OUTSIDE
-        if not _WARNED_OUTSIDE and dist.get_world_size() > 1:
-            _WARNED_OUTSIDE = True
-            warnings.warn(f"{type(layer).__name__}: a forward with gradients in a group of "
-                          f"{dist.get_world_size()} processes, but not "
-                          "inside DistributedDataParallel (or inside it where DDP does not mark its "
-                          "forward, as in reentrant "
-                          "checkpointing): ProxProp steps with this process's batch alone there. Wrap the "
-                          "model in DDP for the "
-                          "global step, or set distributed='local' on the layers to say that this is "
-                          "meant", RuntimeWarning, stacklevel=3)
+                                                "forward does not run inside DistributedDataParallel: wrap "
+                                                "the model in it (DDP averages the gradients the global "
+                                                "step starts from)")
+        _warn_outside_ddp(layer)
         return None
-    if not ddp.require_backward_grad_sync:
-        raise RuntimeError(f"{type(layer).__name__}: inside DistributedDataParallel.no_sync() the "
-                           f"gradients are not averaged, so the "
-                           "global ProxProp step cannot be formed. Accumulate without no_sync() (each "
-                           "backward pass then reduces "
-                           "and adds its global step), take one larger batch per step, or set "
-                           "distributed='local' on the ProxProp "
-                           "layers (each process then preconditions with its own batch)")
-    if ddp._join_config.enable:
-        raise RuntimeError(f"{type(layer).__name__}: DistributedDataParallel.join() (uneven inputs) is "
-                           f"not supported by the global "
-                           "ProxProp step: give every process the same number of equal batches (e.g. "
-                           "DistributedSampler with "
-                           "drop_last=True), or set distributed='local'")
+    _check_ddp_supported(layer, ddp)
     # made per forward, not cached: no module-level reference keeps the group alive
     collectives = Collectives(ddp.process_group)
     return None if collectives.world == 1 else collectives
-
-_WARNED_OUTSIDE = False  # the warning above is given once per process
 
 # %% ../nbs/02a_distributed.ipynb #c016
 @dataclass
@@ -186,6 +199,10 @@ class _Pending:
     geo: ConvGeometry|None = None  # convolutions only
     solve: object = None  # runs the step's computation and records it on the layer (see `defer_step`)
 
+# %% ../nbs/02a_distributed.ipynb #6a556a2e
+def _layer_params(layer) -> list: return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+# %% ../nbs/02a_distributed.ipynb #46ac6745
 _PENDING = {}  # the running backward pass (its autograd graph task) -> its queued layer calls
 _task_id = getattr(torch._C, '_current_graph_task_id', lambda: 0)
 
@@ -195,19 +212,19 @@ def defer_step(layer, # the ProxProp layer whose backward is running
                x:torch.Tensor, # its local inputs: 2-D rows for Linear, the input as the convolution sees it
                g:torch.Tensor, # the gradient of this process's loss with respect to the layer's output
                geo:ConvGeometry|None=None, # the convolution's geometry; None for Linear
-               solve=None, # solve(compute) runs a step's computation, keeps its SolveInfo on the layer, returns its result
+               solve=None, # solve(compute) runs it, keeps its SolveInfo on the layer, returns its result
               ):
-    "Queue the global step of one layer call (called from its backward, which returns the plain local gradient)"
+    "Queue the global step of a layer call (from its backward, which returns the plain local gradient)"
     task = _task_id()
     if task not in _PENDING:  # the first ProxProp call of this backward pass
         _PENDING.clear()  # calls of a backward pass that raised before its end: that pass is over
         _PENDING[task] = []
         torch.autograd.Variable._execution_engine.queue_callback(partial(_after_graph, task))
-    params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-    old = tuple(None if p.grad is None else p.grad.detach().clone() for p in params)
+    old = tuple(None if p.grad is None else p.grad.detach().clone() for p in _layer_params(layer))
     solve = solve or (lambda compute: compute())
     _PENDING[task].append(_Pending(layer, collectives, spec, x.detach(), g.detach(), old, geo, solve))
 
+# %% ../nbs/02a_distributed.ipynb #af9685dd
 def _after_graph(task):
     "First end-of-backward callback: DDP's may still be queued after this one, so go to the back of the queue"
     torch.autograd.Variable._execution_engine.queue_callback(partial(global_steps, task))
@@ -221,95 +238,103 @@ def _check_calls(collectives:Collectives, calls:list):
     t = collectives.all_reduce_(torch.tensor([n, -n, sig, -sig], dtype=torch.int64,
                                              device=calls[0].x.device), op=dist.ReduceOp.MAX)
     if t[0] != -t[1]:
-        raise RuntimeError(f"ProxProp's global step needs equal local batches on every process (DDP "
-                           f"averages the local mean "
-                           f"gradients, which is the global mean only then); this step has local batches "
-                           f"from {-t[1].item()} to "
-                           f"{t[0].item()}: use DistributedSampler with drop_last=True, or set "
-                           f"distributed='local'")
+        raise RuntimeError(f"ProxProp's global step needs equal local batches on every process (DDP averages "
+                           f"the local mean gradients, which is the global mean only then); this step has "
+                           f"local batches from {-t[1].item()} to {t[0].item()}: use DistributedSampler with "
+                           f"drop_last=True, or set distributed='local'")
     if t[2] != -t[3]:
-        raise RuntimeError("ProxProp's global step needs the same ProxProp layer calls, with inputs of "
-                           "the same shapes, on every "
-                           "process; in this step they differ (a layer skipped or called more often on "
-                           "some process, or inputs "
-                           "of other sizes): make every process run the same layers on equally shaped "
-                           "inputs, or set "
-                           "distributed='local' on the layers that differ")
+        raise RuntimeError("ProxProp's global step needs the same ProxProp layer calls, with inputs of the "
+                           "same shapes, on every process; in this step they differ (a layer skipped or "
+                           "called more often on some process, or inputs of other sizes): make every process "
+                           "run the same layers on equally shaped inputs, or set distributed='local' on the "
+                           "layers that differ")
 
-def global_steps(task=None): # the backward pass (autograd graph task) whose calls to step
-    "The end-of-backward callback `defer_step` queues: replace each queued layer call's averaged gradient by its global step"
-    todo = _PENDING.pop(task, [])
-    groups = {}
-    for p in todo: groups.setdefault(id(p.collectives.group), []).append(p)
-    for calls in groups.values(): _check_calls(calls[0].collectives, calls)
-    n_calls = {}
-    for p in todo: n_calls[id(p.layer)] = n_calls.get(id(p.layer), 0) + 1
-    accumulated = {}  # a layer called more than once -> the sum of its calls' steps so far
-    for p in todo:
-        layer = p.layer
-        params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-        # a layer called more than once: each call's averaged gradient is not known apart
-        shared = n_calls[id(layer)] > 1
-        # weight or bias not trained: its averaged gradient is missing
-        frozen = any(q.grad is None for q in params)
-        if id(layer) not in accumulated:
-            avg = None if frozen or shared else [q.grad - o if o is not None else q.grad
-                                                 for q, o in zip(params, p.old)]
-            accumulated[id(layer)] = [torch.zeros_like(q.detach()) for q in params] if shared else None
-        else: avg = None
-        route = 'gather' if shared or frozen else layer.__dict__.get('_distributed_route', 'auto')
-        W, b, info = p.solve(partial(_step, p, avg, route))
-        D = [W] + ([b] if b is not None else [])
-        if shared:
-            for acc, d in zip(accumulated[id(layer)], D): acc.add_(d.to(acc.dtype))
-        else:
-            for q, o, d in zip(params, p.old, D):
-                if q.grad is not None: q.grad.copy_(d if o is None else o + d.to(o.dtype))
-    for p in todo:  # layers called more than once: the sum of their calls' steps
-        acc = accumulated.pop(id(p.layer), None)
-        if acc is not None:
-            params = [p.layer.weight] + ([p.layer.bias] if p.layer.bias is not None else [])
-            for q, o, a in zip(params, p.old, acc):
-                if q.grad is not None: q.grad.copy_(a if o is None else o + a)
+# %% ../nbs/02a_distributed.ipynb #3710dc09
+def _averaged_grad(params:list, old:tuple) -> list:
+    "DDP's average of this backward pass's gradient: `.grad` less what it held before"
+    return [q.grad - o if o is not None else q.grad for q, o in zip(params, old)]
 
+def _write_step(params:list, old:tuple, step:list):
+    "Put a step into `.grad`, added to what `.grad` held before this backward pass"
+    for q, o, d in zip(params, old, step):
+        if q.grad is not None: q.grad.copy_(d if o is None else o + d.to(o.dtype))
 
 # %% ../nbs/02a_distributed.ipynb #c020
 # every process must pick the same single-process route: the flop model, never timings
 _FLOP_MODEL = RouteChooser('model')
 
+def _linear_step(p:_Pending, x, g, avg, forced:str) -> tuple:
+    "(route, (grad_weight, grad_bias, SolveInfo)) of a Linear call's global step; x and g in the work dtype"
+    collectives, bias = p.collectives, p.layer.bias is not None
+    routes = linear_routes(x.shape[0], x.shape[1], g.shape[1], bias, p.spec, collectives.world,
+                           x.element_size())
+    route = choose_global_route(routes, forced)
+    if route == 'gather':
+        whole_x, whole_g = collectives.all_gather(x), collectives.all_gather(g) / collectives.world
+        return route, prox_linear(whole_x, whole_g, bias, p.spec, _FLOP_MODEL)
+    solve = _linear_primal if route == 'gram' else _linear_matrix_free
+    return route, solve(x, None, bias, p.spec, collectives, [a.to(x.dtype) for a in avg])
+
+# %% ../nbs/02a_distributed.ipynb #e9478c73
+def _conv_step(p:_Pending, x, g, avg, forced:str) -> tuple:
+    "(route, (grad_weight, grad_bias, SolveInfo)) of a conv call's global step; x and g in the work dtype"
+    collectives, bias = p.collectives, p.layer.bias is not None
+    weight = p.layer.weight.detach().to(x.dtype)
+    routes = conv_routes(x.shape, weight.shape, g.shape, p.geo, bias, p.spec, collectives.world,
+                         x.element_size())
+    route = choose_global_route(routes, forced)
+    if route == 'gather':
+        whole_x, whole_g = collectives.all_gather(x), collectives.all_gather(g) / collectives.world
+        return route, prox_conv(whole_x, whole_g, weight, bias, p.geo, p.spec, False, _FLOP_MODEL)[1:]
+    avg_w, avg_b = avg[0].to(x.dtype), (avg[1].to(x.dtype) if bias else None)
+    if route == 'gram':
+        return route, _conv_primal(x, avg_w, avg_b, weight.shape[2:], p.geo, p.spec, reducer=collectives)
+    return route, _conv_matrix_free(x, weight, bias, p.geo, p.spec, (avg_w, avg_b), collectives)
+
+# %% ../nbs/02a_distributed.ipynb #7f65606f
 def _step(p:_Pending, avg, forced:str) -> tuple:
     "(grad_weight, grad_bias, SolveInfo) of one layer call's global step by the chosen route"
-    spec, collectives, work = p.spec, p.collectives, work_dtype(p.x.dtype, p.g.dtype)
-    x, g = p.x.to(work), p.g.to(work)
-    bias = p.layer.bias is not None
-    if p.geo is None:
-        routes = linear_routes(x.shape[0], x.shape[1], g.shape[1], bias, spec, collectives.world,
-                               x.element_size())
-        route = choose_global_route(routes, forced)
-        if route == 'gather':
-            W, b, info = prox_linear(collectives.all_gather(x),
-                                     collectives.all_gather(g) / collectives.world, bias, spec, _FLOP_MODEL)
-        else:
-            grad = [a.to(work) for a in avg]
-            W, b, info = (_linear_primal if route == 'gram'
-                          else _linear_matrix_free)(x, None, bias, spec, collectives, grad)
-    else:
-        weight = p.layer.weight.detach().to(work)
-        routes = conv_routes(x.shape, weight.shape, g.shape, p.geo, bias, spec, collectives.world,
-                             x.element_size())
-        route = choose_global_route(routes, forced)
-        if route == 'gather':
-            _, W, b, info = prox_conv(collectives.all_gather(x),
-                                      collectives.all_gather(g) / collectives.world, weight, bias, p.geo,
-                                      spec, False, _FLOP_MODEL)
-        elif route == 'gram':
-            W, b, info = _conv_primal(x, avg[0].to(work), avg[1].to(work) if bias else None,
-                                      weight.shape[2:], p.geo, spec, reducer=collectives)
-        else:
-            W, b, info = _conv_matrix_free(x, weight, bias, p.geo, spec,
-                                           (avg[0].to(work), avg[1].to(work) if bias else None), collectives)
+    work = work_dtype(p.x.dtype, p.g.dtype)
+    step = _linear_step if p.geo is None else _conv_step
+    route, (W, b, info) = step(p, p.x.to(work), p.g.to(work), avg, forced)
     name = {'gather': f'gather>{info.route}', 'gram': info.route.replace('primal', 'gram'), 'cg': 'cg'}[route]
     return W, b, SolveInfo(name, info.iterations, info.residual, info.dtype)
+
+# %% ../nbs/02a_distributed.ipynb #70941874
+def _run_step(p:_Pending, shared:bool, accumulated:dict):
+    "One queued call's step, written into `.grad`, or added to `accumulated` for a layer called more often"
+    params = _layer_params(p.layer)
+    # weight or bias not trained: its averaged gradient is missing
+    frozen = any(q.grad is None for q in params)
+    # a layer called more than once (shared): each call's averaged gradient is not known apart
+    avg = None if shared or frozen else _averaged_grad(params, p.old)
+    route = 'gather' if shared or frozen else p.layer.__dict__.get('_distributed_route', 'auto')
+    W, b, info = p.solve(partial(_step, p, avg, route))
+    D = [W] + ([b] if b is not None else [])
+    if not shared: return _write_step(params, p.old, D)
+    if id(p.layer) not in accumulated:
+        accumulated[id(p.layer)] = [torch.zeros_like(q.detach()) for q in params]
+    for acc, d in zip(accumulated[id(p.layer)], D): acc.add_(d.to(acc.dtype))
+
+# %% ../nbs/02a_distributed.ipynb #fc5d84f5
+def _check_groups(calls:list):
+    "`_check_calls` for the calls of each process group, on all of its processes at once"
+    by_group = {}
+    for p in calls: by_group.setdefault(id(p.collectives.group), []).append(p)
+    for group_calls in by_group.values(): _check_calls(group_calls[0].collectives, group_calls)
+
+# %% ../nbs/02a_distributed.ipynb #35afcc22
+def global_steps(task=None): # the backward pass (autograd graph task) whose calls to step
+    "The end-of-backward callback `defer_step` queues: each queued call's averaged gradient becomes its step"
+    calls = _PENDING.pop(task, [])
+    _check_groups(calls)
+    n_calls = {}
+    for p in calls: n_calls[id(p.layer)] = n_calls.get(id(p.layer), 0) + 1
+    accumulated = {}  # a layer called more than once -> the sum of its calls' steps so far
+    for p in calls: _run_step(p, n_calls[id(p.layer)] > 1, accumulated)
+    for p in calls:  # layers called more than once: the sum of their calls' steps
+        acc = accumulated.pop(id(p.layer), None)
+        if acc is not None: _write_step(_layer_params(p.layer), p.old, acc)
 
 # %% ../nbs/02a_distributed.ipynb #c025
 @dataclass(frozen=True)
@@ -325,11 +350,11 @@ class DataParallel:
         return self.rank == 0
 
     def shard(self, t:torch.Tensor) -> torch.Tensor:
-        "This process's share of a minibatch: equal contiguous shares in rank order (refused if the batch does not split evenly)"
-        if len(t) % self.world: raise ValueError(f'a minibatch of {len(t)} samples does not split evenly '
-                                                 f'over {self.world} processes: '
-                                                 f'choose a batch size (and training set size) divisible '
-                                                 f'by {self.world}')
+        "This process's share of a minibatch: equal contiguous shares in rank order; refused if uneven"
+        if len(t) % self.world:
+            raise ValueError(f'a minibatch of {len(t)} samples does not split evenly over {self.world} '
+                             'processes: choose a batch size (and training set size) divisible by '
+                             f'{self.world}')
         n = len(t) // self.world
         return t[self.rank * n:(self.rank + 1) * n]
 
@@ -345,25 +370,32 @@ class DataParallel:
         "Wait until every process has come here (nothing for a single process)"
         if self.world > 1: dist.barrier(group=self.group)
 
-def data_parallel(device=None, # 'cpu' or 'cuda': the backend (gloo or nccl) if the group is set up here
-                 ) -> DataParallel:
-    "This process's data-parallel setting: from an initialised process group, else from torchrun's environment, else one process"
-    # Under torchrun (WORLD_SIZE > 1) this initialises the default process group and, for CUDA, selects the
-    # GPU LOCAL_RANK.
-    if dist.is_available() and dist.is_initialized(): return DataParallel(dist.get_rank(), dist.get_world_size())
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world == 1: return DataParallel()
-    if not dist.is_available(): raise RuntimeError(f'WORLD_SIZE={world} but this torch has no '
-                                                   f'torch.distributed: '
-                                                  'unset WORLD_SIZE to train as one process')
+# %% ../nbs/02a_distributed.ipynb #208f614c
+def _init_process_group(world:int, device) -> DataParallel:
+    "Set up the default process group from torchrun's environment (on CUDA, one GPU per process: LOCAL_RANK)"
+    if not dist.is_available():
+        raise RuntimeError(f'WORLD_SIZE={world} but this torch has no torch.distributed: unset WORLD_SIZE to '
+                           'train as one process')
     cuda = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')).type == 'cuda'
     if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
     dist.init_process_group('nccl' if cuda else 'gloo')
     return DataParallel(dist.get_rank(), dist.get_world_size())
 
+# %% ../nbs/02a_distributed.ipynb #ec5dcd4f
+def data_parallel(device=None, # 'cpu' or 'cuda': the backend (gloo or nccl) if the group is set up here
+                 ) -> DataParallel:
+    "The data-parallel setting: from an initialised group, else from torchrun's environment, else one process"
+    # Under torchrun (WORLD_SIZE > 1) this initialises the default process group and, for CUDA, selects the
+    # GPU LOCAL_RANK.
+    if dist.is_available() and dist.is_initialized():
+        return DataParallel(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    return DataParallel() if world == 1 else _init_process_group(world, device)
+
+# %% ../nbs/02a_distributed.ipynb #b0b117dd
 def exit_process_group(code:int=0, # this process's exit status
                       ):
-    "Wait for every process, close the default process group, and end this process with `code` without interpreter teardown"
+    "Wait for all processes, close the default group, and end with `code`, skipping interpreter teardown"
     # Why, and what it costs: the section 'Ending a multi-process script' below.
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no process leaves while another still talks to it

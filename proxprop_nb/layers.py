@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .solvers import (ProxSpec, SolveInfo, SUMMARIZED, RouteChooser, check_prox_args, block_cg,
-                                 dense_solve,
-                                 work_dtype)
+                                 dense_solve, work_dtype)
 from .linear import prox_linear
 from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, conv_grads
 from .distributed import check_distributed, global_context, defer_step
@@ -30,8 +29,8 @@ __all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choi
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
-# The data-parallel settings, 'auto' by default: layer attribute -> the keyword `check_distributed` validates
-# it as
+# The data-parallel settings, 'auto' by default:
+# layer attribute -> the keyword `check_distributed` validates it as
 DISTRIBUTED_SETTINGS = {'distributed': 'mode', 'distributed_route': 'route'}
 
 def _is_dtensor(t) -> bool:
@@ -39,7 +38,6 @@ def _is_dtensor(t) -> bool:
     if not torch.distributed.is_available(): return False
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
-
 
 # %% ../nbs/02_layers.ipynb #fd8f1571
 # other device types: flop model, stop read on the host
@@ -49,13 +47,16 @@ _CHOOSERS, _DEVICE_SPECS = {}, {}
 def _device_sync(device_type):
     return torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
 
+# %% ../nbs/02_layers.ipynb #5fac809e
 def route_chooser(device) -> RouteChooser:
     "The `RouteChooser` that `solver='auto'` uses for tensors on `device`"
-    t = torch.device(device).type
-    if t not in _CHOOSERS: _CHOOSERS[t] = RouteChooser(_DEVICE_POLICY.get(t, {}).get('route', 'model'),
-                                                       _device_sync(t))
-    return _CHOOSERS[t]
+    device_type = torch.device(device).type
+    if device_type not in _CHOOSERS:
+        policy = _DEVICE_POLICY.get(device_type, {}).get('route', 'model')
+        _CHOOSERS[device_type] = RouteChooser(policy, _device_sync(device_type))
+    return _CHOOSERS[device_type]
 
+# %% ../nbs/02_layers.ipynb #9bd1b02b
 def set_route_choice(policy:str, # 'model' (flop model) or 'measure' (time each route once per shape)
                      device_type:str='cuda', # the device type it applies to: 'cuda', 'cpu', ...
                     ) -> RouteChooser:
@@ -63,14 +64,14 @@ def set_route_choice(policy:str, # 'model' (flop model) or 'measure' (time each 
     _CHOOSERS[device_type] = RouteChooser(policy, _device_sync(device_type))
     return _CHOOSERS[device_type]
 
-def _on_device(spec:ProxSpec, device) -> tuple: # (the spec with the device's CG stop, the device's RouteChooser)
+# %% ../nbs/02_layers.ipynb #390920a7
+def _on_device(spec:ProxSpec, device) -> tuple: # (the spec with the device's CG stop, its RouteChooser)
     "A layer step's settings as the device policy completes them"
     key = (spec, device.type)
     if key not in _DEVICE_SPECS:
-        _DEVICE_SPECS[key] = replace(spec,
-                                     sync_free=_DEVICE_POLICY.get(device.type, {}).get('sync_free', False))
+        sync_free = _DEVICE_POLICY.get(device.type, {}).get('sync_free', False)
+        _DEVICE_SPECS[key] = replace(spec, sync_free=sync_free)
     return _DEVICE_SPECS[key], route_chooser(device)
-
 
 # %% ../nbs/02_layers.ipynb #a29fd2a1
 class ElapsedTime:
@@ -79,6 +80,7 @@ class ElapsedTime:
     def __float__(self): self.end.synchronize(); return self.start.elapsed_time(self.end) / 1e3
     def __repr__(self): return f'ElapsedTime({float(self):.3g} s)'
 
+# %% ../nbs/02_layers.ipynb #0638f566
 class _Clock:
     "Times a stretch of work on `device`: perf_counter on the CPU, a pair of CUDA events on a GPU"
     def __init__(self, device):
@@ -92,39 +94,26 @@ class _Clock:
         end = torch.cuda.Event(enable_timing=True); end.record()
         return ElapsedTime(self.start, end)
 
-
 # %% ../nbs/02_layers.ipynb #a1bffc9e
 def _solve_recorded(layer, # the ProxProp layer whose step this is
                     solve, # computes the step; its last value is the step's SolveInfo
                    ) -> tuple: # what `solve` returned
-    "Compute a layer's step, timed, and keep its record as the layer's `last_solve` (not while torch.compile traces)"
+    "Run a layer's step, timed; keep its record as the layer's `last_solve` (not while torch.compile traces)"
     if torch.compiler.is_compiling(): return solve()
     clock = _Clock(next(layer.parameters()).device)
     out = solve()
     object.__setattr__(layer, '_last_solve', replace(out[-1], seconds=clock.elapsed()))
     return out
 
-
 # %% ../nbs/02_layers.ipynb #3cb32c8a
 class ProxPropMixin:
     "The ProxProp settings of a layer: validated on assignment, snapshotted at every forward pass"
     def _init_prox(self, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2, cg_variant='textbook',
                    solver='auto'):
-        object.__setattr__(self, '_prox',
-                           dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol,
-                                               cg_variant=cg_variant, solver=solver))
+        object.__setattr__(self, '_prox', dict(tau_prox=tau_prox, optimization_mode=optimization_mode,
+                                               cg_tol=cg_tol, cg_variant=cg_variant, solver=solver))
         self._spec = check_prox_args(**self._prox)
         self._check_supported(self._spec)
-
-    @property
-    def last_solve(self) -> SolveInfo|None:
-        "How the latest backward pass solved this layer's step: route, CG iterations and residual, dtype (None before one)"
-        return self.__dict__.get('_last_solve')
-
-    @property
-    def last_route(self) -> str|None:
-        "The route of the latest backward pass: `last_solve.route`"
-        return None if self.last_solve is None else self.last_solve.route
 
     def _check_supported(self, spec): pass
 
@@ -133,51 +122,79 @@ class ProxPropMixin:
         if name in DISTRIBUTED_SETTINGS: return self.__dict__.get('_' + name, 'auto')
         return super().__getattr__(name)
 
-    def _global(self):
-        "The collectives of this forward's global data-parallel step (under DistributedDataParallel), or None"
-        mode = self.__dict__.get('_distributed', 'auto')
-        if mode == 'local' or self._spec.kind == 'gradient' or not torch.is_grad_enabled(): return None
-        return global_context(self, mode)
+# %% ../nbs/02_layers.ipynb #6fd1639c
+def _set_checked(self, name, value):
+    "Set an attribute of a ProxProp layer; a setting only once it is validated"
+    if name in DISTRIBUTED_SETTINGS:
+        check_distributed(**{**dict(mode=self.distributed, route=self.distributed_route),
+                             DISTRIBUTED_SETTINGS[name]: value})
+        object.__setattr__(self, '_' + name, value); return
+    if isinstance(value, torch.Tensor) and _is_dtensor(value):
+        raise TypeError(f"{type(self).__name__}: ProxProp layers take plain tensors as parameters, not "
+                        "DTensors: FSDP2 (fully_shard) and tensor parallelism are not supported. Use "
+                        "DistributedDataParallel, under which ProxProp takes the step of the whole batch "
+                        "(see the data-parallel chapter)")
+    if name in PROX_ARGS and '_prox' in self.__dict__:
+        spec = check_prox_args(**{**self._prox, name: value})
+        self._check_supported(spec)
+        self._prox[name], self._spec = value, spec
+    else: super(ProxPropMixin, self).__setattr__(name, value)
 
-    def __setattr__(self, name, value):
-        if name in DISTRIBUTED_SETTINGS:
-            check_distributed(**{**dict(mode=self.distributed, route=self.distributed_route),
-                                 DISTRIBUTED_SETTINGS[name]: value})
-            object.__setattr__(self, '_' + name, value); return
-        if isinstance(value, torch.Tensor) and _is_dtensor(value):
-            raise TypeError(f"{type(self).__name__}: ProxProp layers take plain tensors as parameters, "
-                            f"not DTensors: FSDP2 "
-                            "(fully_shard) and tensor parallelism are not supported. Use "
-                            "DistributedDataParallel, under which "
-                            "ProxProp takes the step of the whole batch (see the data-parallel chapter)")
-        if name in PROX_ARGS and '_prox' in self.__dict__:
-            spec = check_prox_args(**{**self._prox, name: value})
-            self._check_supported(spec)
-            self._prox[name], self._spec = value, spec
-        else: super().__setattr__(name, value)
+ProxPropMixin.__setattr__ = _set_checked
 
-    def extra_repr(self):
-        p = self._prox
-        return f"{super().extra_repr()}, tau_prox={p['tau_prox']}, optimization_mode={p['optimization_mode']!r}" + (
-            f", cg_tol={p['cg_tol']}" if self._spec.kind == 'cg' else '') + (
-            f", cg_variant={p['cg_variant']!r}" if p['cg_variant'] != 'textbook' else '') + (
-            f", solver={p['solver']!r}" if p['solver'] != 'auto' else '') + ''.join(
-            f", {k}={self.__dict__['_' + k]!r}" for k in DISTRIBUTED_SETTINGS if self.__dict__.get('_' + k, 'auto') != 'auto')
+# %% ../nbs/02_layers.ipynb #11d62c48
+def _global(self):
+    "The collectives of this forward's global data-parallel step (under DistributedDataParallel), or None"
+    mode = self.__dict__.get('_distributed', 'auto')
+    if mode == 'local' or self._spec.kind == 'gradient' or not torch.is_grad_enabled(): return None
+    return global_context(self, mode)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the official code kept tau_prox as a buffer; ours is a setting
-        state_dict.pop(prefix + 'tau_prox', None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+ProxPropMixin._global = _global
+
+# %% ../nbs/02_layers.ipynb #f5034482
+def _latest_solve(self) -> SolveInfo|None:
+    "How the latest backward pass solved the layer's step: route, CG iterations, residual, dtype (or None)"
+    return self.__dict__.get('_last_solve')
+
+def _latest_route(self) -> str|None:
+    "The route of the latest backward pass: `last_solve.route`"
+    return None if self.last_solve is None else self.last_solve.route
+
+ProxPropMixin.last_solve, ProxPropMixin.last_route = property(_latest_solve), property(_latest_route)
+
+# %% ../nbs/02_layers.ipynb #0d2dc4ac
+def _prox_extra_repr(self):
+    "The base module's extra_repr, then tau_prox, the mode and the settings not at their defaults"
+    p = self._prox
+    shown = [f"tau_prox={p['tau_prox']}", f"optimization_mode={p['optimization_mode']!r}"]
+    if self._spec.kind == 'cg': shown.append(f"cg_tol={p['cg_tol']}")
+    if p['cg_variant'] != 'textbook': shown.append(f"cg_variant={p['cg_variant']!r}")
+    if p['solver'] != 'auto': shown.append(f"solver={p['solver']!r}")
+    for k in DISTRIBUTED_SETTINGS:
+        if (v := self.__dict__.get('_' + k, 'auto')) != 'auto': shown.append(f'{k}={v!r}')
+    return ', '.join([super(ProxPropMixin, self).extra_repr(), *shown])
+
+ProxPropMixin.extra_repr = _prox_extra_repr
+
+# %% ../nbs/02_layers.ipynb #d08dbcd1
+def _load_prox_state(self, state_dict, prefix, *args, **kwargs):
+    # the official code kept tau_prox as a buffer; ours is a setting
+    state_dict.pop(prefix + 'tau_prox', None)
+    super(ProxPropMixin, self)._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+ProxPropMixin._load_from_state_dict = _load_prox_state
 
 # %% ../nbs/02_layers.ipynb #c007
 def _amp_off(t):
     "A context in which autocast is off for the device of `t`: the backward computes in the dtypes it chooses"
-    dt = t.device.type
-    if dt in ('cpu', 'cuda') and torch.is_autocast_enabled(dt): return torch.autocast(dt, enabled=False)
+    device_type = t.device.type
+    if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()  # nothing to switch off: no autocast context's cost on every backward
 
+# %% ../nbs/02_layers.ipynb #efe46432
 class _ProxFn(torch.autograd.Function):
-    "Shared context of the Linear and convolution functions: (x, weight, bias, *geometry, spec, layer, collectives or None)"
+    "The Linear and conv functions' context: x, weight, bias, *geometry, spec, layer, collectives or None"
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.collectives = inputs
@@ -187,6 +204,18 @@ class _ProxFn(torch.autograd.Function):
     @staticmethod
     def needs_param_grad(ctx): return ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]
 
+# %% ../nbs/02_layers.ipynb #21c9c0db
+def _prox_linear_grads(ctx, x2, g2):
+    "(weight, bias) gradients of a Linear call: its ProxProp step, or under DDP the plain local gradient"
+    spec, chooser = _on_device(ctx.spec, g2.device)
+    if ctx.collectives is None:
+        return _solve_recorded(ctx.layer, partial(prox_linear, x2, g2, ctx.has_bias, spec, chooser))[:2]
+    work = work_dtype(x2.dtype, g2.dtype)
+    gw, gb = g2.to(work).T @ x2.to(work), (g2.to(work).sum(0) if ctx.has_bias else None)
+    defer_step(ctx.layer, ctx.collectives, spec, x2, g2, solve=partial(_solve_recorded, ctx.layer))
+    return gw, gb
+
+# %% ../nbs/02_layers.ipynb #18c8bff1
 class _ProxLinearFn(_ProxFn):
     @staticmethod
     def forward(x, weight, bias, spec, layer, collectives): return F.linear(x, weight, bias)
@@ -200,27 +229,17 @@ class _ProxLinearFn(_ProxFn):
             # in the forward's dtype, as autograd
             if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)
             if _ProxFn.needs_param_grad(ctx):
-                x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-                spec, chooser = _on_device(ctx.spec, g.device)
-                if ctx.collectives is None:
-                    gw, gb, _ = _solve_recorded(ctx.layer,
-                                                partial(prox_linear, x2, g2, ctx.has_bias, spec, chooser))
-                # data-parallel: the plain local gradient for DDP to average; the global step follows its
-                # reduction
-                else:
-                    work = work_dtype(x.dtype, g.dtype)
-                    gw, gb = g2.to(work).T @ x2.to(work), (g2.to(work).sum(0) if ctx.has_bias else None)
-                    defer_step(ctx.layer, ctx.collectives, spec, x2, g2,
-                               solve=partial(_solve_recorded, ctx.layer))
+                gw, gb = _prox_linear_grads(ctx, x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
                 gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
         return gx, gw, gb, None, None, None
 
 # %% ../nbs/02_layers.ipynb #c008
 class ProxPropLinearBase(ProxPropMixin):
     "ProxProp behaviour of nn.Linear and its subclasses"
-    def forward(self, input): return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self,
-                                                         self._global())
+    def forward(self, input):
+        return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self, self._global())
 
+# %% ../nbs/02_layers.ipynb #59d33a64
 class ProxPropLinear(ProxPropLinearBase, nn.Linear):
     "`nn.Linear` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad"
     _prox_base = nn.Linear
@@ -230,9 +249,9 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
                  device:torch.device|str|None=None, # where the parameters live (as in nn.Linear)
                  dtype:torch.dtype|None=None, # their dtype (as in nn.Linear)
                  *,
-                 tau_prox:float=1.0, # proximal step size tau_theta > 0; this and the settings below are keyword-only
+                 tau_prox:float=1.0, # proximal step size tau_theta > 0 (keyword-only, as the settings below)
                  optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                 cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
+                 cg_tol:float=1e-2, # CG stops at max_i |r_i| < cg_tol rms_i |r0_i| (output units i); 0: all N
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
                  solver:str='auto', # 'auto' (flop model) or a forced route: 'dual', 'primal', 'matrix_free'
                 ):
@@ -241,15 +260,28 @@ class ProxPropLinear(ProxPropLinearBase, nn.Linear):
 
 # %% ../nbs/02_layers.ipynb #c016
 def _summarize(values:list, how:str) -> float:
-    "The 'mean', 'max' or 'sum' of numbers, device tensors or lazy values (read with float), with one host read"
+    "The 'mean', 'max' or 'sum' of numbers, device tensors or lazy values (read by float), with one host read"
     if all(isinstance(v, torch.Tensor) for v in values):
         t = torch.stack([v.reshape(()).to(torch.float64) for v in values])
         return float({'mean': t.mean, 'max': t.max, 'sum': t.sum}[how]())
     xs = [float(v) for v in values]
     return {'mean': sum(xs) / len(xs), 'max': max(xs), 'sum': sum(xs)}[how]
 
+# %% ../nbs/02_layers.ipynb #8e99d6ba
+def _summary_row(steps:list) -> dict:
+    "One layer's summary: dict(route, routes, steps, and e.g. cg_iterations_mean per summarised field)"
+    routes = {}
+    for s in steps: routes[s.route] = routes.get(s.route, 0) + 1
+    row = dict(route=max(routes, key=routes.get), routes=routes, steps=len(steps))
+    for f in SUMMARIZED:
+        values = [v for s in steps if (v := getattr(s, f.name)) is not None]
+        for how in f.metadata['summary']:
+            row[f"{f.metadata['record']}_{how}"] = _summarize(values, how) if values else None
+    return row
+
+# %% ../nbs/02_layers.ipynb #49966221
 class SolveStats:
-    "Per-layer statistics of the proximal steps of one epoch, from each step's `last_solve`, read once at the end"
+    "Per-layer statistics of one epoch's proximal steps, from each step's `last_solve`, read once at the end"
     def __init__(self, model:nn.Module): # the model whose ProxProp layers are watched
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ProxPropMixin)]
         self.seen, self.steps = {}, {}
@@ -263,19 +295,22 @@ class SolveStats:
             self.steps.setdefault(name, []).append(s)
 
     def summary(self) -> dict:
-        "{layer: dict(route, routes, steps, and each summarised field as e.g. cg_iterations_mean)}, and start afresh"
-        out = {}
-        for name, steps in self.steps.items():
-            routes = {}
-            for s in steps: routes[s.route] = routes.get(s.route, 0) + 1
-            row = out[name] = dict(route=max(routes, key=routes.get), routes=routes, steps=len(steps))
-            for f in SUMMARIZED:
-                values = [v for s in steps if (v := getattr(s, f.name)) is not None]
-                for how in f.metadata['summary']:
-                    row[f"{f.metadata['record']}_{how}"] = _summarize(values, how) if values else None
+        "{layer: dict(route, routes, steps, and e.g. cg_iterations_mean per summarised field)}, then afresh"
+        summaries = {name: _summary_row(steps) for name, steps in self.steps.items()}
         self.seen, self.steps = {}, {}
-        return out
+        return summaries
 
+# %% ../nbs/02_layers.ipynb #587b8afa
+def _prox_conv_grads(ctx, x, g, weight, geo):
+    "(input, weight, bias) gradients of a conv call: its ProxProp step, or under DDP the plain local ones"
+    spec, chooser, g = *_on_device(ctx.spec, g.device), g.contiguous()
+    if ctx.collectives is None:
+        step = partial(prox_conv, x, g, weight, ctx.has_bias, geo, spec, ctx.needs_input_grad[0], chooser)
+        return _solve_recorded(ctx.layer, step)[:3]
+    work = work_dtype(x.dtype, g.dtype)
+    gx, gw, gb = conv_grads(x, g, weight, geo, ctx.needs_input_grad[0], ctx.has_bias, work)
+    defer_step(ctx.layer, ctx.collectives, spec, x, g, geo, solve=partial(_solve_recorded, ctx.layer))
+    return gx, gw, gb
 
 # %% ../nbs/02_layers.ipynb #c021
 class _ProxConvFn(_ProxFn):
@@ -291,20 +326,27 @@ class _ProxConvFn(_ProxFn):
             if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
                 gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
                 return gx.to(x.dtype), None, None, None, None, None, None
-            spec, chooser, g = *_on_device(ctx.spec, g.device), g.contiguous()
-            if ctx.collectives is None:
-                step = partial(prox_conv, x, g, weight, ctx.has_bias, geo, spec, ctx.needs_input_grad[0],
-                               chooser)
-                gx, gw, gb, _ = _solve_recorded(ctx.layer, step)
-            # data-parallel: the plain local gradient for DDP to average; the global step follows its
-            # reduction
-            else:
-                work = work_dtype(x.dtype, g.dtype)
-                gx, gw, gb = conv_grads(x, g, weight, geo, ctx.needs_input_grad[0], ctx.has_bias, work)
-                defer_step(ctx.layer, ctx.collectives, spec, x, g, geo,
-                           solve=partial(_solve_recorded, ctx.layer))
+            gx, gw, gb = _prox_conv_grads(ctx, x, g, weight, geo)
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
                 (gb.to(weight.dtype) if gb is not None else None), None, None, None, None)
+
+# %% ../nbs/02_layers.ipynb #7071a10a
+def _explicitly_padded(conv, x):
+    "The input as convolution `conv` sees it: padded here, except for numeric padding with zeros"
+    if conv.padding_mode == 'zeros' and not isinstance(conv.padding, str): return x
+    mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
+    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+
+# %% ../nbs/02_layers.ipynb #d620952f
+def _call_geometry(conv, input, output_size=None) -> ConvGeometry:
+    "The geometry of a call of `conv`: a transposed convolution's output padding follows from `output_size`"
+    geo = ConvGeometry.of(conv)
+    if not conv.transposed:
+        if output_size is not None: raise TypeError('output_size is only accepted by transposed convolutions')
+        return geo
+    output_padding = conv._output_padding(input, output_size, list(conv.stride), list(conv.padding),
+                                          list(conv.kernel_size), len(conv.kernel_size), list(conv.dilation))
+    return ConvGeometry(geo.stride, geo.padding, geo.dilation, True, tuple(output_padding), geo.groups)
 
 # %% ../nbs/02_layers.ipynb #c022
 # largest number of unknowns per row for which an exact step forms the operator column by column
@@ -315,32 +357,18 @@ class _ProxConvMixin(ProxPropMixin):
     def _check_supported(self, spec):
         if spec.kind == 'exact' and self.transposed:
             n = math.prod(self.weight.shape) // (self.out_channels if self.groups == 1 else 1) + 1
-            if n > _MAX_DENSE: raise ValueError(f"prox_exact for {type(self).__name__} forms the operator "
-                                                f"densely and allows at most "
-                                                f"{_MAX_DENSE} unknowns per output channel (this layer "
-                                                f"has {n}); use 'prox_cgN'")
-
-    def _prox_input(self, x):
-        "The input as the convolution sees it: explicitly padded unless padding_mode is 'zeros' with numeric padding"
-        if self.padding_mode == 'zeros' and not isinstance(self.padding, str): return x
-        mode = 'constant' if self.padding_mode == 'zeros' else self.padding_mode
-        return F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            if n > _MAX_DENSE:
+                raise ValueError(f"prox_exact for {type(self).__name__} forms the operator densely and "
+                                 f"allows at most {_MAX_DENSE} unknowns per output channel (this layer has "
+                                 f"{n}); use 'prox_cgN'")
 
     def forward(self, input, output_size=None):
-        geo = ConvGeometry.of(self)
-        if self.transposed:
-            D = len(self.kernel_size)
-            op = self._output_padding(input, output_size, list(self.stride), list(self.padding),
-                                      list(self.kernel_size), D, list(self.dilation))
-            geo = ConvGeometry(geo.stride, geo.padding, geo.dilation, True, tuple(op), geo.groups)
-        elif output_size is not None: raise TypeError('output_size is only accepted by transposed '
-                                                      'convolutions')
-        return _ProxConvFn.apply(self._prox_input(input), self.weight, self.bias, geo, self._spec, self,
-                                 self._global())
+        geo, x = _call_geometry(self, input, output_size), _explicitly_padded(self, input)
+        return _ProxConvFn.apply(x, self.weight, self.bias, geo, self._spec, self, self._global())
 
 # %% ../nbs/02_layers.ipynb #c024
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
-    "`nn.Conv2d` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad, A the patch matrix"
+    "`nn.Conv2d` whose parameter gradient is the ProxProp direction (A^T A + I/tau_prox)^-1 grad (A: patches)"
     _prox_base = nn.Conv2d
     def __init__(self, in_channels:int, out_channels:int, kernel_size, stride=1, padding=0, dilation=1,
                  groups:int=1,
@@ -348,9 +376,9 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
                  device:torch.device|str|None=None, # where the parameters live (as in nn.Conv2d)
                  dtype:torch.dtype|None=None, # their dtype (as in nn.Conv2d)
                  *,
-                 tau_prox:float=1.0, # proximal step size tau_theta > 0; this and the settings below are keyword-only
+                 tau_prox:float=1.0, # proximal step size tau_theta > 0 (keyword-only, as the settings below)
                  optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                 cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
+                 cg_tol:float=1e-2, # CG stops at max_i |r_i| < cg_tol rms_i |r0_i| (output units i); 0: all N
                  cg_variant:str='textbook', # 'textbook' CG, or the 'official' code's iteration
                  solver:str='auto', # 'auto' (flop model) or a forced route: 'primal', 'matrix_free'
                 ):
@@ -373,42 +401,46 @@ class _ProxGenericFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         (out, x_, p_), layer, spec = ctx.graph, ctx.layer, ctx.spec
-        ins = ([x_] if ctx.needs_input_grad[0] else []) + p_
+        wrt = ([x_] if ctx.needs_input_grad[0] else []) + p_
         with _amp_off(g):
-            grads = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(out, wrt, g, retain_graph=True, allow_unused=True)
             gx = grads[0] if ctx.needs_input_grad[0] else None
             grad = [torch.zeros_like(p) if q is None else q for p, q in zip(p_, grads[-len(p_):])]
-            if spec.kind == 'gradient': _solve_recorded(layer,
-                                                        lambda: (SolveInfo('gradient', dtype=g.dtype),))
-            else:
-                step = partial(layer._prox_generic, *_full_precision(layer, out, x_, p_, grad, g), spec)
-                grad, _ = _solve_recorded(layer, step)
+            grad = _prox_generic_grads(layer, spec, out, x_, p_, grad, g)
         ctx.graph = None
         return (gx, None, None, *[q.to(p.dtype) for q, p in zip(grad, p_)])
 
 # %% ../nbs/02_layers.ipynb #c031
 def _full_precision(layer, out, x_, p_, grad, g):
-    "(out, x, params, grad) for the solve: as given in float32/64, else the graph rebuilt without autocast in float32"
-    wd = work_dtype(out.dtype, x_.dtype, *[p.dtype for p in p_])
-    if all(t.dtype == wd for t in (out, x_, *p_)): return out, x_.detach(), p_, grad
+    "(out, x, params, grad) for the solve: as given in float32/64, else rebuilt in float32 without autocast"
+    work = work_dtype(out.dtype, x_.dtype, *[p.dtype for p in p_])
+    if all(t.dtype == work for t in (out, x_, *p_)): return out, x_.detach(), p_, grad
     # the forward ran under autocast or in half precision: phi and phi* in the work dtype
     with torch.enable_grad():
-        x32, p32 = x_.detach().to(wd), [p.detach().to(wd).requires_grad_() for p in p_]
+        x32, p32 = x_.detach().to(work), [p.detach().to(work).requires_grad_() for p in p_]
         out32 = layer._phi(p32, x32)
-    grad32 = torch.autograd.grad(out32, p32, g.to(wd), retain_graph=True, allow_unused=True)
+    grad32 = torch.autograd.grad(out32, p32, g.to(work), retain_graph=True, allow_unused=True)
     return out32, x32, p32, [torch.zeros_like(p) if q is None else q for p, q in zip(p32, grad32)]
+
+# %% ../nbs/02_layers.ipynb #c9c75cba
+def _prox_generic_grads(layer, spec, out, x_, p_, grad, g):
+    "A generic module call's parameter gradients `grad` made its ProxProp step (as they are for 'gradient')"
+    if spec.kind == 'gradient':
+        _solve_recorded(layer, lambda: (SolveInfo('gradient', dtype=g.dtype),))
+        return grad
+    step = partial(layer._prox_generic, *_full_precision(layer, out, x_, p_, grad, g), spec)
+    return _solve_recorded(layer, step)[0]
 
 # %% ../nbs/02_layers.ipynb #c032
 class _ProxGenericMixin(ProxPropMixin):
     "ProxProp behaviour of a module that is linear in its parameters, through autograd and functional_call"
     def _check_supported(self, spec):
         n = sum(p.numel() for p in self.parameters())
-        if n == 0: raise ValueError(f'{type(self).__name__} has no parameters: nothing for ProxProp to '
-                                    f'update')
+        if n == 0:
+            raise ValueError(f'{type(self).__name__} has no parameters: nothing for ProxProp to update')
         if spec.kind == 'exact' and n > _MAX_DENSE:
             raise ValueError(f"prox_exact for {type(self).__name__} forms the operator densely and allows "
-                             f"at most {_MAX_DENSE} "
-                             f"parameters (this module has {n}); use 'prox_cgN'")
+                             f"at most {_MAX_DENSE} parameters (this module has {n}); use 'prox_cgN'")
 
     def _phi(self, params, x):
         "The base module's forward with `params` in place of its parameters"
@@ -418,31 +450,34 @@ class _ProxGenericMixin(ProxPropMixin):
         finally: object.__setattr__(self, '_prox_bypass', False)
 
     def forward(self, input, *args, **kwargs):
-        if self.__dict__.get('_prox_bypass') or not torch.is_grad_enabled(): return super().forward(input, *args, **kwargs)
-        if args or kwargs: raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the '
-                                           f'module to pass more)')
+        if self.__dict__.get('_prox_bypass') or not torch.is_grad_enabled():
+            return super().forward(input, *args, **kwargs)
+        if args or kwargs:
+            raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass '
+                            'more)')
         if self._global() is not None:
-            raise NotImplementedError(f"{type(self).__name__}: the global data-parallel step covers "
-                                      f"Linear and convolution layers; "
-                                      "set distributed='local' on this layer (its step then uses each "
-                                      "process's own batch)")
+            raise NotImplementedError(f"{type(self).__name__}: the global data-parallel step covers Linear "
+                                      "and convolution layers; set distributed='local' on this layer (its "
+                                      "step then uses each process's own batch)")
         return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
 
 # %% ../nbs/02_layers.ipynb #c034
+def _check_linear(layer, p_, x):
+    "Refuse, at the first backward pass, a module whose output at zero parameters is not zero (an affine map)"
+    if layer.__dict__.get('_prox_checked'): return
+    with torch.no_grad(): zero = layer._phi([torch.zeros_like(p) for p in p_], x)
+    if zero.abs().max() > 0:
+        raise ValueError(f'{type(layer).__name__} is not linear in its parameters (its output at zero '
+                         'parameters is not zero): ProxProp needs a linear map, see proxprop_module')
+    object.__setattr__(layer, '_prox_checked', True)
+
+# %% ../nbs/02_layers.ipynb #758aaf70
 def _generic_step(self, out, x, p_, grad, spec):
-    "(ProxProp direction, SolveInfo) of a generic linear module from its autograd graph `out` and gradient `grad`"
-    with torch.no_grad():
-        if not self.__dict__.get('_prox_checked'):
-            zero = self._phi([torch.zeros_like(p) for p in p_], x)
-            if zero.abs().max() > 0: raise ValueError(f'{type(self).__name__} is not linear in its '
-                                                      f'parameters (its output at zero '
-                                                     'parameters is not zero): ProxProp needs a linear '
-                                                      'map, see proxprop_module')
-            object.__setattr__(self, '_prox_checked', True)
-    def phi_adj(z): return [torch.zeros_like(p) if q is None else q
-                            for p, q in zip(p_,
-                                            torch.autograd.grad(out, p_, z, retain_graph=True,
-                                                                allow_unused=True))]
+    "(ProxProp direction, SolveInfo) of a generic module from its autograd graph `out` and gradient `grad`"
+    _check_linear(self, p_, x)
+    def phi_adj(z):
+        adj = torch.autograd.grad(out, p_, z, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if q is None else q for p, q in zip(p_, adj)]
     def apply_M(P):
         with torch.no_grad(): z = self._phi([q.view(p.shape) for q, p in zip(P, p_)], x)
         return [a.reshape(1, -1) + spec.beta * q for a, q in zip(phi_adj(z), P)]
@@ -469,14 +504,15 @@ def _rebuild(base, state):
 class _Reducible:
     def __reduce_ex__(self, protocol): return _rebuild, (self._prox_base, self.__getstate__())
 
+# %% ../nbs/02_layers.ipynb #146b3adc
 def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward is linear in its parameters
                    ) -> type:
-    "The ProxProp version of a module class: the constructor takes the base's arguments plus the ProxProp settings"
+    "The ProxProp version of a module class: its constructor takes the base's arguments and the settings"
     if BaseModule in _CLASSES: return _CLASSES[BaseModule]
     if not (isinstance(BaseModule, type) and issubclass(BaseModule, nn.Module)):
         raise TypeError(f'proxprop_module needs a torch.nn.Module subclass, not {BaseModule!r}')
-    if issubclass(BaseModule, ProxPropMixin): raise ValueError(f'{BaseModule.__name__} is a ProxProp '
-                                                               f'module already')
+    if issubclass(BaseModule, ProxPropMixin):
+        raise ValueError(f'{BaseModule.__name__} is a ProxProp module already')
     mixin = (_ProxConvMixin if issubclass(BaseModule, nn.modules.conv._ConvNd)
              else ProxPropLinearBase if issubclass(BaseModule, nn.Linear) else _ProxGenericMixin)
     def __init__(self, *args, tau_prox=1.0, optimization_mode='prox_cg1', cg_tol=1e-2,
@@ -484,10 +520,10 @@ def proxprop_module(BaseModule:type, # a torch.nn.Module subclass whose forward 
         BaseModule.__init__(self, *args, **kwargs)
         self._init_prox(tau_prox, optimization_mode, cg_tol, cg_variant, solver)
     name = f'ProxProp{BaseModule.__name__}'
-    cls = type(name, (_Reducible, mixin, BaseModule),
-               dict(__init__=__init__, _prox_base=BaseModule, __module__=__name__, __qualname__=name,
-                                                          __doc__=f'`{BaseModule.__module__}.{BaseModule.__qualname__}` with ProxProp parameter updates'))
-    _CLASSES[BaseModule] = cls
+    doc = f'`{BaseModule.__module__}.{BaseModule.__qualname__}` with ProxProp parameter updates'
+    attrs = dict(__init__=__init__, _prox_base=BaseModule, __module__=__name__, __qualname__=name,
+                 __doc__=doc)
+    cls = _CLASSES[BaseModule] = type(name, (_Reducible, mixin, BaseModule), attrs)
     return cls
 
 # %% ../nbs/02_layers.ipynb #c043
@@ -499,6 +535,7 @@ def _sharing_copy(module, cls, **prox):
     if prox: new._init_prox(**prox)
     return new
 
+# %% ../nbs/02_layers.ipynb #b29f1ca3
 def _replace_modules(model, pick, make):
     "Replace every submodule m of model with pick(name, m) true by make(m), in place"
     if pick('', model): raise ValueError('proxpropify converts the layers inside a model; wrap a single '
@@ -509,32 +546,38 @@ def _replace_modules(model, pick, make):
         setattr(model.get_submodule(parent) if parent else model, attr, make(m))
     return targets
 
+# %% ../nbs/02_layers.ipynb #26bc2127
+def _conversion_picker(model, types, exclude, last_explicit):
+    "pick(name, module): whether `proxpropify` converts that submodule of `model`"
+    classes = ((nn.Linear, nn.Conv2d) if types is None else (types,) if isinstance(types, type)
+               else tuple(types))
+    excluded_names = {e for e in exclude if isinstance(e, str)}
+    unknown = excluded_names - {n for n, _ in model.named_modules()}
+    if unknown: raise ValueError(f'exclude names no module of this model: {sorted(unknown)}')
+    excluded_ids = {id(e) for e in exclude if not isinstance(e, str)}
+    pick = lambda n, m: type(m) in classes and n not in excluded_names and id(m) not in excluded_ids
+    eligible = [n for n, m in model.named_modules() if n and pick(n, m)]
+    if last_explicit and eligible: excluded_names.add(eligible[-1])
+    return pick
+
 # %% ../nbs/02_layers.ipynb #c044
 def proxpropify(model:nn.Module, # the model to convert in place
                 tau_prox:float=1.0, # proximal step size tau_theta > 0
                 optimization_mode:str='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
-                cg_tol:float=1e-2, # CG stops once max_i |r_i| < cg_tol * rms_i |r0_i| over output units i; 0: N iterations
+                cg_tol:float=1e-2, # CG stops at max_i |r_i| < cg_tol rms_i |r0_i| (output units i); 0: all N
                 cg_variant:str='textbook', # 'textbook' CG or the 'official' code's iteration
                 solver:str='auto', # 'auto' or a forced route
-                types:tuple|None=None, # module classes to convert (exact type match); None: (nn.Linear, nn.Conv2d)
+                types:tuple|None=None, # module classes to convert (exact type match); None: Linear and Conv2d
                 exclude=(), # module names (as in named_modules) or module instances to leave explicit
                 last_explicit:bool=False, # leave the last layer to be converted explicit (eq. 12)
-                distributed:str='auto', # under DistributedDataParallel: 'auto'/'global' the step of the whole batch, 'local' each process's own
+                distributed:str='auto', # under DDP: 'auto'/'global' the whole batch's step, 'local' each own
                ) -> nn.Module: # the same model, converted
     "Swap the Linear/Conv layers of `model` for ProxProp twins in place, sharing their parameters"
     prox = dict(tau_prox=tau_prox, optimization_mode=optimization_mode, cg_tol=cg_tol,
                 cg_variant=cg_variant, solver=solver)
     check_prox_args(**prox)
     check_distributed(distributed)
-    kinds = (nn.Linear, nn.Conv2d) if types is None else (types,) if isinstance(types, type) else tuple(types)
-    names = {e for e in exclude if isinstance(e, str)}
-    unknown = names - {n for n, _ in model.named_modules()}
-    if unknown: raise ValueError(f'exclude names no module of this model: {sorted(unknown)}')
-    ids = {id(e) for e in exclude if not isinstance(e, str)}
-    eligible = [n for n, m in model.named_modules() if n and type(m) in kinds and n not in names
-                and id(m) not in ids]
-    if last_explicit and eligible: names.add(eligible[-1])
-    pick = lambda n, m: type(m) in kinds and n not in names and id(m) not in ids
+    pick = _conversion_picker(model, types, exclude, last_explicit)
     def convert(m):
         twin = _sharing_copy(m, proxprop_module(type(m)), **prox)
         if distributed != 'auto': twin.distributed = distributed
@@ -542,6 +585,7 @@ def proxpropify(model:nn.Module, # the model to convert in place
     _replace_modules(model, pick, convert)
     return model
 
+# %% ../nbs/02_layers.ipynb #cea034bd
 def unproxpropify(model:nn.Module, # a model with ProxProp layers
                  ) -> nn.Module: # the same model with plain PyTorch layers
     "Swap every ProxProp layer of `model` back to its base module in place, sharing parameters"
