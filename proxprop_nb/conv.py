@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, dense_solve,
-                                 choose_route, RouteChooser,
-                                 exact_or_cg, pick_route)
+from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, work_dtype,
+                                 dense_solve, choose_route, exact_or_cg, pick_route)
 
 # %% auto #0
 __all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'conv_gram',
@@ -23,7 +22,7 @@ __all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_
 # %% ../nbs/01b_conv.ipynb #c007
 @dataclass(frozen=True)
 class ConvGeometry:
-    "The arguments of a convolution that define its linear map (padding_mode 'zeros' after any explicit padding)"
+    "The arguments of a convolution that define its linear map (padding_mode 'zeros' after explicit padding)"
     stride:tuple
     padding:tuple
     dilation:tuple
@@ -34,42 +33,47 @@ class ConvGeometry:
     @classmethod
     def of(cls, m):
         "The geometry of a torch.nn ConvNd or ConvTransposeNd module `m`"
-        pad = (0,) * len(m.stride) if m.padding_mode != 'zeros' or isinstance(m.padding, str) else tuple(m.padding)
+        # another padding_mode, or a padding given as a string: the layer pads its input itself
+        pads_in_phi = m.padding_mode == 'zeros' and not isinstance(m.padding, str)
+        pad = tuple(m.padding) if pads_in_phi else (0,) * len(m.stride)
         return cls(tuple(m.stride), pad, tuple(m.dilation), bool(m.transposed), tuple(m.output_padding),
                    m.groups)
 
+# %% ../nbs/01b_conv.ipynb #25a73577
 _CONV_FNS = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
              (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
 
+# %% ../nbs/01b_conv.ipynb #bbca0d49
 def conv_forward(x, weight, bias, geo:ConvGeometry):
-    "phi: the convolution of `x` with `weight` and `bias` (bias may be None), through the functional the module calls"
+    "phi: the convolution of `x` with `weight` and `bias` (or None), by the functional the module calls"
     # so that autocast treats it as it treats the module
     fn = _CONV_FNS.get((weight.dim() - 2, geo.transposed))
-    if fn is None: return torch.convolution(x, weight, bias, geo.stride, geo.padding, geo.dilation,
-                                            geo.transposed,
-                                            geo.output_padding, geo.groups)
-    if geo.transposed: return fn(x, weight, bias, geo.stride, geo.padding, geo.output_padding, geo.groups,
-                                 geo.dilation)
+    if fn is None:
+        return torch.convolution(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.transposed,
+                                 geo.output_padding, geo.groups)
+    if geo.transposed:
+        return fn(x, weight, bias, geo.stride, geo.padding, geo.output_padding, geo.groups, geo.dilation)
     return fn(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
+# %% ../nbs/01b_conv.ipynb #e7737181
 def conv_backward(g, x, weight, geo:ConvGeometry, mask):
     "(grad_input, grad_weight, grad_bias) of the convolution, for the outputs selected by `mask`"
     bias_sizes = [weight.shape[1] * geo.groups] if geo.transposed else [weight.shape[0]]
-    return torch.ops.aten.convolution_backward(g, x, weight, bias_sizes, list(geo.stride),
-                                               list(geo.padding), list(geo.dilation),
-                                               geo.transposed, list(geo.output_padding), geo.groups,
-                                               list(mask))
+    return torch.ops.aten.convolution_backward(g, x, weight, bias_sizes, list(geo.stride), list(geo.padding),
+                                               list(geo.dilation), geo.transposed, list(geo.output_padding),
+                                               geo.groups, list(mask))
 
 # %% ../nbs/01b_conv.ipynb #c010
 def _conv_rows(geo, single=False):
-    "(to_rows, from_rows) mapping a weight to a view with output channels in dimension 0 and back; None, None for one row"
+    "(to_rows, from_rows): a weight's view with output channels in dim 0 and back; (None, None): one row"
     if single: return None, None
     if not geo.transposed: return (lambda w: w), (lambda r: r)
     if geo.groups == 1: return (lambda w: w.transpose(0, 1)), (lambda r: r.transpose(0, 1))
     return None, None  # grouped transposed: one row
 
+# %% ../nbs/01b_conv.ipynb #2c76ea39
 def _conv_operator(x, weight, bias:bool, geo, beta, single=False, reducer=None):
-    "(apply_M, to_rows, from_rows): M = phi* phi + beta I on row lists (phi* phi summed over processes by `reducer`), and the maps between (weight, bias) and row lists"
+    "(apply_M, to_rows, from_rows): M = phi* phi + beta I on row lists, and maps from and to (weight, bias)"
     rows, unrows = _conv_rows(geo, single)
     def to_rows(W, b):
         if rows: return [rows(W)] + ([b] if bias else [])
@@ -77,12 +81,13 @@ def _conv_operator(x, weight, bias:bool, geo, beta, single=False, reducer=None):
     def from_rows(P):
         W = unrows(P[0]) if rows else P[0].view(weight.shape)
         return W, ((P[1] if rows else P[1].view(-1)) if bias else None)
-    def apply_M(P):
+    def apply_M(P):  # with a `reducer`, phi* phi is summed over processes
         _, gw, gb = conv_backward(conv_forward(x, *from_rows(P), geo), x, weight, geo, (False, True, bias))
         AtAP = to_rows(gw, gb) if reducer is None else reducer.all_reduce_list_(to_rows(gw, gb))
         return [a + beta * q for a, q in zip(AtAP, P)]
     return apply_M, to_rows, from_rows
 
+# %% ../nbs/01b_conv.ipynb #fda93498
 def _conv_matrix_free(x, weight, bias, geo, spec, grad, reducer=None):
     "CG on (phi* phi + beta I) D = grad with phi the convolution and phi* its weight gradient"
     apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta,
@@ -105,36 +110,61 @@ def _wgrad(go, inp, ksize, stride, dilation, groups=1):
     return torch.ops.aten.convolution_backward(go, inp, w, None, list(stride), [0] * D, list(dilation), False,
                                                [0] * D, groups, [False, True, False])[1]
 
+# %% ../nbs/01b_conv.ipynb #eb065ec2
 def _out_size(n, k, s, p, d): return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+def _out_shape(spatial, ksize, geo):
+    "The output's spatial sizes of a (not transposed) convolution of an input of spatial sizes `spatial`"
+    return [_out_size(n, k, s, p, d)
+            for n, k, s, p, d in zip(spatial, ksize, geo.stride, geo.padding, geo.dilation)]
 
 # %% ../nbs/01b_conv.ipynb #c015
 def _gram_offsets(x, ksize, geo):
     "Patch Gram matrix (C k^D)^2 of a zero-padded input, one weight-gradient call per kernel offset"
-    D, (N, C) = len(ksize), x.shape[:2]
+    C = x.shape[1]
     xp = F.pad(x, [q for p in reversed(geo.padding) for q in (p, p)])
-    osz = [_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding,
-                                                             geo.dilation)]
+    out_shape = _out_shape(x.shape[2:], ksize, geo)
     G = x.new_empty(C, *ksize, C, *ksize)
-    for off in itertools.product(*map(range, ksize)):
+    for offset in itertools.product(*map(range, ksize)):
         crop = tuple(slice(d * i, d * i + s * (o - 1) + 1, s)
-                     for i, o, s, d in zip(off, osz, geo.stride, geo.dilation))
-        G[(slice(None), *off)] = _wgrad(xp[(slice(None), slice(None), *crop)], xp, ksize, geo.stride,
-                                        geo.dilation)
+                     for i, o, s, d in zip(offset, out_shape, geo.stride, geo.dilation))
+        seen = xp[(slice(None), slice(None), *crop)]  # the input entries that kernel offset `offset` sees
+        G[(slice(None), *offset)] = _wgrad(seen, xp, ksize, geo.stride, geo.dilation)
     return G.reshape(C * math.prod(ksize), C * math.prod(ksize))
 
 # %% ../nbs/01b_conv.ipynb #c017
 def _strips(x, xe, lines, e, K2, dil, dim):
-    "Correlations restricted to single rows (dim=2) or columns (dim=3) of x, for every shift: (L, C, C, K2, K2)"
+    "Correlations restricted to single rows (dim=2) or columns (dim=3) of x, all shifts: (L, C, C, K2, K2)"
     go = torch.cat([x.narrow(dim, r, 1) for r in lines], 1)
     inp = torch.cat([xe.narrow(dim, r, 2 * e + 1) for r in lines], 1)
     C = x.shape[1]
     return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).reshape(len(lines), C, C, K2, K2)
 
+def _corners(x, xe, rows, cols, e, K2, d):
+    "Correlations at single positions (r, q) of x, all shifts: (R, Q, C, C, K2, K2)"
+    N, C = x.shape[:2]
+    window = lambda r, q: xe[:, :, r:r + 2 * e + 1:d, q:q + 2 * e + 1:d].reshape(N, -1)
+    # pts[r, q, c, c', a, b] = sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b]: one small product each
+    pts = torch.stack([torch.stack([x[:, :, r, q].T @ window(r, q) for q in cols]) for r in rows])
+    return pts.view(len(rows), len(cols), C, C, K2, K2)
+
+# %% ../nbs/01b_conv.ipynb #04fb927b
 # one small constant per shape: built once, so later steps copy nothing to the device
 @functools.lru_cache(maxsize=256)
 def _excluded(lines:tuple, windows:tuple, dtype, device):
     "ex[i, r] = 1 if line r lies outside the window of kernel offset i"
     return torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in windows], dtype=dtype, device=device)
+
+# %% ../nbs/01b_conv.ipynb #76e888a8
+def _gather_pairs(T, k):
+    "G[(c, i, j), (c', i', j')] = T[i, j, c, c', i' - i + k - 1, j' - j + k - 1]: the patch Gram from T"
+    # advanced indices (i, j, i', j') laid out as (k, k, k, k) in front of the channel dimensions (c, c')
+    C, i = T.shape[2], torch.arange(k, device=T.device)
+    shift = i[None, :] - i[:, None] + k - 1  # shift[i, i'] = i' - i + k - 1: the shift index of the pair
+    G = T[i[:, None, None, None], i[None, :, None, None], :, :,
+          shift[:, None, :, None], shift[None, :, None, :]]
+    # (i, j, i', j', c, c') -> rows (c, i, j)
+    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
 
 # %% ../nbs/01b_conv.ipynb #c018
 def _gram_correlation(x, k, geo):
@@ -144,62 +174,56 @@ def _gram_correlation(x, k, geo):
     # every shift has a full window; T[i, j, c, c', a, b] = sum over the positions offset (i, j) sees of x[c]
     # xe[c'] shifted by (a, b); rows / cols are the image lines some offset does not see, ex[i, r] = 1 where
     # offset i misses line r.
-    (N, C, H, W), (p, q), (dh, dw) = x.shape, geo.padding, geo.dilation
+    (_, C, H, W), (p, q), (dh, dw) = x.shape, geo.padding, geo.dilation
     if k[0] != k[1] or dh != dw: raise NotImplementedError('square kernels and equal dilations only')
     k, d = k[0], dh
     Ho, Wo, e, K2 = H + 2 * p - d * (k - 1), W + 2 * q - d * (k - 1), d * (k - 1), 2 * k - 1
     xe = F.pad(x, (e, e, e, e))
     T = _wgrad(x, xe, (K2, K2), (1, 1), (d, d)).expand(k, k, C, C, K2, K2).clone()  # T[i, j, c, c', a, b]
-    win = lambda n, o, pad: [(max(0, d * i - pad), min(n, d * i - pad + o)) for i in range(k)]
-    wr, wc = win(H, Ho, p), win(W, Wo, q)
-    rows = sorted({r for r in range(H) for lo, hi in wr if not lo <= r < hi})
-    cols = sorted({c for c in range(W) for lo, hi in wc if not lo <= c < hi})
-    ex = lambda lines, w: _excluded(tuple(lines), tuple(w), x.dtype, x.device)
-    if rows: T -= torch.einsum('ir,rcdab->icdab', ex(rows, wr),
-                               _strips(x, xe, rows, e, K2, (d, d), 2)).unsqueeze(1)
-    if cols: T -= torch.einsum('jq,qcdab->jcdab', ex(cols, wc),
-                               _strips(x, xe, cols, e, K2, (d, d), 3)).unsqueeze(0)
-    # corners: sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b], one small matrix product per position
+    windows = lambda n, o, pad: [(max(0, d * i - pad), min(n, d * i - pad + o)) for i in range(k)]
+    row_windows, col_windows = windows(H, Ho, p), windows(W, Wo, q)
+    rows = sorted({r for r in range(H) for lo, hi in row_windows if not lo <= r < hi})
+    cols = sorted({c for c in range(W) for lo, hi in col_windows if not lo <= c < hi})
+    excluded = lambda lines, w: _excluded(tuple(lines), tuple(w), x.dtype, x.device)
+    if rows:
+        strips = _strips(x, xe, rows, e, K2, (d, d), 2)
+        T -= torch.einsum('ir,rcdab->icdab', excluded(rows, row_windows), strips).unsqueeze(1)
+    if cols:
+        strips = _strips(x, xe, cols, e, K2, (d, d), 3)
+        T -= torch.einsum('jq,qcdab->jcdab', excluded(cols, col_windows), strips).unsqueeze(0)
     if rows and cols:
-        pts = torch.stack([torch.stack([x[:, :, r, q].T @ xe[:, :, r:r + 2 * e + 1:d,
-                                                             q:q + 2 * e + 1:d].reshape(N, -1)
-                                        for q in cols])
-                           for r in rows]).view(len(rows), len(cols), C, C, K2, K2)
-        T += torch.einsum('ir,jq,rqcdab->ijcdab', ex(rows, wr), ex(cols, wc), pts)
-    # Gather G from T: G[i, j, i', j'] = T[i, j, :, :, a(i, i'), b(j, j')], with advanced indices
-    # (i, j, i', j') laid out as (k, k, k, k) in front of the channel dimensions (c, c')
-    i = torch.arange(k, device=x.device)
-    sh = i[None, :] - i[:, None] + k - 1  # sh[i, i'] = i' - i + k - 1: the shift index of the pair
-    G = T[i[:, None, None, None], i[None, :, None, None], :, :, sh[:, None, :, None], sh[None, :, None, :]]
-    # (i, j, i', j', c, c') -> rows (c, i, j)
-    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
+        corners = _corners(x, xe, rows, cols, e, K2, d)
+        T += torch.einsum('ir,jq,rqcdab->ijcdab', excluded(rows, row_windows), excluded(cols, col_windows),
+                          corners)
+    return _gather_pairs(T, k)
 
 # %% ../nbs/01b_conv.ipynb #c020
 def _window_sums(x, ksize, geo):
     "sum over samples and output positions of each patch entry: A^T 1 for the bias column, shape (C k^D,)"
     s = F.pad(x.sum(0, keepdim=True), [q for p in reversed(geo.padding) for q in (p, p)])
-    ones = s.new_ones(1, 1, *[_out_size(n, k, st, p, d)
-                              for n, k, st, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding,
-                                                        geo.dilation)])
+    ones = s.new_ones(1, 1, *_out_shape(x.shape[2:], ksize, geo))
     return _wgrad(ones, s, ksize, geo.stride, geo.dilation).reshape(-1)
 
+# %% ../nbs/01b_conv.ipynb #f7c510c9
 def _border_lines(n, k, p, d):
     "Rows (or columns) of an input of size n that some kernel offset of a stride-1 convolution does not see"
     o = n + 2 * p - d * (k - 1)
     return sum(any(not max(0, d * i - p) <= r < min(n, d * i - p + o) for i in range(k)) for r in range(n))
 
+# %% ../nbs/01b_conv.ipynb #9d0ce0a2
 # calibrated on the route timings of the performance notebook: border strips run ~6x slower per flop
 STRIP_PENALTY = 6.0
 
 def conv_gram_flops(x_shape, ksize, geo) -> dict:
-    "Cost model (flops, penalised where measured slow) of the patch-Gram routes for one group of a convolution"
-    N, C, *sp = x_shape
-    kD = math.prod(ksize)
+    "Flop model (penalised where measured slow) of the patch-Gram routes for one group of a convolution"
+    N, C, *spatial = x_shape
+    # math.prod of a generator: Dynamo breaks the graph here, once per conv layer (tests/test_compile.py)
     P = math.prod(_out_size(n, k, s, p, d)
-                  for n, k, s, p, d in zip(sp, ksize, geo.stride, geo.padding, geo.dilation))
-    f = {'offsets': 2 * N * P * (C * kD) ** 2}
-    if len(sp) == 2 and all(s == 1 for s in geo.stride) and ksize[0] == ksize[1] and geo.dilation[0] == geo.dilation[1]:
-        (H, W), k, (p, q), d = sp, ksize[0], geo.padding, geo.dilation[0]
+                  for n, k, s, p, d in zip(spatial, ksize, geo.stride, geo.padding, geo.dilation))
+    f = {'offsets': 2 * N * P * (C * math.prod(ksize)) ** 2}
+    stride_1_2d = len(spatial) == 2 and all(s == 1 for s in geo.stride)
+    if stride_1_2d and ksize[0] == ksize[1] and geo.dilation[0] == geo.dilation[1]:
+        (H, W), k, (p, q), d = spatial, ksize[0], geo.padding, geo.dilation[0]
         full = 2 * N * H * W * C * C * (2 * k - 1) ** 2
         lines = _border_lines(H, k, p, d) / H + _border_lines(W, k, q, d) / W
         f['correlation'] = full * (1 + STRIP_PENALTY * lines)
@@ -210,12 +234,28 @@ def conv_gram_flops(x_shape, ksize, geo) -> dict:
 def _gram_route(x_shape, ksize, geo, route):
     flops = conv_gram_flops(x_shape, ksize, geo)
     r = min(flops, key=flops.get) if route == 'auto' else route
-    if r not in flops: raise ValueError(f"route={route!r} is not available for this convolution: use one "
-                                        f"of {sorted(flops)}")
+    if r not in flops:
+        raise ValueError(f"route={route!r} is not available for this convolution: use one of {sorted(flops)}")
     return r
 
+# %% ../nbs/01b_conv.ipynb #fd3ee670
 GRAM_CHUNK = 2**19  # input elements per chunk of samples when forming a patch Gram: bounds the temporaries
 
+def _group_gram(x, ksize, geo, bias, route, chunk):
+    "A^T A of one group's input `x`, by `route`, summed over chunks of about `chunk` input elements"
+    n = x.shape[1] * math.prod(ksize)
+    G = x.new_zeros(n + bias, n + bias)
+    step = max(1, chunk // max(1, math.prod(x.shape[1:])))  # samples per chunk: G is a sum over samples
+    patch_gram = _gram_correlation if route == 'correlation' else _gram_offsets
+    for i in range(0, x.shape[0], step):
+        G[:n, :n] += patch_gram(x[i:i + step], ksize, geo)
+        if bias:
+            s = _window_sums(x[i:i + step], ksize, geo)
+            G[:n, n] += s; G[n, :n] += s
+    if bias: G[n, n] = x.shape[0] * math.prod(_out_shape(x.shape[2:], ksize, geo))
+    return G
+
+# %% ../nbs/01b_conv.ipynb #16151539
 def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
               ksize:tuple, # kernel size
               geo:ConvGeometry, # stride, padding, dilation, groups (not transposed)
@@ -226,36 +266,23 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
              ) -> torch.Tensor: # (groups, C/groups * prod(ksize) + bias, same)
     "Patch Gram matrices A^T A + beta I of a convolution, one per group"
     if geo.transposed: raise NotImplementedError('the patch Gram of a transposed convolution')
-    Cg = x.shape[1] // geo.groups
-    shape = (x.shape[0], Cg, *x.shape[2:])
+    group_channels = x.shape[1] // geo.groups
+    shape = (x.shape[0], group_channels, *x.shape[2:])
     if route == 'auto' and chooser is not None and chooser.policy != 'model':
         flops = conv_gram_flops(shape, tuple(ksize), geo)
         runs = {r: functools.partial(conv_gram, x, ksize, geo, bias, beta, r) for r in flops}
-        return pick_route(flops, runs, 'auto', chooser,
-                          ('gram', str(x.device), x.dtype, shape, tuple(ksize), geo, bias))[1]
+        key = ('gram', str(x.device), x.dtype, shape, tuple(ksize), geo, bias)
+        return pick_route(flops, runs, 'auto', chooser, key)[1]
     r = _gram_route(shape, tuple(ksize), geo, route)
-    n = Cg * math.prod(ksize)
-    Gs = x.new_zeros(geo.groups, n + bias, n + bias)
-    P = math.prod(_out_size(m, k, s, p, d)
-                  for m, k, s, p, d in zip(x.shape[2:], ksize, geo.stride, geo.padding, geo.dilation))
-    # samples per chunk: G is a sum over samples
-    step = max(1, GRAM_CHUNK // max(1, math.prod(x.shape[1:]) // geo.groups))
-    for gi in range(geo.groups):
-        for i in range(0, x.shape[0], step):
-            xg = x[i:i + step, gi * Cg:(gi + 1) * Cg]
-            Gs[gi, :n, :n] += _gram_correlation(xg, ksize,
-                                                geo) if r == 'correlation' else _gram_offsets(xg, ksize, geo)
-            if bias:
-                s = _window_sums(xg, ksize, geo)
-                Gs[gi, :n, n] += s; Gs[gi, n, :n] += s
-        if bias: Gs[gi, n, n] = x.shape[0] * P
+    groups = x.split(group_channels, 1)
+    Gs = torch.stack([_group_gram(xg, ksize, geo, bias, r, GRAM_CHUNK) for xg in groups])
     Gs.diagonal(dim1=1, dim2=2).add_(beta)
     return Gs
 
 # %% ../nbs/01b_conv.ipynb #c026
 def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='textbook') -> dict:
-    "Flops of each route of the convolution proximal step beyond the gradient, per `conv_gram_flops`; the official CG runs matrix-free only"
-    conv = 2 * math.prod(out_shape) * math.prod(w_shape[1:]) if not geo.transposed else 2 * math.prod(x_shape) * math.prod(w_shape[1:])
+    "Flops of each route of a convolution's proximal step beyond the gradient (official CG: matrix-free only)"
+    conv = 2 * math.prod(x_shape if geo.transposed else out_shape) * math.prod(w_shape[1:])
     f = {} if kind == 'exact' else {'matrix_free': n_iter * 2 * conv}
     # the official iteration runs on all of a layer's parameters as one vector
     if kind == 'cg' and variant == 'official': return f
@@ -265,8 +292,8 @@ def conv_flops(x_shape, w_shape, out_shape, ksize, geo, kind, n_iter, variant='t
         f['dense'] = math.ceil(n / rows) * 2 * conv + 4 * n**3 / 3 + 2 * rows * n * n
     if not geo.transposed:
         n = math.prod(w_shape[1:]) + 1
-        gram = geo.groups * min(conv_gram_flops((x_shape[0], x_shape[1] // geo.groups, *x_shape[2:]),
-                                                ksize, geo).values())
+        group_shape = (x_shape[0], x_shape[1] // geo.groups, *x_shape[2:])
+        gram = geo.groups * min(conv_gram_flops(group_shape, ksize, geo).values())
         rows = w_shape[0]
         f['primal'] = gram + (geo.groups * 4 * n**3 / 3 + 2 * rows * n * n if kind == 'exact'
                               else n_iter * 2 * rows * n * n)
@@ -288,14 +315,51 @@ def conv_grads(x:torch.Tensor, # the input as the convolution sees it
     "The plain (autograd's) gradients of a convolution, the parameter gradients in the dtype `work`"
     if x.dtype == g.dtype == weight.dtype == work:  # one call
         return conv_backward(g, x, weight, geo, (need_input_grad, True, bias))
-    gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo,
-                       (True, False, False))[0] if need_input_grad else None
+    gx = None
+    if need_input_grad: gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
     _, gw, gb = conv_backward(g.to(work), x.to(work), weight.to(work), geo, (False, True, bias))
     return gx, gw, gb
 
+# %% ../nbs/01b_conv.ipynb #c029
+def _combine(route:str, results:list, dtype) -> SolveInfo:
+    "One record for a layer's per-group solves: the most iterations and the largest residual of any group"
+    cg = [r for r in results if r is not None]
+    if not cg: return SolveInfo(route, dtype=dtype)
+    def largest(values):
+        if any(v is None for v in values): return None
+        if all(isinstance(v, int) for v in values): return max(values)
+        return torch.stack([torch.as_tensor(v) for v in values]).max()
+    return SolveInfo(route, largest([r.iterations for r in cg]), largest([r.residual for r in cg]), dtype)
+
+# %% ../nbs/01b_conv.ipynb #f4c51520
+def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
+    "Exact or CG step on the patch Gram matrices, one per group; a `reducer` sums them over processes first"
+    bias = gb is not None
+    G = conv_gram(x, ksize, geo, bias, spec.beta if reducer is None else 0., chooser=chooser)
+    if reducer is not None: reducer.all_reduce_(G); G.diagonal(dim1=1, dim2=2).add_(spec.beta)
+    out_channels, per_group = gw.shape[0], gw.shape[0] // geo.groups
+    rhs = torch.cat([gw.reshape(out_channels, -1), gb[:, None]], 1) if bias else gw.reshape(out_channels, -1)
+    D, results = torch.empty_like(rhs), []
+    for gi in range(geo.groups):
+        rows = slice(gi * per_group, (gi + 1) * per_group)
+        if spec.kind == 'cg':
+            results.append(block_cg(lambda P: [P[0] @ G[gi]], [rhs[rows]], spec.n_iter, spec.cg_tol,
+                                    spec.cg_variant, spec.sync_free))
+            D[rows] = results[-1].solution[0]
+        else:
+            D[rows], fallback = exact_or_cg(G[gi], rhs[rows], 'convolution')
+            results.append(fallback)
+    fell_back = spec.kind == 'exact' and any(r is not None for r in results)
+    n = rhs.shape[1] - bias
+    info = _combine('primal>cg' if fell_back else 'primal', results, x.dtype)
+    return D[:, :n].reshape(gw.shape), (D[:, n] if bias else None), info
+
+# %% ../nbs/01b_conv.ipynb #85d065e9
+_CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
+
 def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already if padding_mode != 'zeros'
               g:torch.Tensor, # gradient of the loss w.r.t. the layer output
-              weight:torch.Tensor, # the layer's weight (its shape and dtype; values only for the input gradient)
+              weight:torch.Tensor, # the layer's weight (shape, dtype; values only for the input gradient)
               bias:bool, # whether the layer has a bias
               geo:ConvGeometry, # the convolution's geometry
               spec:ProxSpec, # the step's settings
@@ -306,49 +370,14 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     if spec.kind == 'gradient':  # autograd's gradients, in the dtype of the forward computation (g's)
         grads = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (need_input_grad, True, bias))
         return (*grads, SolveInfo('gradient', dtype=g.dtype))
-    wd = work_dtype(x.dtype, g.dtype)
-    gx, gw, gb = conv_grads(x, g, weight, geo, need_input_grad, bias, wd)
-    xw, ksize = x.to(wd), weight.shape[2:]
+    solve_dtype = work_dtype(x.dtype, g.dtype)
+    gx, gw, gb = conv_grads(x, g, weight, geo, need_input_grad, bias, solve_dtype)
+    x, ksize = x.to(solve_dtype), weight.shape[2:]
     flops = _conv_flops(x.shape, weight.shape, g.shape, ksize, geo, spec.kind, spec.n_iter, spec.cg_variant)
-    runs = {r: functools.partial(_CONV_OPERATOR_ROUTES[r], xw, weight.to(wd), bias, geo, spec, (gw, gb))
-            for r in flops if r in _CONV_OPERATOR_ROUTES}
-    if 'primal' in flops: runs['primal'] = functools.partial(_conv_primal, xw, gw, gb, ksize, geo, spec,
-                                                             chooser)
-    key = ('conv', str(x.device), wd, tuple(x.shape), tuple(weight.shape), geo, bias, spec)
+    runs = {r: functools.partial(_CONV_OPERATOR_ROUTES[r], x, weight.to(solve_dtype), bias, geo, spec,
+                                 (gw, gb)) for r in flops if r in _CONV_OPERATOR_ROUTES}
+    if 'primal' in flops:
+        runs['primal'] = functools.partial(_conv_primal, x, gw, gb, ksize, geo, spec, chooser)
+    key = ('conv', str(x.device), solve_dtype, tuple(x.shape), tuple(weight.shape), geo, bias, spec)
     _, (W, b, info) = pick_route(flops, runs, spec.solver, chooser, key)
     return gx, W, b, info
-
-# %% ../nbs/01b_conv.ipynb #c029
-_CONV_OPERATOR_ROUTES = {'matrix_free': _conv_matrix_free, 'dense': _conv_dense}
-
-def _combine(route:str, results:list, dtype) -> SolveInfo:
-    "One record for the per-group solves of a layer: the most iterations and the largest residual of any group"
-    cg = [r for r in results if r is not None]
-    if not cg: return SolveInfo(route, dtype=dtype)
-    top = lambda vs: None if any(v is None for v in vs) else (max(vs) if all(isinstance(v, int) for v in vs)
-                                                              else torch.stack([torch.as_tensor(v) for v in vs]).max())
-    return SolveInfo(route, top([r.iterations for r in cg]), top([r.residual for r in cg]), dtype)
-
-def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
-    "Exact or CG step on the patch Gram matrices, one per group; with a `reducer` they are summed over processes first"
-    bias = gb is not None
-    G = conv_gram(x, ksize, geo, bias, spec.beta if reducer is None else 0., chooser=chooser)
-    if reducer is not None: reducer.all_reduce_(G); G.diagonal(dim1=1, dim2=2).add_(spec.beta)
-    M, Mg = gw.shape[0], gw.shape[0] // geo.groups
-    rhs = torch.cat([gw.reshape(M, -1), gb[:, None]], 1) if bias else gw.reshape(M, -1)
-    D, results = torch.empty_like(rhs), []
-    for gi in range(geo.groups):
-        rows = slice(gi * Mg, (gi + 1) * Mg)
-        if spec.kind == 'cg':
-            results.append(block_cg(lambda P: [P[0] @ G[gi]], [rhs[rows]], spec.n_iter, spec.cg_tol,
-                                    spec.cg_variant,
-                                          spec.sync_free))
-            D[rows] = results[-1].solution[0]
-        else:
-            D[rows], fallback = exact_or_cg(G[gi], rhs[rows], 'convolution')
-            results.append(fallback)
-    fell_back = spec.kind == 'exact' and any(r is not None for r in results)
-    n = rhs.shape[1] - bias
-    return D[:, :n].reshape(gw.shape), (D[:, n] if bias
-                                        else None), _combine('primal>cg' if fell_back else 'primal',
-                                                             results, x.dtype)

@@ -8,10 +8,9 @@ import functools
 
 import torch
 
-from .solvers import (ProxSpec, CGResult, SolveInfo, block_cg, work_dtype, spd_inverse,
-                                 RouteChooser,
-                                 choose_route, exact_or_cg, pick_route, _safe_div, _early_stop,
-                                 _relative_residual)
+from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, work_dtype,
+                                 spd_inverse, choose_route, exact_or_cg, pick_route,
+                                 _safe_div, _early_stop, _relative_residual)
 
 # %% auto #0
 __all__ = ['linear_primal_gram', 'linear_dual_gram', 'dual_cg', 'linear_flops', 'prox_linear']
@@ -31,6 +30,7 @@ def linear_primal_gram(x:torch.Tensor, # inputs (N, d)
     G.diagonal().add_(beta)
     return G
 
+# %% ../nbs/01a_linear.ipynb #fd44215e
 def linear_dual_gram(x:torch.Tensor, # inputs (N, d)
                      bias:bool=True, # add the ones column's contribution 1 1^T
                      beta:float=0., # added to the diagonal
@@ -48,31 +48,30 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
             n_iter:int, # maximum number of CG iterations
             tol:float=0., # stop once max_j |r_j| < tol * rms_j |r0_j| over the columns j (0: run n_iter)
             variant:str='textbook', # 'textbook' or 'official'
-            sync_free:bool=False, # check the early stop on the device, without reading the residual on the host
+            sync_free:bool=False, # check the early stop on the device: no host read of the residual
            ) -> CGResult: # solution Y (the direction is D = Y^T A); residual only when CG stopped early
     "CG on (A^T A + beta I) D = A^T g run in the batch space of A"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
-    # Legend: primal CG's residual r = A^T s, direction p = A^T q, iterate D = A^T y; w = K s, u = K q, so
-    # that r^T r = s^T w, M p = A^T (u + beta q) and p^T M p = u^T u + beta q^T u. Only s, q, y (N x out) are
-    # stored.
-    # q is replaced, never updated in place, in the first iteration
+    # primal CG's r = A^T s, p = A^T q, D = A^T y, w = K s and u = K q (see above): only s, q, y (N x out)
+    # are stored; q is replaced, never updated in place, in the first iteration
     s, q, y = g.clone(), g, torch.zeros_like(g)
     w = K @ s
     u, rho = w, (s * w).sum(0)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
     live = rho.new_ones(()) if sync_free and stop is not None else None
-    iters, residual = rho.new_zeros(()), None
+    iters_on_device, residual = rho.new_zeros(()), None  # counted where the early stop runs on the device
     for k in range(1, n_iter + 1):
         alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0) + eps)
-        if live is not None: alpha, iters = alpha * live, iters + live  # frozen once converged
+        # frozen once converged
+        if live is not None: alpha, iters_on_device = alpha * live, iters_on_device + live
         y.addcmul_(q, alpha)  # D += alpha p
         if k == n_iter: break
         s.addcmul_(u, alpha, value=-1).addcmul_(q, alpha, value=-beta)  # r -= alpha M p
         w = torch.mm(K, s, out=w if k > 1 else None)
         rho_new = (s * w).sum(0)  # r^T r
-        done, live = _early_stop(stop, rho_new, live)
-        if done: residual = _relative_residual(rho_new, rho0); break
+        stop_now, live = _early_stop(stop, rho_new, live)
+        if stop_now: residual = _relative_residual(rho_new, rho0); break
         cg_beta = _safe_div(rho_new, rho + eps)  # CG's beta_k: p = r + beta_k p
         if k == 1: q, u = ((s * (1 + cg_beta), w * (1 + cg_beta)) if official
                            else (torch.addcmul(s, q, cg_beta), torch.addcmul(w, u, cg_beta)))
@@ -80,7 +79,7 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
         rho = rho_new
     # at the (device) stop
     if live is not None: residual = _relative_residual(rho_new, rho0) if n_iter > 1 else None
-    return CGResult(y, k if live is None else iters, residual)
+    return CGResult(y, k if live is None else iters_on_device, residual)
 
 # %% ../nbs/01a_linear.ipynb #c014
 def linear_flops(N:int, # batch size (rows of A)
@@ -97,31 +96,33 @@ def linear_flops(N:int, # batch size (rows of A)
             'primal': 2*N*d*d + n_iter * 2*d*d*out,
             'matrix_free': n_iter * 4*N*d*out}
 
-# %% ../nbs/01a_linear.ipynb #c016
-def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
-                g:torch.Tensor, # gradient of the loss w.r.t. the layer outputs (N, out_features)
-                bias:bool, # whether the layer has a bias
-                spec:ProxSpec, # the step's settings, from `check_prox_args`
-                chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: the flop model
-               ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, SolveInfo)
-    "The ProxProp direction (A^T A + I/tau_prox)^-1 grad for an nn.Linear layer, by the cheapest route"
-    if spec.kind == 'gradient':  # autograd's gradient, in the dtype of the forward computation (g's)
-        return g.T @ x.to(g.dtype), (g.sum(0) if bias else None), SolveInfo('gradient', dtype=g.dtype)
-    wd = work_dtype(x.dtype, g.dtype)
-    x, g = x.to(wd), g.to(wd)
-    (N, d), out = x.shape, g.shape[1]
-    flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
-    runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
-    key = ('linear', str(x.device), wd, N, d, out, bias, spec)
-    _, out = pick_route(flops, runs, spec.solver, chooser, key)
-    return out
-
 # %% ../nbs/01a_linear.ipynb #c018
 def _split(D, d, bias):
     "(weight, bias) from a matrix [W | b]"
     return (D[:, :d], D[:, d]) if bias else (D, None)
 
+def _rhs(x, g, bias, grad):
+    "The right-hand side [grad_W | grad_b]: from x and g, or as given (a data-parallel step's mean gradient)"
+    if grad is not None: return torch.cat([grad[0], grad[1][:, None]], 1) if bias else grad[0]
+    return torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x
+
+# %% ../nbs/01a_linear.ipynb #7805497a
+def _linear_primal(x, g, bias, spec, reducer=None, grad=None):
+    "The primal route; with a `reducer` the Gram matrix is summed over processes first (a data-parallel step)"
+    G = linear_primal_gram(x, bias, spec.beta if reducer is None else 0.)
+    if reducer is not None: reducer.all_reduce_(G); G.diagonal().add_(spec.beta)
+    rhs = _rhs(x, g, bias, grad)
+    if spec.kind == 'cg':
+        cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
+        D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
+    else:
+        D, fallback = exact_or_cg(G, rhs, 'primal')
+        info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype)
+    return (*_split(D, x.shape[1], bias), info)
+
+# %% ../nbs/01a_linear.ipynb #dcce3547
 def _linear_dual(x, g, bias, spec):
+    "The dual route: CG in the batch space, or the inverse of K + beta I (the primal system if that fails)"
     K = linear_dual_gram(x, bias)
     if spec.kind == 'cg':
         cg = dual_cg(K, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
@@ -138,26 +139,9 @@ def _linear_dual(x, g, bias, spec):
         y = Kinv @ g
     return y.T @ x, (y.sum(0) if bias else None), info
 
-def _rhs(x, g, bias, grad):
-    "The right-hand side [grad_W | grad_b]: from x and g, or as given (the averaged gradient of a data-parallel step)"
-    if grad is not None: return torch.cat([grad[0], grad[1][:, None]], 1) if bias else grad[0]
-    return torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x
-
-def _linear_primal(x, g, bias, spec, reducer=None, grad=None):
-    "The primal route; with a `reducer` the Gram matrix is summed over processes first (a data-parallel step)"
-    G = linear_primal_gram(x, bias, spec.beta if reducer is None else 0.)
-    if reducer is not None: reducer.all_reduce_(G); G.diagonal().add_(spec.beta)
-    rhs = _rhs(x, g, bias, grad)
-    if spec.kind == 'cg':
-        cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
-        D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
-    else:
-        D, fallback = exact_or_cg(G, rhs, 'primal')
-        info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype)
-    return (*_split(D, x.shape[1], bias), info)
-
+# %% ../nbs/01a_linear.ipynb #6d9f79cd
 def _linear_matrix_free(x, g, bias, spec, reducer=None, grad=None):
-    "CG on products with A; with a `reducer` each product A^T A P is summed over processes (one all-reduce per iteration)"
+    "CG on products with A; with a `reducer`, each A^T A P is summed over processes (one all-reduce each)"
     def apply_M(P):
         z = x @ P[0].T
         if bias: z = z + P[1]
@@ -168,4 +152,23 @@ def _linear_matrix_free(x, g, bias, spec, reducer=None, grad=None):
     cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
     return cg.solution[0], (cg.solution[1] if bias else None), SolveInfo.of('matrix_free', cg, x.dtype)
 
+# %% ../nbs/01a_linear.ipynb #c016
 _LINEAR_ROUTES = {'dual': _linear_dual, 'primal': _linear_primal, 'matrix_free': _linear_matrix_free}
+
+def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
+                g:torch.Tensor, # gradient of the loss w.r.t. the layer outputs (N, out_features)
+                bias:bool, # whether the layer has a bias
+                spec:ProxSpec, # the step's settings, from `check_prox_args`
+                chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: the flop model
+               ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, SolveInfo)
+    "The ProxProp direction (A^T A + I/tau_prox)^-1 grad for an nn.Linear layer, by the cheapest route"
+    if spec.kind == 'gradient':  # autograd's gradient, in the dtype of the forward computation (g's)
+        return g.T @ x.to(g.dtype), (g.sum(0) if bias else None), SolveInfo('gradient', dtype=g.dtype)
+    solve_dtype = work_dtype(x.dtype, g.dtype)
+    x, g = x.to(solve_dtype), g.to(solve_dtype)
+    (N, d), out = x.shape, g.shape[1]
+    flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
+    runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
+    key = ('linear', str(x.device), solve_dtype, N, d, out, bias, spec)
+    _, result = pick_route(flops, runs, spec.solver, chooser, key)
+    return result

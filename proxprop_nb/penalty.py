@@ -21,7 +21,7 @@ def phi(theta:tuple, # (W, b): weight (out, in) and bias (out,), the layout of `
     return a @ W.T + b
 
 # %% ../nbs/00_penalty.ipynb #c011
-def forward_activations(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]: one pair per layer, the last one is the output layer
+def forward_activations(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]: the last is the output layer
                         X:torch.Tensor, # input batch a_0 (N, n_0)
                         sigma:Callable=torch.relu # elementwise nonlinearity
                        ) -> tuple:
@@ -37,7 +37,7 @@ def network_loss(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                  X:torch.Tensor, # input batch (N, n_0)
                  y:torch.Tensor, # targets, e.g. int64 class labels (N,)
                  sigma:Callable=torch.relu, # elementwise nonlinearity
-                 loss:Callable=F.cross_entropy # loss(output, y), by default softmax cross-entropy averaged over the batch
+                 loss:Callable=F.cross_entropy # loss(output, y); default: batch mean of softmax cross-entropy
                 ) -> torch.Tensor:
     "The training loss J(theta; X, y) of eq. (1)"
     _, as_ = forward_activations(params, X, sigma)
@@ -78,7 +78,7 @@ def _unstate(s, L):
 
 # %% ../nbs/00_penalty.ipynb #c023
 def _grad_step(E, s, names, tau):
-    "One gradient step of length `tau` on E(s) in the variables `names`, all gradients taken at the current `s`"
+    "One gradient step of length `tau` on E(s) in the variables `names`, all gradients at the current `s`"
     x = {k: s[k].detach().requires_grad_() for k in names}
     with torch.enable_grad(): gs = torch.autograd.grad(E({**s, **x}), list(x.values()))
     return {**s, **{k: x[k].detach() - tau*g for k, g in zip(names, gs)}}
@@ -93,7 +93,7 @@ def backprop_penalty_step(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                           rho:float|None=None, # penalty weight rho of eq. (3); None: 1/tau
                           gamma:float|None=None # penalty weight gamma of eq. (3); None: 1/tau
                          ) -> list:
-    "Algorithm 1: a forward pass, then gradient steps A, B, C of length `tau` on the penalty energy (3); returns the new params"
+    "Algorithm 1: a forward pass, then gradient steps A, B, C of length `tau` on E (3); the new params"
     rho, gamma = 1/tau if rho is None else rho, 1/tau if gamma is None else gamma
     params, L = _detached(params), len(params) + 1
     s = _state(params, *forward_activations(params, X, sigma)) # forward pass
@@ -124,7 +124,7 @@ def proxprop_targets(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                      sigma:Callable=torch.relu, # elementwise nonlinearity
                      loss:Callable=F.cross_entropy # loss(output, y)
                     ) -> tuple:
-    "The forward pass (7) and the explicit steps (8)-(10): returns zs, as_, z_half, a_half, lists over l = 1..L-2"
+    "The forward pass (7) and the explicit steps (8)-(10): zs, as_, z_half, a_half, lists over l = 1..L-2"
     params = _detached(params)
     zs, as_ = forward_activations(params, X, sigma) # (7)
     n = len(zs); z_half, a_half = [None]*n, [None]*n
@@ -136,7 +136,7 @@ def proxprop_targets(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
 
 # %% ../nbs/00_penalty.ipynb #c038
 def _with_ones(a):
-    "The paper's column layout of a batch-first `a` (N, n), with a row of ones appended for the bias: (n+1, N)"
+    "The paper's column layout of a batch-first `a` (N, n), plus a row of ones for the bias: (n+1, N)"
     return torch.cat([a.T, a.new_ones(1, len(a))])
 
 def _cat_theta(W, b): return torch.cat([W, b[:, None]], 1) # theta = [W b], (out, in+1)
@@ -162,7 +162,7 @@ def proxprop_step(params:list, # [(W_1, b_1), ..., (W_{L-1}, b_{L-1})]
                   sigma:Callable=torch.relu, # elementwise nonlinearity
                   loss:Callable=F.cross_entropy # loss(output, y)
                  ) -> list:
-    "Algorithm 2 (ProxProp): proximal steps (44) for layers 1..L-2, the explicit step (12) for the last; returns the new params"
+    "Algorithm 2 (ProxProp): the new params, by proximal steps (44) for layers 1..L-2 and (12) for the last"
     params = _detached(params)
     zs, as_, z_half, _ = proxprop_targets(params, X, y, tau, sigma, loss) # forward pass, (A) in a_{L-2}, (B)
     a_prev = [X, *as_]

@@ -54,25 +54,26 @@ class ProxSpec:
     def beta(self): return 1.0 / self.tau_prox
 
 # %% ../nbs/01_solvers.ipynb #c009
+def _finite_real(v): return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+
 def check_prox_args(tau_prox=1.0, # proximal step size tau_theta > 0
                     optimization_mode='prox_cg1', # 'prox_exact', 'prox_cgN' or 'gradient'
                     cg_tol=1e-2, # stop CG once max_i |r_i| < cg_tol * rms_i |r0_i| (rows i); 0 runs all N
-                    cg_variant='textbook', # 'textbook' CG or the 'official' code's iteration (reproduction only)
+                    cg_variant='textbook', # 'textbook' CG, or the official code's iteration (reproduction)
                     solver='auto', # 'auto' (flop model), or force 'dual', 'primal', 'matrix_free', 'dense'
                    ) -> ProxSpec:
     "Validate the ProxProp settings and return them as a `ProxSpec`; raise ValueError naming what is allowed"
     kind, n = parse_mode(optimization_mode)
-    if isinstance(tau_prox, bool) or not isinstance(tau_prox, numbers.Real) or not math.isfinite(tau_prox) or tau_prox <= 0:
+    if not _finite_real(tau_prox) or tau_prox <= 0:
         raise ValueError(f"tau_prox={tau_prox!r} is not valid: use a finite number > 0")
     if 1 / tau_prox > torch.finfo(torch.float32).max:
-        raise ValueError(f"tau_prox={tau_prox!r} is not valid: 1/tau_prox overflows float32; use tau_prox "
-                         f">= 3e-39")
-    if isinstance(cg_tol, bool) or not isinstance(cg_tol,
-                                                  numbers.Real) or not math.isfinite(cg_tol) or cg_tol < 0:
+        raise ValueError(f"tau_prox={tau_prox!r} is not valid: 1/tau_prox overflows float32; "
+                         "use tau_prox >= 3e-39")
+    if not _finite_real(cg_tol) or cg_tol < 0:
         raise ValueError(f"cg_tol={cg_tol!r} is not valid: use a finite number >= 0 (0 runs exactly N "
-                         f"iterations)")
-    if cg_variant not in CG_VARIANTS: raise ValueError(f"cg_variant={cg_variant!r} is not valid: use one "
-                                                       f"of {CG_VARIANTS}")
+                         "iterations)")
+    if cg_variant not in CG_VARIANTS:
+        raise ValueError(f"cg_variant={cg_variant!r} is not valid: use one of {CG_VARIANTS}")
     if solver not in SOLVERS: raise ValueError(f"solver={solver!r} is not valid: use one of {SOLVERS}")
     if kind == 'exact' and solver == 'matrix_free':
         raise ValueError("solver='matrix_free' needs a 'prox_cgN' mode: an exact step solves with a Gram "
@@ -101,6 +102,7 @@ class CGResult:
     # the final relative residual, the quantity `cg_tol` bounds (see block_cg); None: not computed
     residual:torch.Tensor|None
 
+# %% ../nbs/01_solvers.ipynb #a6981191
 @dataclass(frozen=True)
 class SolveInfo:
     "How one proximal step was solved: what a layer exposes as `last_solve` after its backward pass"
@@ -111,7 +113,8 @@ class SolveInfo:
     residual:torch.Tensor|None = field(default=None, metadata=dict(record='residual', summary=('mean',)))
     dtype:torch.dtype|None=None # the dtype the system was solved in
     # the step's wall-clock time in seconds: a float, or a value read with float() (on a GPU, once per epoch)
-    seconds:float|None = field(default=None, metadata=dict(record='solve_seconds', summary=('mean', 'sum'), varies=True))
+    seconds:float|None = field(default=None, metadata=dict(record='solve_seconds', summary=('mean', 'sum'),
+                                                           varies=True))
 
     @classmethod
     def of(cls, route:str, cg:CGResult|None, dtype) -> SolveInfo:
@@ -119,7 +122,7 @@ class SolveInfo:
         return cls(route, dtype=dtype) if cg is None else cls(route, cg.iterations, cg.residual, dtype)
 
     def record(self) -> dict:
-        "As plain numbers, one host read per value: route, dtype and every summarised field under its record name"
+        "As plain numbers, one host read per value: route, dtype and each summarised field by its record name"
         num = lambda v: None if v is None else float(v)
         return dict(route=self.route, dtype=str(self.dtype),
                     **{f.metadata['record']: num(getattr(self, f.name)) for f in SUMMARIZED})
@@ -127,14 +130,14 @@ class SolveInfo:
 # numbers a SolveStats summarises per layer
 SUMMARIZED = [f for f in fields(SolveInfo) if 'summary' in f.metadata]
 
-
 # %% ../nbs/01_solvers.ipynb #c016
 def _safe_div(num, den):
     "num/den, with 0 where den == 0 (NaN and inf still propagate)"
     return torch.where(den == 0, torch.zeros_like(num), num / den)
 
+# %% ../nbs/01_solvers.ipynb #5f507731
 def _early_stop(stop, rho_new, live):
-    "(stop now, live): the host-side check, or with `live` (a device scalar, 1 until converged) the device-side one"
+    "(stop now, live): the host-side check, or with `live` (a device scalar, 1 until converged) the device's"
     if stop is None: return False, live
     if live is None: return bool(rho_new.max() < stop), None
     return False, live * (rho_new.max() >= stop).to(live.dtype)
@@ -143,12 +146,13 @@ def _relative_residual(rho, rho0):
     "sqrt(max_i rho_i / mean_i rho0_i): the relative residual the stopping rule compares with cg_tol"
     return _safe_div(rho.max(), rho0.mean()).sqrt()
 
+# %% ../nbs/01_solvers.ipynb #b2028715
 def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to each row
              rhs:list, # right-hand sides, rows in dimension 0
              n_iter:int, # maximum number of CG iterations
              tol:float=0., # stop once max_i |r_i| < tol * rms_i |r0_i| over the rows i (0: run n_iter)
              variant:str='textbook', # 'textbook' or 'official' (the official code's iteration)
-             sync_free:bool=False, # check the early stop on the device, without reading the residual on the host
+             sync_free:bool=False, # check the early stop on the device: no host read of the residual
             ) -> CGResult: # the solution list, the iterations run and the final relative residual
     "Solve M X = rhs row by row with conjugate gradients from X = 0"
     official = variant == 'official'
@@ -159,27 +163,29 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     P, rho = R, rowdot(R, R)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
     live = rho.new_ones(()) if sync_free and stop is not None else None
-    iters, done = rho.new_zeros(()), False
+    iters_on_device = rho.new_zeros(())  # counted only where the early stop runs on the device
     for k in range(1, n_iter + 1):
         MP = apply_M(P)
         alpha = _safe_div(rho, rowdot(P, MP) + eps)
-        if live is not None: alpha, iters = alpha * live, iters + live  # frozen once converged
+        # frozen once converged
+        if live is not None: alpha, iters_on_device = alpha * live, iters_on_device + live
         X = [x + rowscale(alpha, p) for x, p in zip(X, P)]
         R = [r - rowscale(alpha, mp) for r, mp in zip(R, MP)]
         rho_new = rowdot(R, R)
         if k == n_iter: break
-        done, live = _early_stop(stop, rho_new, live)
-        if done: break
+        stop_now, live = _early_stop(stop, rho_new, live)
+        if stop_now: break
         cg_beta = _safe_div(rho_new, rho + eps)  # CG's beta_k (not the proximal beta = 1/tau_prox)
         P_prev = R if official and k == 1 else P  # the official code's P aliases R in its first iteration
         P, rho = [r + rowscale(cg_beta, p) for r, p in zip(R, P_prev)], rho_new
-    return CGResult(X, k if live is None else iters, _relative_residual(rho_new, rho0) if n_iter else None)
+    return CGResult(X, k if live is None else iters_on_device, _relative_residual(rho_new, rho0))
 
 # %% ../nbs/01_solvers.ipynb #c025
 def work_dtype(*dtypes):
-    "The dtype to solve in: float64 if any of `dtypes` is float64, else float32 (half precision is solved in float32)"
+    "The dtype to solve in: float64 if any of `dtypes` is float64, else float32 (also for half precision)"
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
+# %% ../nbs/01_solvers.ipynb #8612cbb1
 def spd_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch of them)
                ) -> torch.Tensor|None: # the inverse in A's dtype, or None if no Cholesky factor exists
     "Inverse of an SPD matrix via Cholesky, retrying in float64; None if both fail"
@@ -191,9 +197,8 @@ def spd_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch o
 # %% ../nbs/01_solvers.ipynb #c028
 def _fallback_warning(what, n):
     warnings.warn(f"ProxProp: the Cholesky factorization of the {what} Gram matrix failed in float32 and "
-                  f"float64 "
-                  f"(tau_prox too large for this data?); falling back to {n} CG iterations for this step.",
-                  RuntimeWarning, stacklevel=3)
+                  f"float64 (tau_prox too large for this data?); falling back to {n} CG iterations for this "
+                  "step.", RuntimeWarning, stacklevel=3)
 
 def exact_or_cg(G:torch.Tensor, # SPD matrix (n, n)
                 rhs_rows:torch.Tensor, # right-hand sides as rows (m, n)
@@ -209,22 +214,31 @@ def exact_or_cg(G:torch.Tensor, # SPD matrix (n, n)
     return cg.solution[0], cg
 
 # %% ../nbs/01_solvers.ipynb #c030
+def _dense_operator(apply_M, # maps a list of tensors (rows in dim 0) to the same operator applied to each row
+                    like:list, # tensors shaped like the operator's input, rows in dimension 0
+                   ) -> torch.Tensor: # the operator of one row as an (n, n) matrix, acting on rows
+    "The operator of one row as a matrix, formed with one product for every `n_rows` columns"
+    n_rows, sizes = like[0].shape[0], [t[0].numel() for t in like]
+    n = sum(sizes)
+    cols = []
+    for j in range(0, n, n_rows):
+        k = min(n_rows, n - j)
+        E = like[0].new_zeros(n_rows, n)
+        r = torch.arange(k, device=E.device)  # indices on the device: no host copy
+        E[r, j + r] = 1  # e_{j+r} in row r
+        MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), like)])
+        cols.append(torch.cat([m.reshape(n_rows, -1) for m in MP], 1)[:k])
+    return torch.cat(cols, 0)
+
+# %% ../nbs/01_solvers.ipynb #73937d5d
 def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SPD operator applied to each row
                 rhs:list, # right-hand sides, rows in dimension 0
                 what:str, # the layer, for the warning if the factorization fails
                ) -> tuple: # (the solutions, shaped like rhs; the CGResult of a CG fallback, or None)
     "Exact solve of M X = rhs for an operator given only as products: M formed one column per row and product"
-    R, sizes = rhs[0].shape[0], [t[0].numel() for t in rhs]
-    n = sum(sizes)
-    cols = []
-    for j in range(0, n, R):
-        k = min(R, n - j)
-        E = rhs[0].new_zeros(R, n)
-        ar = torch.arange(k, device=E.device)  # indices on the device: no host copy
-        E[ar, j + ar] = 1
-        MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), rhs)])
-        cols.append(torch.cat([m.reshape(R, -1) for m in MP], 1)[:k])
-    X, fallback = exact_or_cg(torch.cat(cols, 0), torch.cat([t.reshape(R, -1) for t in rhs], 1), what)
+    n_rows, sizes = rhs[0].shape[0], [t[0].numel() for t in rhs]
+    rhs_rows = torch.cat([t.reshape(n_rows, -1) for t in rhs], 1)
+    X, fallback = exact_or_cg(_dense_operator(apply_M, rhs), rhs_rows, what)
     return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)], fallback
 
 # %% ../nbs/01_solvers.ipynb #c032
@@ -234,8 +248,8 @@ def choose_route(flops:dict, # route -> flops, as from `linear_flops`
     "The cheapest route by the flop model, or the forced one if it is available"
     if not flops: raise ValueError('no proximal solver route is available for this layer and mode')
     if solver == 'auto': return min(flops, key=flops.get)
-    if solver not in flops: raise ValueError(f"solver={solver!r} is not available here: use one of "
-                                             f"{sorted(flops)} or 'auto'")
+    if solver not in flops:
+        raise ValueError(f"solver={solver!r} is not available here: use one of {sorted(flops)} or 'auto'")
     return solver
 
 # %% ../nbs/01_solvers.ipynb #c035
@@ -249,15 +263,16 @@ def warm_timer(run, # computes one step by one route
     t0 = time.perf_counter(); out = run(); sync()
     return time.perf_counter() - t0, out
 
+# %% ../nbs/01_solvers.ipynb #7a67777a
 class RouteChooser:
-    "How `solver='auto'` picks a route: the flop model ('model'), or the fastest measured route per key ('measure')"
+    "How `solver='auto'` picks a route: by the flop model ('model') or the fastest measured route ('measure')"
     def __init__(self, policy:str='model', # 'model' or 'measure'
                  sync=lambda: None, # waits for the device (torch.cuda.synchronize on CUDA)
                  timer=warm_timer, # (run, sync) -> (seconds, result)
                  prune:float=20., # time only routes within this factor of the fewest flops
                 ):
-        if policy not in ROUTE_POLICIES: raise ValueError(f"policy={policy!r} is not valid: use one of "
-                                                          f"{ROUTE_POLICIES}")
+        if policy not in ROUTE_POLICIES:
+            raise ValueError(f"policy={policy!r} is not valid: use one of {ROUTE_POLICIES}")
         self.policy, self.sync, self.timer, self.prune = policy, sync, timer, prune
         self.choices = {}  # key -> (route, {route: seconds}) of every measured choice
 
@@ -267,16 +282,23 @@ class RouteChooser:
                 ) -> tuple: # (route, its result, or None if the caller still has to compute it)
         if self.policy == 'model': return choose_route(flops), None
         if key in self.choices: return self.choices[key][0], None
-        least = max(min(flops.values()), 1)
-        cands = [r for r in sorted(flops, key=flops.get) if flops[r] <= self.prune * least]
-        times, best, result = {}, None, None
-        for r in cands if len(cands) > 1 else ():
-            times[r], out = self.timer(runs[r], self.sync)
-            if best is None or times[r] < times[best]: best, result = r, out
-        self.choices[key] = (best or cands[0], times)
-        return best or cands[0], result
+        return self._measure(key, flops, runs)
 
     def __repr__(self): return f"RouteChooser({self.policy!r}, {len(self.choices)} measured choices)"
+
+# %% ../nbs/01_solvers.ipynb #3c8603ff
+def _measure(self:RouteChooser, key, flops:dict, runs:dict) -> tuple:
+    "Time each route within `prune` of the fewest flops (none if only one), remember the fastest, return it"
+    least = max(min(flops.values()), 1)
+    candidates = [r for r in sorted(flops, key=flops.get) if flops[r] <= self.prune * least]
+    times, best, result = {}, None, None
+    for r in candidates if len(candidates) > 1 else ():
+        times[r], out = self.timer(runs[r], self.sync)
+        if best is None or times[r] < times[best]: best, result = r, out
+    self.choices[key] = (best or candidates[0], times)
+    return best or candidates[0], result
+
+RouteChooser._measure = _measure
 
 # %% ../nbs/01_solvers.ipynb #c036
 def pick_route(flops:dict, # route -> flops of every available route
@@ -286,8 +308,6 @@ def pick_route(flops:dict, # route -> flops of every available route
                key, # hashable: the layer's shapes and settings, for a chooser that remembers
               ) -> tuple: # (route, its result)
     "The step by the forced route, else by the route `chooser` (or the flop model) picks"
-    if solver != 'auto': r = choose_route(flops, solver); return r, runs[r]()
-    if chooser is None: r = choose_route(flops); return r, runs[r]()
+    if solver != 'auto' or chooser is None: r = choose_route(flops, solver); return r, runs[r]()
     r, out = chooser(key, flops, runs)
     return r, (runs[r]() if out is None else out)
-
