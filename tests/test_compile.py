@@ -123,9 +123,10 @@ def test_graph_breaks_at_most_one_per_proxprop_layer():
     explained = torch._dynamo.explain(net)(x)
     n_prox = sum('_prox' in m.__dict__ for m in net.modules())
     assert n_prox == 3
-    # the convolution's routes build Python-side constants and its CG stops early on the host here: those layers run
-    # eagerly, at most one break per layer
-    assert 1 <= explained.graph_break_count <= n_prox
+    # where a layer's step reads the host (the convolution's Python-side route constants, CG's host-side early stop)
+    # it runs eagerly: at most one break per layer. Fewer is better, so no lower bound (Dynamo's tracing of such code
+    # changes between torch versions)
+    assert explained.graph_break_count <= n_prox
 
 
 def test_settled_linear_cg_layers_compile_into_one_graph():
