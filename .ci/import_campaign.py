@@ -16,6 +16,9 @@ The campaign runs in a copy of the checkout on another machine. Its records name
 
 A campaign that continues an earlier one gets that one's results files in its work folder (so it skips those runs)
 and packs them again: a file identical to the one already imported is skipped; nothing imported is overwritten.
+
+`attribute(path, evidence)` gives a results file written before records carried a source hash the hash of its
+recorded commit, with `source_hash_from` and the evidence that the code which ran was that commit's (issue 21).
 """
 import argparse
 import hashlib
@@ -40,6 +43,31 @@ def source_hash_of(commit: str) -> str:
                        key=lambda m: m.name.split('/', 1)[1])
         for m in files: h.update(m.name.split('/', 1)[1].encode() + b'\0' + t.extractfile(m).read() + b'\0')
     return h.hexdigest()[:16]
+
+
+def attribute(path: Path, evidence: str) -> int:
+    "Add `source_hash_of(git_commit)` to every environment record of results file `path` that has none; the count"
+    text = path.read_text()
+    r, n = json.loads(text), 0
+
+    def add(env):
+        nonlocal n
+        commit = env.get('git_commit') or ''
+        if 'source_hash' in env or not commit: return
+        if commit.endswith('+dirty'): sys.exit(f'{path}: {commit} is not committed code; not attributed')
+        env.update(source_hash=source_hash_of(commit), source_hash_from='git archive of the recorded commit',
+                   provenance_evidence=evidence)
+        n += 1
+
+    def walk(o):
+        if isinstance(o, dict):
+            if 'git_commit' in o: add(o)
+            for v in o.values(): walk(v)
+        elif isinstance(o, list):
+            for v in o: walk(v)
+    walk(r)
+    path.write_text(json.dumps(r, indent=1, allow_nan=False) + ('\n' if text.endswith('\n') else ''))
+    return n
 
 
 def fix_env(env: dict, commit: str, expected: str, where: str) -> dict:

@@ -27,7 +27,8 @@ def chosen_runs(records # results records (e.g. `load_records(folder).values()`)
     for s, n, m in groups:
         lr = choose_lr(by_name, s, n, m)
         if lr is None: continue
-        runs = [by_name[name] for seed in SETTINGS[s].seeds if (name := make_run(s, n, m, lr, seed).name) in by_name]
+        runs = [by_name[name] for seed in SETTINGS[s].seeds
+                if (name := make_run(s, n, m, lr, seed).name) in by_name]
         out[(s, n, m)] = lr, runs
     return out
 
@@ -38,7 +39,8 @@ def time_to_target(history:dict, # a run's history
                   ) -> float|None:
     "The training time of the first evaluation at which `key` reaches `target`, or None if it never does"
     better = (lambda v: v >= target) if key.endswith('acc') else (lambda v: v <= target)
-    return next((t for t, v in zip(history['time'], history[key]) if v is not None and math.isfinite(v) and better(v)), None)
+    return next((t for t, v in zip(history['time'], history[key]) if v is not None and math.isfinite(v)
+                 and better(v)), None)
 
 # %% ../../nbs/14_compare_results.ipynb #c016
 def _stat(vals):
@@ -56,18 +58,20 @@ def targets(chosen:dict # from `chosen_runs`
     "The targets of every network: BackProp + AdamW's mean final training loss and validation accuracy"
     out = {}
     for (s, n, m), (lr, runs) in chosen.items():
-        if m == 'bp-adamw': out[(s, n)] = {k: _stat([_final(r, k) for r in runs])[0] for k in ('train_loss', 'val_acc')}
+        if m != 'bp-adamw': continue
+        out[(s, n)] = {k: _stat([_final(r, k) for r in runs])[0] for k in ('train_loss', 'val_acc')}
     return out
 
 # %% ../../nbs/14_compare_results.ipynb #c018
 def summarize(records # results records
              ) -> list: # one dict per (setting, network, method)
-    "Mean and sample standard deviation over seeds of the chosen runs' final values, steps and times to target"
+    "Mean and sample standard deviation over seeds of the chosen runs' final values, steps, times to target"
     chosen = chosen_runs(records)
     tg, rows = targets(chosen), []
     for (s, n, m), (lr, runs) in chosen.items():
-        row = dict(setting=s, network=n, method=m, label=METHODS[m].label, lr=lr, seeds=[r['seed'] for r in runs],
-                   diverged=sum(r['status'] == 'diverged' for r in runs), steps=_stat([r['steps'] for r in runs]))
+        row = dict(setting=s, network=n, method=m, label=METHODS[m].label, lr=lr,
+                   seeds=[r['seed'] for r in runs], diverged=sum(r['status'] == 'diverged' for r in runs),
+                   steps=_stat([r['steps'] for r in runs]))
         for k in ('train_loss', 'val_loss', 'val_acc'): row[k] = _stat([_final(r, k) for r in runs])
         row['test_acc'] = _stat([r.get('test_acc') for r in runs if r['status'] == 'finished'])
         row['test_loss'] = _stat([r.get('test_loss') for r in runs if r['status'] == 'finished'])
@@ -95,18 +99,23 @@ def format_summary(rows:list # from `summarize`
         if (r['setting'], r['network']) != last:
             last, t = (r['setting'], r['network']), r['targets']
             acc = 'val next-byte acc' if r['network'] == 'lm' else 'val acc [%]'
-            lines += ['', f"{r['network']} ({r['setting']} setting); targets (BackProp + AdamW's final means): "
-                      + (f"training loss {t['train_loss']:.3f}, validation accuracy {100 * t['val_acc']:.1f}%" if t and t.get('val_acc') is not None else 'none'),
-                      f"{'method':<31} {'lr':>6} {'seeds':>5} {'steps':>6} {'train loss':>15} {'val loss':>15} {acc:>17} {'test acc [%]':>13} {'t to loss':>13} {'t to acc':>13}"]
-        lines.append(f"{r['label']:<31} {r['lr']:>6g} {len(r['seeds']):>5} {r['steps'][0]:>6.0f} {_pm(r['train_loss']):>15} {_pm(r['val_loss']):>15} "
+            reached = (f"training loss {t['train_loss']:.3f}, validation accuracy {100 * t['val_acc']:.1f}%"
+                       if t and t.get('val_acc') is not None else 'none')
+            lines += ['', f"{r['network']} ({r['setting']} setting); "
+                          f"targets (BackProp + AdamW's final means): {reached}",
+                      f"{'method':<31} {'lr':>6} {'seeds':>5} {'steps':>6} {'train loss':>15} "
+                      f"{'val loss':>15} {acc:>17} {'test acc [%]':>13} {'t to loss':>13} {'t to acc':>13}"]
+        lines.append(f"{r['label']:<31} {r['lr']:>6g} {len(r['seeds']):>5} {r['steps'][0]:>6.0f} "
+                     f"{_pm(r['train_loss']):>15} {_pm(r['val_loss']):>15} "
                      f"{_pm(r['val_acc'], '{:.1f}', 100):>17} {_pm(r['test_acc'], '{:.1f}', 100):>13} "
-                     f"{_tt(r.get('tt_train_loss', [])):>13} {_tt(r.get('tt_val_acc', [])):>13}" + (f"  {r['diverged']} diverged" if r['diverged'] else ''))
+                     f"{_tt(r.get('tt_train_loss', [])):>13} {_tt(r.get('tt_val_acc', [])):>13}"
+                     + (f"  {r['diverged']} diverged" if r['diverged'] else ''))
     return '\n'.join(lines).strip('\n')
 
 # %% ../../nbs/14_compare_results.ipynb #c025
 def winners(rows:list # from `summarize`
            ) -> list: # one dict per (setting, network)
-    "The best method of every network by validation metric, by training loss, and by time to the accuracy target"
+    "The best method of every network by validation metric, by training loss, by time to the accuracy target"
     out = []
     for s, n in dict.fromkeys((r['setting'], r['network']) for r in rows):
         rs = [r for r in rows if (r['setting'], r['network']) == (s, n) and r['train_loss'][0] is not None]
@@ -114,21 +123,27 @@ def winners(rows:list # from `summarize`
         best = lambda k, sign: max(rs, key=lambda r: sign * r[k][0] if r[k][0] is not None else -math.inf)
         fast = [r for r in rs if r.get('tt_val_acc') and None not in r['tt_val_acc']]
         ft = min(fast, key=lambda r: statistics.fmean(r['tt_val_acc'])) if fast else None
-        out.append(dict(setting=s, network=n, best_val=best(key, 1 if larger else -1)['method'], best_train_loss=best('train_loss', -1)['method'],
-                        fastest_to_acc=ft['method'] if ft else None, fastest_s=statistics.fmean(ft['tt_val_acc']) if ft else None))
+        out.append(dict(setting=s, network=n, best_val=best(key, 1 if larger else -1)['method'],
+                        best_train_loss=best('train_loss', -1)['method'],
+                        fastest_to_acc=ft['method'] if ft else None,
+                        fastest_s=statistics.fmean(ft['tt_val_acc']) if ft else None))
     return out
 
 # %% ../../nbs/14_compare_results.ipynb #c028
-STYLES = {'bp-sgd': ('k', '--'), 'bp-adamw': ('0.5', '--'), 'muon': ('tab:purple', ':'), 'soap': ('tab:brown', ':'),
-          'exact-sgd': ('tab:blue', '-'), 'exact-adamw': ('tab:cyan', '-'), 'cg3-sgd': ('tab:red', '-'), 'cg3-adamw': ('tab:orange', '-')}
+STYLES = {'bp-sgd': ('k', '--'), 'bp-adamw': ('0.5', '--'),
+          'muon': ('tab:purple', ':'), 'soap': ('tab:brown', ':'),
+          'exact-sgd': ('tab:blue', '-'), 'exact-adamw': ('tab:cyan', '-'),
+          'cg3-sgd': ('tab:red', '-'), 'cg3-adamw': ('tab:orange', '-')}
 
 def _band(runs, key):
-    "(times, means, lows, highs) over seeds, evaluation by evaluation, while at least one seed has the evaluation"
+    "(times, means, lows, highs) over seeds, evaluation by evaluation, while any seed has the evaluation"
     hs = [r['history'] for r in runs]
     out = []
     for i in range(max(len(h['time']) for h in hs)):
-        vals = [(h['time'][i], h[key][i]) for h in hs if i < len(h['time']) and h[key][i] is not None and math.isfinite(h[key][i])]
-        if vals: out.append((statistics.fmean(t for t, _ in vals), statistics.fmean(v for _, v in vals), min(v for _, v in vals), max(v for _, v in vals)))
+        vals = [(h['time'][i], h[key][i]) for h in hs
+                if i < len(h['time']) and h[key][i] is not None and math.isfinite(h[key][i])]
+        if vals: out.append((statistics.fmean(t for t, _ in vals), statistics.fmean(v for _, v in vals),
+                             min(v for _, v in vals), max(v for _, v in vals)))
     return tuple(map(list, zip(*out))) if out else ([], [], [], [])
 
 # %% ../../nbs/14_compare_results.ipynb #c029
@@ -136,7 +151,7 @@ def plot_compare(records, # results records
                  title:str='', # the figure's title: say which machine, data and setting
                  networks=None # networks to show (rows); None: all in the records
                 ):
-    "Training loss (log scale) and validation accuracy against training time, mean and seed band per method, one row per network"
+    "Training loss (log scale) and validation accuracy over time, mean and seed band per method, by network"
     chosen = chosen_runs(records)
     nets = [n for n in (networks or NETWORKS) if any(k[1] == n for k in chosen)]
     fig, axs = plt.subplots(len(nets), 2, figsize=(12, 3.3 * len(nets)), squeeze=False)
@@ -148,7 +163,8 @@ def plot_compare(records, # results records
                 t, mean, lo, hi = _band(runs, key)
                 ax.plot(t, [f * v for v in mean], color=c, ls=ls, label=METHODS[m].label)
                 ax.fill_between(t, [f * v for v in lo], [f * v for v in hi], color=c, alpha=0.15, lw=0)
-        ax_l.set_yscale('log'); ax_l.set_ylabel(f'{n}: training loss'); ax_a.set_ylabel(f'{n}: ' + ('val next-byte acc [%]' if n == 'lm' else 'val accuracy [%]'))
+        ax_l.set_yscale('log'); ax_l.set_ylabel(f'{n}: training loss')
+        ax_a.set_ylabel(f'{n}: ' + ('val next-byte acc [%]' if n == 'lm' else 'val accuracy [%]'))
         for ax in (ax_l, ax_a): ax.set_xlabel('training time [s]'); ax.grid(alpha=0.3)
     handles, labels = axs[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc='lower center', ncol=4, fontsize=8)
@@ -161,16 +177,22 @@ def describe_records(records # results records
     "Setting, budgets, machine, torch, clock, data and commits of `records`, in words"
     rs = list(records)
     if not rs: return 'no records'
-    env = {(e['cpu'], e['device'], e.get('gpu'), e['torch'], e['torch_threads']) for e in (r['environment'] for r in rs)}
+    env = {(e['cpu'], e['device'], e.get('gpu'), e['torch'], e['torch_threads'])
+           for e in (r['environment'] for r in rs)}
     commits = sorted({r['environment'].get('git_commit') or 'unknown' for r in rs})
     settings = sorted({r['setting'] for r in rs})
     budgets = sorted({(r['network'], r['run']['budget_s']) for r in rs}, key=lambda x: NETWORKS.index(x[0]))
-    text = sorted({(d['python'], d['bytes'], len(d['files']), d['sha256'][:12]) for d in (r['data'] for r in rs if r['network'] == 'lm')})
-    imgs = sorted({(d.get('kind'), Path(d.get('path') or d.get('kind') or '?').name, d.get('n_train_used')) for d in (r['data'] for r in rs if r['network'] != 'lm')})
-    return '\n'.join([f"setting: {', '.join(settings)} ({len(rs)} runs); {'; '.join(f'{n} {b:g} s' for n, b in budgets)} of training per run, "
+    text = sorted({(d['python'], d['bytes'], len(d['files']), d['sha256'][:12])
+                   for d in (r['data'] for r in rs if r['network'] == 'lm')})
+    imgs = sorted({(d.get('kind'), Path(d.get('path') or d.get('kind') or '?').name, d.get('n_train_used'))
+                   for d in (r['data'] for r in rs if r['network'] != 'lm')})
+    per_run = '; '.join(f'{n} {b:g} s' for n, b in budgets)
+    source = lambda kind, path: 'random synthetic images' if kind == 'synthetic' else f'{kind} {path!r}'
+    return '\n'.join([f"setting: {', '.join(settings)} ({len(rs)} runs); {per_run} of training per run, "
                       f"{', '.join(sorted({r['clock'] for r in rs}))} clock",
-                      'machine: ' + '; '.join(f"{gpu or cpu} ({dev}), torch {tv}, {th} thread(s)" for cpu, dev, gpu, tv, th in sorted(env, key=str)),
-                      'images: ' + '; '.join(f"{'random synthetic images' if k == 'synthetic' else f'{k} {p!r}'}, {n:,} training images"
-                                             for k, p, n in imgs),
-                      'text: ' + '; '.join(f'Python {v} standard library, {n} files, {b:,} bytes, sha256 {s}...' for v, b, n, s in text),
+                      'machine: ' + '; '.join(f"{gpu or cpu} ({dev}), torch {tv}, {th} thread(s)"
+                                              for cpu, dev, gpu, tv, th in sorted(env, key=str)),
+                      'images: ' + '; '.join(f'{source(k, p)}, {n:,} training images' for k, p, n in imgs),
+                      'text: ' + '; '.join(f'Python {v} standard library, {n} files, {b:,} bytes, '
+                                           f'sha256 {s}...' for v, b, n, s in text),
                       'code: commit ' + ', '.join(commits)])
