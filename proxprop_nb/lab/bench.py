@@ -5,8 +5,8 @@
 # %% ../../nbs/06_bench.ipynb #c002
 from __future__ import annotations
 import argparse
+import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
@@ -50,9 +50,10 @@ def make_step(plain:nn.Module, # the plain PyTorch model
               tau_prox:float=1.0, # ProxProp's tau_theta
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ):
-    "A function running one training step of `mode` on its own copy of `plain`; `.model` and `.opt` are attached"
+    "A function running one training step of `mode` on its own copy of `plain`, with `.model` and `.opt`"
     model = copy.deepcopy(plain)
-    if mode != 'plain': proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
+    if mode != 'plain':
+        proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
     opt = make_optimizer(model.parameters(), optimizer, lr=1e-3)
     def step():
         opt.zero_grad(set_to_none=False)
@@ -78,8 +79,6 @@ def time_steps(steps:dict, # mode -> step function
     return times
 
 # %% ../../nbs/06_bench.ipynb #c013
-import contextlib
-
 @contextlib.contextmanager
 def _quiet_fd(fd):
     "Send the OS-level file descriptor `fd` to /dev/null for a while (the profiler logs there from C++)"
@@ -90,13 +89,15 @@ def _quiet_fd(fd):
     finally:
         os.dup2(saved, fd); os.close(saved); os.close(null)
 
+# %% ../../nbs/06_bench.ipynb #6f9869b1
 def held_bytes(step, *tensors) -> int:
-    "Bytes held throughout by a step: its model's parameters and gradients, its optimizer state, and `tensors`"
+    "Bytes held throughout by a step: its model's parameters and gradients, optimizer state, and `tensors`"
     ps = list(step.model.parameters())
     ts = ps + [p.grad for p in ps if p.grad is not None] + list(tensors)
     ts += [v for s in step.opt.state.values() for v in s.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in ts}.values())
 
+# %% ../../nbs/06_bench.ipynb #543db4d0
 def step_peak_memory(step, # a step function from `make_step`
                      held:int=0, # bytes held throughout (CPU only; CUDA counts everything)
                      device='cpu', # 'cpu' or a CUDA device
@@ -108,12 +109,13 @@ def step_peak_memory(step, # a step function from `make_step`
         return torch.cuda.max_memory_allocated(device)
     from torch.profiler import profile, ProfilerActivity
     from torch.profiler._memory_profiler import Action
-    with _quiet_fd(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with _quiet_fd(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                               with_stack=True) as prof:
         step()
-    cur = peak = 0
+    current = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:  # every allocation and free, in time order
-        cur += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, cur)
+        current += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, current)
     return peak + held
 
 # %% ../../nbs/06_bench.ipynb #c015
@@ -124,11 +126,28 @@ def machine_info(device='cpu') -> dict:
 
 # %% ../../nbs/06_bench.ipynb #c016
 def _solve_records(model) -> list:
-    "Each ProxProp layer's `last_solve` as plain numbers (`SolveInfo.record`); None for a layer without a step"
+    "Each ProxProp layer's `last_solve` as plain numbers (`SolveInfo.record`); None for one without a step"
     layers = [m for m in model.modules() if isinstance(m, ProxPropMixin)]
     return [None if m.last_solve is None else m.last_solve.record() for m in layers]
 
 # %% ../../nbs/06_bench.ipynb #c017
+def _mode_result(times:list, step, x, y, device) -> dict:
+    "A mode's statistics: step times in ms (median, min, max, all), peak memory, its layers' routes, solves"
+    ms = [t * 1e3 for t in times]
+    layers = [l for l in step.model.modules() if isinstance(l, ProxPropMixin)]
+    return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), times_ms=ms,
+                peak_bytes=step_peak_memory(step, held_bytes(step, x, y), device),
+                routes=[l.last_route for l in layers], solves=_solve_records(step.model))
+
+# %% ../../nbs/06_bench.ipynb #bbaebfc4
+def _add_ratios(modes:dict):
+    "Each mode's median time and peak memory relative to plain backprop's"
+    base = modes['plain']
+    for r in modes.values():
+        r['ratio'] = r['median_ms'] / base['median_ms']
+        r['memory_ratio'] = r['peak_bytes'] / base['peak_bytes']
+
+# %% ../../nbs/06_bench.ipynb #7d79c1fe
 def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               batch_size:int=500, # samples per step
               modes=MODES, # 'plain' first (the baseline), then ProxProp optimization modes
@@ -146,24 +165,53 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
     plain, shape, optimizer = bench_model(model, widths)
     plain = plain.to(device)
     x, y = torch.rand(batch_size, *shape, device=device), torch.randint(0, 10, (batch_size,), device=device)
-    tp = tau_prox if tau_prox is not None else (0.05 if model == 'mlp' else 1.0)
-    steps = {m: make_step(plain, m, optimizer, x, y, tp, **prox) for m in modes}
+    tau_prox = tau_prox if tau_prox is not None else (0.05 if model == 'mlp' else 1.0)
+    steps = {m: make_step(plain, m, optimizer, x, y, tau_prox, **prox) for m in modes}
     times = time_steps(steps, repeats, warmup, device)
-    out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths, optimizer=optimizer,
-               tau_prox=tp, repeats=repeats, warmup=warmup, prox=prox, modes={})
-    for m, s in steps.items():
-        ms = [t * 1e3 for t in times[m]]
-        out['modes'][m] = dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), times_ms=ms,
-                               peak_bytes=step_peak_memory(s, held_bytes(s, x, y), device),
-                               routes=[l.last_route for l in s.model.modules() if isinstance(l, ProxPropMixin)],
-                               solves=_solve_records(s.model))
-    base = out['modes']['plain']
-    for r in out['modes'].values():
-        r['ratio'] = r['median_ms'] / base['median_ms']
-        r['memory_ratio'] = r['peak_bytes'] / base['peak_bytes']
+    out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths,
+               optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox, modes={})
+    for m, s in steps.items(): out['modes'][m] = _mode_result(times[m], s, x, y, device)
+    _add_ratios(out['modes'])
     return out
 
 # %% ../../nbs/06_bench.ipynb #c021
+def _min_ms(run, # a function of no arguments
+            repeats:int, # timed calls
+            device) -> float:
+    "The fastest of `repeats` calls of `run`, each synchronised on `device`, in milliseconds"
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device); t0 = time.perf_counter(); run(); synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds) * 1e3
+
+# %% ../../nbs/06_bench.ipynb #3e3413f7
+def _linear_routes(shape:tuple, spec, chooser, g:torch.Generator, dev:torch.device) -> tuple:
+    "The flop model's cost and a call of each proximal route of a Linear layer of `shape` (N, d, out)"
+    from proxprop_nb.linear import prox_linear, linear_flops
+    N, d, out = shape
+    x, gr = torch.rand(N, d, generator=g).to(dev), torch.randn(N, out, generator=g).to(dev)
+    flops = linear_flops(N, d + 1, out, spec('auto').kind, spec('auto').n_iter)
+    return flops, {r: (lambda r=r: prox_linear(x, gr, True, spec(r), chooser)) for r in flops}
+
+# %% ../../nbs/06_bench.ipynb #6efae08d
+def _conv2d_routes(shape:tuple, spec, chooser, g:torch.Generator, dev:torch.device) -> tuple:
+    "The flop model's cost and a call of each proximal route, and of each patch-Gram route, of a Conv2d"
+    from proxprop_nb.conv import prox_conv, conv_flops, conv_gram, conv_gram_flops, ConvGeometry
+    N, C, H, M, k = shape  # a 'same'-padded convolution
+    conv = nn.Conv2d(C, M, k, padding=k // 2)
+    geo = ConvGeometry.of(conv)
+    x = torch.rand(N, C, H, H, generator=g).to(dev); gr = torch.randn(N, M, H, H, generator=g).to(dev)
+    w = conv.weight.detach().to(dev)
+    flops = conv_flops(x.shape, w.shape, gr.shape, w.shape[2:], geo, spec('auto').kind, spec('auto').n_iter)
+    runs = {r: (lambda r=r: prox_conv(x, gr, w, True, geo, spec(r), need_input_grad=False, chooser=chooser))
+            for r in flops}
+    for r, f in conv_gram_flops(x.shape, w.shape[2:], geo).items():
+        flops[f'gram:{r}'] = f
+        runs[f'gram:{r}'] = lambda r=r: conv_gram(x, w.shape[2:], geo, True, 1.0, r)
+    return flops, runs
+
+# %% ../../nbs/06_bench.ipynb #11d919b2
 def route_times(layer:str, # 'linear' or 'conv2d'
                 shape:tuple, # (N, d, out) for linear; (N, C, H, M, k) for a 'same'-padded conv2d
                 mode:str='prox_exact', # a ProxProp optimization_mode
@@ -171,40 +219,22 @@ def route_times(layer:str, # 'linear' or 'conv2d'
                 tau_prox:float=1.0,
                 seed:int=0,
                 device='cpu', # where to run (synchronised around each timing on CUDA)
-               ) -> dict: # route -> dict(ms, flops); 'auto': the flop model's route; 'fastest': the fastest timed
-    "Time the proximal step of one layer by each route, with the flop model's cost of each; for a conv2d also each patch-Gram route"
+               ) -> dict: # route -> dict(ms, flops); 'auto': the flop model's route; 'fastest': the fastest
+    "Time the proximal step of one layer by each route, with its flop model cost; for a conv2d the Gram's too"
     from proxprop_nb.solvers import choose_route, check_prox_args, RouteChooser
-    from proxprop_nb.linear import prox_linear, linear_flops
-    from proxprop_nb.conv import prox_conv, conv_flops, conv_gram, conv_gram_flops, ConvGeometry
-    g, dev, model = torch.Generator().manual_seed(seed), torch.device(device), RouteChooser('model')
+    g, dev, chooser = torch.Generator().manual_seed(seed), torch.device(device), RouteChooser('model')
     spec = lambda r: check_prox_args(tau_prox, mode, cg_tol=0, solver=r)
-    kind, n = spec('auto').kind, spec('auto').n_iter
-    runs = {}
-    if layer == 'linear':
-        N, d, out = shape
-        x, gr = torch.rand(N, d, generator=g).to(dev), torch.randn(N, out, generator=g).to(dev)
-        flops = linear_flops(N, d + 1, out, kind, n)
-        runs = {r: (lambda r=r: prox_linear(x, gr, True, spec(r), model)) for r in flops}
-    elif layer == 'conv2d':
-        N, C, H, M, k = shape
-        conv = nn.Conv2d(C, M, k, padding=k // 2)
-        geo = ConvGeometry.of(conv)
-        x = torch.rand(N, C, H, H, generator=g).to(dev); gr = torch.randn(N, M, H, H, generator=g).to(dev)
-        w = conv.weight.detach().to(dev)
-        flops = conv_flops(x.shape, w.shape, gr.shape, w.shape[2:], geo, kind, n)
-        runs = {r: (lambda r=r: prox_conv(x, gr, w, True, geo, spec(r), need_input_grad=False, chooser=model)) for r in flops}
-        for r, f in conv_gram_flops(x.shape, w.shape[2:], geo).items():
-            flops[f'gram:{r}'] = f
-            runs[f'gram:{r}'] = lambda r=r: conv_gram(x, w.shape[2:], geo, True, 1.0, r)
+    spec('auto')  # a mode or tau_prox that is not valid fails here, before anything runs
+    if layer == 'linear': flops, runs = _linear_routes(shape, spec, chooser, g, dev)
+    elif layer == 'conv2d': flops, runs = _conv2d_routes(shape, spec, chooser, g, dev)
     else: raise ValueError(f"layer={layer!r} is not valid: use 'linear' or 'conv2d'")
     out = {}
     for r, run in runs.items():
-        run(); ts = []
-        for _ in range(repeats):
-            synchronize(dev); t0 = time.perf_counter(); run(); synchronize(dev); ts.append(time.perf_counter() - t0)
-        out[r] = dict(ms=min(ts) * 1e3, flops=flops[r])
+        run()  # untimed: the first call of a route
+        out[r] = dict(ms=_min_ms(run, repeats, dev), flops=flops[r])
     steps = [r for r in out if not r.startswith('gram:')]
-    out['auto'], out['fastest'] = choose_route({r: flops[r] for r in steps}), min(steps, key=lambda r: out[r]['ms'])
+    out['auto'] = choose_route({r: flops[r] for r in steps})
+    out['fastest'] = min(steps, key=lambda r: out[r]['ms'])
     return out
 
 # %% ../../nbs/06_bench.ipynb #c024
@@ -213,7 +243,7 @@ def exact_solve_times(N:int, # batch size: the dual system is N x N
                       out:int, # output features: right-hand sides
                       device='cpu', repeats:int=5, seed:int=0,
                      ) -> dict: # {'inverse': ms, 'cholesky_solve': ms, 'max_rel_diff': float}
-    "Time the exact dual solve (A A^T + I) Y = g by an explicit inverse and by triangular solves (minimum of `repeats`)"
+    "Time the exact dual solve (A A^T + I) Y = g by an explicit inverse and by triangular solves (fastest of)"
     g = torch.Generator().manual_seed(seed)
     dev = torch.device(device)
     x, gr = torch.rand(N, d, generator=g).to(dev), torch.randn(N, out, generator=g).to(dev)
@@ -222,34 +252,37 @@ def exact_solve_times(N:int, # batch size: the dual system is N x N
             'cholesky_solve': lambda: torch.cholesky_solve(gr, torch.linalg.cholesky_ex(K)[0])}
     res, outs = {}, {}
     for name, f in ways.items():
-        outs[name] = f(); ts = []
-        for _ in range(repeats):
-            synchronize(dev); t0 = time.perf_counter(); f(); synchronize(dev); ts.append(time.perf_counter() - t0)
-        res[name] = min(ts) * 1e3
-    res['max_rel_diff'] = ((outs['inverse'] - outs['cholesky_solve']).abs().max() / outs['cholesky_solve'].abs().max()).item()
+        outs[name] = f()  # untimed, and kept to compare the two
+        res[name] = _min_ms(f, repeats, dev)
+    diff = (outs['inverse'] - outs['cholesky_solve']).abs().max() / outs['cholesky_solve'].abs().max()
+    res['max_rel_diff'] = diff.item()
     return res
 
 # %% ../../nbs/06_bench.ipynb #c027
 def format_table(res:dict # a `benchmark` result
                 ) -> str:
     "The result as a text table: time per step and peak memory of each mode, relative to plain backprop"
-    w = f" widths={res['widths']}" if res['widths'] else ''
-    lines = [f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']} tau_prox={res['tau_prox']} on {res['machine']['device_name']} "
-             f"({res['machine']['threads']} threads), torch {res['machine']['torch']}, median of {res['repeats']} interleaved steps",
+    w, machine = f" widths={res['widths']}" if res['widths'] else '', res['machine']
+    lines = [f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']} tau_prox={res['tau_prox']} "
+             f"on {machine['device_name']} ({machine['threads']} threads), torch {machine['torch']}, "
+             f"median of {res['repeats']} interleaved steps",
              f"{'mode':<12}{'median ms':>10}{'min':>8}{'max':>8}{'ratio':>7}{'peak MB':>9}{'mem':>6}  routes"]
     for m, r in res['modes'].items():
-        lines.append(f"{m:<12}{r['median_ms']:>10.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}{r['ratio']:>6.2f}x"
-                     f"{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x  {','.join(r['routes'])}")
+        lines.append(f"{m:<12}{r['median_ms']:>10.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}"
+                     f"{r['ratio']:>6.2f}x{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x  "
+                     f"{','.join(r['routes'])}")
     return '\n'.join(lines)
 
 # %% ../../nbs/06_bench.ipynb #c030
 def _check_json_target(p, j:Path):
     "Refuse a --json file that cannot be appended to, before the benchmark runs"
     try:
-        if j.exists() and not isinstance(read_json(j), list): p.error(f'--json {j}: holds something else than a list of results')
+        if j.exists() and not isinstance(read_json(j), list):
+            p.error(f'--json {j}: holds something else than a list of results')
         j.parent.mkdir(parents=True, exist_ok=True)
         probe = j.with_name(f'.{j.name}.probe.{os.getpid()}'); probe.write_bytes(b''); probe.unlink()
-    except (OSError, ValueError) as e: p.error(f'--json {j}: cannot be read or written ({e}); checked before the benchmark runs')
+    except (OSError, ValueError) as e:
+        p.error(f'--json {j}: cannot be read or written ({e}); checked before the benchmark runs')
 
 # %% ../../nbs/06_bench.ipynb #c031
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -257,39 +290,66 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
+# %% ../../nbs/06_bench.ipynb #f1ca5ccc
 def _options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='proxprop-bench', formatter_class=_Help,
-                                description='Time a training step of each ProxProp mode against plain PyTorch backprop, '
-                                            'interleaved in one process, and measure peak memory.')
-    p.add_argument('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS, help="the paper's networks to time")
-    p.add_argument('--batch-size', nargs='+', type=int, default=None, help='samples per step, several allowed (default 500; 16 with --quick)')
-    p.add_argument('--widths', nargs='+', default=None,
-                   help="MLP hidden widths, e.g. 4000,1000,4000, several allowed (default the paper's; 32,16,32 with --quick)")
-    p.add_argument('--modes', default=','.join(MODES), help='comma separated: plain, gradient, prox_exact, prox_cgN')
-    p.add_argument('--device', default=default_device(), help="'cpu' or 'cuda'")
-    p.add_argument('--repeats', type=int, default=None, help='timed interleaved rounds; the median is reported (default 7; 3 with --quick)')
-    p.add_argument('--warmup', type=int, default=None, help='untimed rounds first (default 2; 1 with --quick)')
-    p.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument('--tau-prox', type=float, default=None, help='tau_theta (default 0.05 for the MLP, as in Fig. 2; 1 for the ConvNet)')
-    p.add_argument('--solver', default='auto', help="route: 'auto' (the device's choice) or 'dual', 'primal', 'matrix_free', 'dense'")
-    p.add_argument('--cg-tol', type=float, default=None, help="CG's early-stopping tolerance (default: the layers' 1e-2; 0: every iteration)")
-    p.add_argument('--json', default=None, help='append the results to this JSON file (a list); checked before the benchmark runs')
-    p.add_argument('--quick', action='store_true', help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
-                                                        'explicit options win')
+    "The options of `proxprop-bench`"
+    what = ('Time a training step of each ProxProp mode against plain PyTorch backprop, interleaved in one '
+            'process, and measure peak memory.')
+    p = argparse.ArgumentParser(prog='proxprop-bench', formatter_class=_Help, description=what)
+    add = p.add_argument
+    add('--model', nargs='+', default=['mlp', 'convnet'], choices=MODELS, help="the paper's networks to time")
+    add('--batch-size', nargs='+', type=int, default=None,
+        help='samples per step, several allowed (default 500; 16 with --quick)')
+    add('--widths', nargs='+', default=None,
+        help="MLP hidden widths, e.g. 4000,1000,4000, several allowed (default the paper's; 32,16,32 "
+             "with --quick)")
+    add('--modes', default=','.join(MODES), help='comma separated: plain, gradient, prox_exact, prox_cgN')
+    add('--device', default=default_device(), help="'cpu' or 'cuda'")
+    add('--repeats', type=int, default=None,
+        help='timed interleaved rounds; the median is reported (default 7; 3 with --quick)')
+    add('--warmup', type=int, default=None, help='untimed rounds first (default 2; 1 with --quick)')
+    add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    add('--tau-prox', type=float, default=None,
+        help='tau_theta (default 0.05 for the MLP, as in Fig. 2; 1 for the ConvNet)')
+    add('--solver', default='auto',
+        help="route: 'auto' (the device's choice) or 'dual', 'primal', 'matrix_free', 'dense'")
+    add('--cg-tol', type=float, default=None,
+        help="CG's early-stopping tolerance (default: the layers' 1e-2; 0: every iteration)")
+    add('--json', default=None,
+        help='append the results to this JSON file (a list); checked before the benchmark runs')
+    add('--quick', action='store_true',
+        help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
+             'explicit options win')
     return p
 
-def _parse(argv):
-    p = _options()
-    a = p.parse_args(argv)
+# %% ../../nbs/06_bench.ipynb #516c85ba
+def _with_defaults(a:argparse.Namespace) -> argparse.Namespace:
+    "The options left out filled in: tiny ones with --quick, else those of a real measurement"
     a.batch_size = a.batch_size or ([16] if a.quick else [500])
     a.repeats = a.repeats if a.repeats is not None else (3 if a.quick else 7)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     if a.widths is None and a.quick: a.widths = ['32,16,32']
-    if a.repeats < 1 or a.warmup < 0 or any(b < 1 for b in a.batch_size): p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
-    if a.threads is not None and a.threads < 1: p.error(f'--threads {a.threads}: use an integer >= 1 (or leave it out for torch\'s default)')
+    return a
+
+# %% ../../nbs/06_bench.ipynb #e985696c
+def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
+    "Usage errors for counts and sizes that cannot run; --widths parsed into tuples"
+    if a.repeats < 1 or a.warmup < 0 or any(b < 1 for b in a.batch_size):
+        p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
-    except ValueError: p.error(f'--widths takes comma separated integers, e.g. 4000,1000,4000, not {a.widths}')
-    if any(w is not None and (len(w) != 3 or min(w) < 1) for w in a.widths): p.error('--widths: three hidden widths >= 1 each, e.g. 4000,1000,4000')
+    except ValueError:
+        p.error(f'--widths takes comma separated integers, e.g. 4000,1000,4000, not {a.widths}')
+    if any(w is not None and (len(w) != 3 or min(w) < 1) for w in a.widths):
+        p.error('--widths: three hidden widths >= 1 each, e.g. 4000,1000,4000')
+
+# %% ../../nbs/06_bench.ipynb #a8729347
+def _parse(argv):
+    "The options of `argv`, defaults filled in and checked: a usage error for anything that cannot run"
+    p = _options()
+    a = _with_defaults(p.parse_args(argv))
+    _check_counts(p, a)
     if (why := device_problem(a.device)) is not None: p.error(f'--device {a.device}: {why}')
     if a.tau_prox is not None:
         try: proxprop_nb.solvers.check_prox_args(a.tau_prox)
@@ -321,6 +381,7 @@ def run(argv=None) -> list:
         print(f'results appended to {path}')
     return results
 
+# %% ../../nbs/06_bench.ipynb #d24ac3b9
 def main():
     "Console entry point of proxprop-bench"
     run()

@@ -6,14 +6,10 @@
 from __future__ import annotations
 import argparse
 import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
-import shutil
-import subprocess
 import sys
-import tarfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, FIRST_COMPLETED, wait
@@ -21,21 +17,21 @@ from pathlib import Path
 
 import torch
 
-import proxprop_nb
 from .sources import cache_folder
-from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthetic_cifar10, default_device,
-                                   finished_results, data_key)
+from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthetic_cifar10,
+                                   default_device, finished_results, data_key)
 from .runfiles import write_json, read_json, environment
-from .experiments import EXPERIMENTS, experiment_configs, protocol, main as experiments_main
+from .experiments import experiment_configs, protocol, main as experiments_main
 from .bench import make_step, bench_model
-from .stages import start_tests, finish_tests, run_bench, bench_step_seconds, summary_text, pack, run_compare_stage
+from .stages import (start_tests, finish_tests, run_bench, bench_step_seconds, summary_text,
+                                    pack, run_compare_stage)
 
 # %% auto #0
 __all__ = ['PAPER', 'PRIORITY', 'campaign_plan', 'RunEstimator', 'measure_concurrency', 'schedule_runs', 'run_campaign', 'main',
            'experiment_command']
 
 # %% ../../nbs/07_campaign.ipynb #c007
-PAPER = ('fig2', 'table1', 'fig3')  # the paper's experiments: the campaign's scope (the demo is not part of it)
+PAPER = ('fig2', 'table1', 'fig3')  # the paper's experiments: the campaign's scope (the demo is not in it)
 PRIORITY = (  # (experiment, options of experiment_configs), most important first
     ('fig2', dict(cg_variant='textbook')),
     ('fig3', dict(cg_variant='textbook')),
@@ -47,74 +43,89 @@ PRIORITY = (  # (experiment, options of experiment_configs), most important firs
     ('table1', dict(cg_variant='official', methods=['cg1', 'cg5'])),
 )
 
+# %% ../../nbs/07_campaign.ipynb #d27576de
 def campaign_plan(quick:bool=False, # the smoke-test protocol of `experiment_configs(quick=True)`
                   experiments=None, # a subset of 'fig2', 'fig3', 'table1'; None: all
                  ) -> list: # [(experiment, RunConfig, [other experiments sharing the run])] in priority order
     "The runs of the campaign in priority order, each configuration once"
     if experiments is not None and not set(experiments) <= set(PAPER):
         raise ValueError(f"experiments={experiments!r} is not valid: choose from {list(PAPER)}")
-    plan, seen = [], {}
+    plan, entry_of = [], {}  # {configuration: its plan entry}, which lists the other experiments sharing it
     for exp, opts in PRIORITY:
         if experiments is not None and exp not in experiments: continue
         for cfg in experiment_configs(exp, quick=quick, **opts):
-            if cfg in seen:
-                if exp not in seen[cfg][0] and exp not in seen[cfg][2]: seen[cfg][2].append(exp)
-                continue
-            seen[cfg] = (exp, cfg, [])
-            plan.append(seen[cfg])
+            if cfg not in entry_of: entry_of[cfg] = (exp, cfg, []); plan.append(entry_of[cfg])
+            elif exp != entry_of[cfg][0] and exp not in entry_of[cfg][2]: entry_of[cfg][2].append(exp)
     return plan
 
 # %% ../../nbs/07_campaign.ipynb #c011
-def _mode_key(cfg:RunConfig) -> tuple: return (cfg.model, cfg.method, cfg.cg_variant if cfg.method.startswith('cg') else 'textbook')
+def _mode_key(cfg:RunConfig) -> tuple:
+    "What an epoch's time depends on: the model, the method and, for CG, its iteration"
+    return (cfg.model, cfg.method, cfg.cg_variant if cfg.method.startswith('cg') else 'textbook')
 
+# %% ../../nbs/07_campaign.ipynb #ccdb9446
+def _cg_step_s(step_s:dict, # {mode: seconds per step} of one model
+               n:int, # CG iterations
+              ) -> float:
+    "Seconds per step of textbook cgN: linear in N between the benchmarked CG modes, proportional beyond them"
+    base = step_s.get('plain', min(step_s.values()))
+    cg = sorted((int(m[7:]), t) for m, t in step_s.items() if m.startswith('prox_cg'))  # [(iterations, s)]
+    if not cg: return 3 * base * (1 + n / 3)
+    below = max([c for c in cg if c[0] <= n] or [(0, step_s.get('gradient', base))])
+    above = min([c for c in cg if c[0] > n] or [cg[-1]])
+    if above[0] == below[0]: return below[1] * max(1, n / max(below[0], 1)) if n > below[0] else below[1]
+    return below[1] + (above[1] - below[1]) * (n - below[0]) / (above[0] - below[0])
+
+# %% ../../nbs/07_campaign.ipynb #8842eb63
 class RunEstimator:
     "Predicted wall-clock seconds of a run, from benchmark step times and the epochs measured so far"
-    def __init__(self, step_s:dict, # {(model, mode): seconds per step at the runs' batch size}, mode 'plain', 'prox_cgN', ...
+    def __init__(self, step_s:dict, # {(model, mode): seconds per step at the runs' batch size}
                  slowdown:float=1.0, # factor on every run's time while runs share the device
                  safety:float=1.25, # margin on every prediction
                  setup_s:float=3.0, # building the model and preparing the data
                 ):
-        self.step_s, self.slowdown, self.safety, self.setup_s, self.epoch_s = step_s, slowdown, safety, setup_s, {}
+        self.step_s, self.slowdown, self.safety, self.setup_s = step_s, slowdown, safety, setup_s
+        self.epoch_s = {}  # {_mode_key: measured seconds per epoch}
 
     def step(self, model:str, method:str, variant:str='textbook') -> float:
         "Seconds per training step of a method ('backprop', 'exact', 'cgN')"
-        s = {m: t for (mod, m), t in self.step_s.items() if mod == model}
-        if not s: raise KeyError(f'no benchmark step time for the {model}')
-        base = s.get('plain', min(s.values()))
-        if method == 'backprop': t = s.get('gradient', base)
-        elif method == 'exact': t = s.get('prox_exact', 3 * base)
-        else:
-            n = int(method[2:])
-            cg = sorted((int(m[7:]), v) for m, v in s.items() if m.startswith('prox_cg'))
-            if not cg: t = 3 * base * (1 + n / 3)
-            else:
-                lo = max([c for c in cg if c[0] <= n] or [(0, s.get('gradient', base))])
-                hi = min([c for c in cg if c[0] > n] or [cg[-1]])
-                if hi[0] == lo[0]: t = lo[1] * max(1, n / max(lo[0], 1)) if n > lo[0] else lo[1]
-                else: t = lo[1] + (hi[1] - lo[1]) * (n - lo[0]) / (hi[0] - lo[0])
-            if variant == 'official': t *= 1.3 if model == 'mlp' else 2.0
-        return t
+        by_mode = {m: t for (mod, m), t in self.step_s.items() if mod == model}
+        if not by_mode: raise KeyError(f'no benchmark step time for the {model}')
+        base = by_mode.get('plain', min(by_mode.values()))
+        if method == 'backprop': return by_mode.get('gradient', base)
+        if method == 'exact': return by_mode.get('prox_exact', 3 * base)
+        t = _cg_step_s(by_mode, int(method[2:]))
+        return t * (1.3 if model == 'mlp' else 2.0) if variant == 'official' else t
 
     def epoch(self, cfg:RunConfig, n_train:int, n_eval:int) -> float:
         "Seconds per epoch: measured if a run of this model and method finished an epoch, else predicted"
         if _mode_key(cfg) in self.epoch_s: return self.epoch_s[_mode_key(cfg)]
         batches = math.ceil(n_train / cfg.batch_size)
         plain = self.step(cfg.model, 'backprop')
-        return (batches * self.step(cfg.model, cfg.method, cfg.cg_variant)
-                + math.ceil((n_train + n_eval) / cfg.batch_size) * plain / 3) * self.slowdown
+        step = self.step(cfg.model, cfg.method, cfg.cg_variant)
+        return (batches * step + math.ceil((n_train + n_eval) / cfg.batch_size) * plain / 3) * self.slowdown
 
     def run(self, cfg:RunConfig, n_train:int, n_eval:int, epochs_left:int|None=None) -> float:
         "Predicted seconds of a run (or of its last `epochs_left` epochs), margin included"
-        e = cfg.epochs if epochs_left is None else epochs_left
-        return self.safety * (self.setup_s + (e + (epochs_left is None) * 0.3) * self.epoch(cfg, n_train, n_eval))
+        epochs = cfg.epochs if epochs_left is None else epochs_left
+        setup_epochs = (epochs_left is None) * 0.3  # a fresh run's first epoch is slower
+        return self.safety * (self.setup_s + (epochs + setup_epochs) * self.epoch(cfg, n_train, n_eval))
 
     def learn(self, cfg:RunConfig, history:dict):
         "Take the measured epoch time (train + eval, mean over its epochs) of a run's history"
-        t = [a + b for e, a, b in zip(history['epoch'], history['train_time'], history['eval_time']) if e >= 1]
-        if t: self.epoch_s[_mode_key(cfg)] = sum(t) / len(t)
+        h = history
+        seconds = [a + b for e, a, b in zip(h['epoch'], h['train_time'], h['eval_time']) if e >= 1]
+        if seconds: self.epoch_s[_mode_key(cfg)] = sum(seconds) / len(seconds)
 
 # %% ../../nbs/07_campaign.ipynb #c014
-_WORKER = {}
+def _load_data(data):
+    "CIFAR-10 from `data`, or a random stand-in of its shape for data='synthetic' (rehearsals and tests)"
+    if data == 'synthetic': return synthetic_cifar10(600, 200, 200, size=32)
+    from proxprop_nb.lab.data import load_cifar10
+    return load_cifar10(data, download=False)
+
+# %% ../../nbs/07_campaign.ipynb #1372773a
+_WORKER = {}  # a worker process's state: its device, the data, and the data prepared for each data setting
 
 def _worker_init(data, # a CIFAR-10 source path, or 'synthetic'
                  device:str, threads:int, fp32:bool):
@@ -123,29 +134,26 @@ def _worker_init(data, # a CIFAR-10 source path, or 'synthetic'
     if fp32: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     _WORKER.update(device=device, prepared={}, data=_load_data(data))
 
-def _load_data(data):
-    "CIFAR-10 from `data`, or a random stand-in of its shape for data='synthetic' (rehearsals and tests)"
-    if data == 'synthetic': return synthetic_cifar10(600, 200, 200, size=32)
-    from proxprop_nb.lab.data import load_cifar10
-    return load_cifar10(data, download=False)
-
+# %% ../../nbs/07_campaign.ipynb #133d33cf
 def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict) -> dict:
     "Worker task: train one run into `out_dir`; a summary of the outcome (errors included, never raised)"
-    t0 = time.time()
+    started = time.time()
     try:
         cfg = RunConfig.from_dict(cfg)
-        key, dev = str(data_key(cfg)), _WORKER['device']
-        if key not in _WORKER['prepared']: _WORKER['prepared'][key] = prepare_data(_WORKER['data'], cfg, dev)
-        r = train(cfg, _WORKER['prepared'][key], out_dir, dev, progress=False, deadline=deadline, meta=meta)
-        return dict(name=r['name'], status=r['status'], epochs_done=r['epochs_done'], history=r['history'],
-                    seconds=time.time() - t0, pid=os.getpid(), error=None)
+        data_setting, dev = str(data_key(cfg)), _WORKER['device']
+        prepared = _WORKER['prepared']
+        if data_setting not in prepared: prepared[data_setting] = prepare_data(_WORKER['data'], cfg, dev)
+        res = train(cfg, prepared[data_setting], out_dir, dev, progress=False, deadline=deadline, meta=meta)
+        return dict(name=res['name'], status=res['status'], epochs_done=res['epochs_done'],
+                    history=res['history'], seconds=time.time() - started, pid=os.getpid(), error=None)
     except Exception as e:
-        return dict(name=run_name(cfg) if isinstance(cfg, RunConfig) else None, status='error', seconds=time.time() - t0,
-                    pid=os.getpid(), error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=8))
+        return dict(name=run_name(cfg) if isinstance(cfg, RunConfig) else None, status='error',
+                    seconds=time.time() - started, pid=os.getpid(), error=f'{type(e).__name__}: {e}',
+                    traceback=traceback.format_exc(limit=8))
 
 # %% ../../nbs/07_campaign.ipynb #c016
 def _throughput_task(barrier, model:str, mode:str, batch:int, steps:int) -> tuple:
-    "Worker task: warm up, wait for the others at `barrier`, then time `steps` training steps; (start, end) in time.time()"
+    "Worker task: warm up, wait for the others at `barrier`, time `steps` steps; (start, end) in time.time()"
     dev = torch.device(_WORKER['device'])
     torch.manual_seed(0)
     plain, shape, opt = bench_model(model)
@@ -154,11 +162,22 @@ def _throughput_task(barrier, model:str, mode:str, batch:int, steps:int) -> tupl
     for _ in range(3): step()
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
     barrier.wait(timeout=120)
-    t0 = time.time()
+    start = time.time()
     for _ in range(steps): step()
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
-    return t0, time.time()
+    return start, time.time()
 
+# %% ../../nbs/07_campaign.ipynb #16160e29
+def _best_level(rate:dict # {runs at once: aggregate steps per second}, in increasing order of runs
+               ) -> int:
+    "How many runs at once to use: going up only for a gain of at least 10% over the best so far"
+    levels = list(rate)
+    best = levels[0]
+    for k in levels[1:]:
+        if rate[k] >= 1.1 * rate[best]: best = k
+    return best
+
+# %% ../../nbs/07_campaign.ipynb #0543899b
 def measure_concurrency(pool, # a process pool of at least max(levels) initialised workers
                         manager, # a multiprocessing Manager (its Barrier reaches the workers)
                         levels=(1, 2, 4), # numbers of runs at once to try
@@ -168,14 +187,11 @@ def measure_concurrency(pool, # a process pool of at least max(levels) initialis
     rate = {}
     for k in levels:
         barrier = manager.Barrier(k)
-        futs = [pool.submit(_throughput_task, barrier, model, mode, batch, steps) for _ in range(k)]
-        spans = [f.result(timeout=600) for f in futs]
-        rate[k] = k * steps / (max(e for _, e in spans) - min(s for s, _ in spans))
-    best = levels[0]
-    for k in levels[1:]:
-        if rate[k] >= 1.1 * rate[best]: best = k
+        futures = [pool.submit(_throughput_task, barrier, model, mode, batch, steps) for _ in range(k)]
+        spans = [f.result(timeout=600) for f in futures]
+        rate[k] = k * steps / (max(end for _, end in spans) - min(start for start, _ in spans))
     return dict(model=model, mode=mode, batch=batch, steps=steps, steps_per_s=rate,
-                speedup={k: rate[k] / rate[levels[0]] for k in levels}, best=best)
+                speedup={k: rate[k] / rate[levels[0]] for k in levels}, best=_best_level(rate))
 
 # %% ../../nbs/07_campaign.ipynb #c018
 def _share(work:Path, exp:str, cfg:RunConfig, also:list):
@@ -185,10 +201,11 @@ def _share(work:Path, exp:str, cfg:RunConfig, also:list):
     for other in also:
         dst = run_paths(work/other, cfg)[0]
         if dst.exists(): continue
-        r = read_json(src)
-        r['meta'] = dict(r.get('meta', {}), experiment=other, shared_with=exp)
-        write_json(dst, r)
+        results = read_json(src)
+        results['meta'] = dict(results.get('meta', {}), experiment=other, shared_with=exp)
+        write_json(dst, results)
 
+# %% ../../nbs/07_campaign.ipynb #e5d47ec4
 def _pending_epochs(work:Path, exp:str, cfg:RunConfig) -> int:
     "Epochs a run still needs: all, or fewer if a checkpoint of it exists"
     ckpt = run_paths(work/exp, cfg)[1]
@@ -197,6 +214,57 @@ def _pending_epochs(work:Path, exp:str, cfg:RunConfig) -> int:
     except Exception: return cfg.epochs
 
 # %% ../../nbs/07_campaign.ipynb #c019
+def _runs_to_train(plan:list, work:Path, recs:list) -> list:
+    "Indices of the planned runs still to train; runs done before are marked and shared, bad files errors"
+    todo = []
+    for i, (exp, cfg, also) in enumerate(plan):
+        try: finished = finished_results(run_paths(work/exp, cfg)[0], cfg)
+        except Exception as e:  # a results file that is not this run's, or not readable: left alone, reported
+            recs[i].update(outcome='error', error=f'{type(e).__name__}: {e}'); continue
+        if finished is None: todo.append(i)
+        else: recs[i]['outcome'] = 'done before'; _share(work, exp, cfg, also)
+    return todo
+
+# %% ../../nbs/07_campaign.ipynb #83ac0c1a
+def _first_that_fits(todo:list, plan:list, recs:list, work:Path, estimator:RunEstimator,
+                     n_train:int, n_eval:int, deadline:float) -> int|None:
+    "The first run of `todo` predicted to end before `deadline`, or None; the predictions go into the records"
+    now = time.time()
+    for i in todo:
+        exp, cfg, _ = plan[i]
+        recs[i]['predicted_s'] = p = estimator.run(cfg, n_train, n_eval, _pending_epochs(work, exp, cfg))
+        if now + p <= deadline: return i
+    return None
+
+# %% ../../nbs/07_campaign.ipynb #5e1b2a4c
+def _start_run(pool, entry:tuple, rec:dict, work:Path, deadline:float, quick:bool):
+    "Submit a plan entry's run to the workers, to stop at `deadline`; its future"
+    exp, cfg, _ = entry
+    meta = dict(experiment=exp, protocol=protocol(cfg), quick=quick, campaign=True)
+    future = pool.submit(_train_task, exp, cfg.to_dict(), str(work/exp), deadline, meta)
+    rec.update(outcome='running', started=time.time())
+    return future
+
+# %% ../../nbs/07_campaign.ipynb #01f2f030
+def _take_result(future, entry:tuple, rec:dict, work:Path, estimator:RunEstimator) -> dict:
+    "A finished task's result, taken into the run's record, the estimator and the experiments sharing the run"
+    exp, cfg, also = entry
+    try: res = future.result()
+    except Exception as e: res = dict(status='error', seconds=None, error=f'{type(e).__name__}: {e}')
+    rec.update(outcome=res['status'], seconds=res.get('seconds'), epochs_done=res.get('epochs_done'),
+               error=res.get('error'))
+    if res.get('history'): estimator.learn(cfg, res['history'])
+    if res['status'] in ('finished', 'diverged'): _share(work, exp, cfg, also)
+    return res
+
+# %% ../../nbs/07_campaign.ipynb #3e1c8e73
+def _outcome_line(res:dict, exp:str, name:str) -> str:
+    "The log line of a run that ended"
+    return (f"{res['status']:8s} {exp:7s} {name} after {res.get('seconds') or 0:.0f} s"
+            + (f" (epoch {res.get('epochs_done')})" if res['status'] != 'finished' else '')
+            + (f": {res['error']}" if res.get('error') else ''))
+
+# %% ../../nbs/07_campaign.ipynb #ae58a18a
 def schedule_runs(plan:list, # from `campaign_plan`
                   pool, # a process pool of initialised workers
                   work:Path, # the work folder: one results folder per experiment
@@ -206,64 +274,67 @@ def schedule_runs(plan:list, # from `campaign_plan`
                   n_train:int, n_eval:int, # training and evaluation images of a full-protocol run
                   quick:bool=False, log=print, on_change=None,
                   grace:float=10., # seconds to wait past the deadline for runs still in flight
-                 ) -> list: # one record per planned run: experiment, name, outcome, predicted and actual seconds
+                 ) -> list: # a record per planned run: experiment, name, outcome, predicted and real seconds
     "Train the planned runs, in order, as many at once as `workers`, each only if it fits before `deadline`"
-    recs = [dict(experiment=e, name=run_name(c), also=a, outcome='not started', predicted_s=None, seconds=None)
-            for e, c, a in plan]
-    todo, inflight = list(range(len(plan))), {}
-    for i in list(todo):
-        e, c, a = plan[i]
-        try: done = finished_results(run_paths(work/e, c)[0], c)
-        except Exception as ex:  # a results file that is not this run's, or not readable: left alone, reported
-            recs[i].update(outcome='error', error=f'{type(ex).__name__}: {ex}'); todo.remove(i); continue
-        if done is not None: recs[i]['outcome'] = 'done before'; _share(work, e, c, a); todo.remove(i)
+    recs = [dict(experiment=exp, name=run_name(cfg), also=also, outcome='not started', predicted_s=None,
+                 seconds=None) for exp, cfg, also in plan]
+    todo, inflight = _runs_to_train(plan, work, recs), {}  # inflight: {future: index in the plan}
     while todo or inflight:
         while todo and len(inflight) < workers:
-            now, pick = time.time(), None
-            for i in todo:
-                e, c, _ = plan[i]
-                recs[i]['predicted_s'] = p = estimator.run(c, n_train, n_eval, _pending_epochs(work, e, c))
-                if now + p <= deadline: pick = i; break
-            if pick is None: break
-            todo.remove(pick)
-            e, c, _ = plan[pick]
-            meta = dict(experiment=e, protocol=protocol(c), quick=quick, campaign=True)
-            inflight[pool.submit(_train_task, e, c.to_dict(), str(work/e), deadline, meta)] = pick
-            recs[pick].update(outcome='running', started=time.time())
-            log(f'start  {e:7s} {recs[pick]["name"]} (predicted {recs[pick]["predicted_s"]:.0f} s, {len(inflight)} in flight)')
+            i = _first_that_fits(todo, plan, recs, work, estimator, n_train, n_eval, deadline)
+            if i is None: break
+            todo.remove(i)
+            inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick)] = i
+            log(f'start  {plan[i][0]:7s} {recs[i]["name"]} (predicted {recs[i]["predicted_s"]:.0f} s, '
+                f'{len(inflight)} in flight)')
         if not inflight: break
-        done, _ = wait(inflight, timeout=max(1.0, deadline + grace - time.time()), return_when=FIRST_COMPLETED)
-        if not done:
-            for f, i in inflight.items(): recs[i]['outcome'] = 'cut off at the deadline (resumes from its checkpoint)'
+        timeout = max(1.0, deadline + grace - time.time())
+        ended, _ = wait(inflight, timeout=timeout, return_when=FIRST_COMPLETED)
+        if not ended:
+            cut_off = 'cut off at the deadline (resumes from its checkpoint)'
+            for i in inflight.values(): recs[i]['outcome'] = cut_off
             log(f'{len(inflight)} run(s) still in flight {grace:.0f} s after the deadline: cut off'); break
-        for f in done:
+        for f in ended:
             i = inflight.pop(f)
-            e, c, a = plan[i]
-            try: res = f.result()
-            except Exception as ex: res = dict(status='error', seconds=None, error=f'{type(ex).__name__}: {ex}')
-            recs[i].update(outcome=res['status'], seconds=res.get('seconds'), epochs_done=res.get('epochs_done'), error=res.get('error'))
-            if res.get('history'): estimator.learn(c, res['history'])
-            if res['status'] in ('finished', 'diverged'): _share(work, e, c, a)
-            log(f"{res['status']:8s} {e:7s} {recs[i]['name']} after {res.get('seconds') or 0:.0f} s"
-                + (f" (epoch {res.get('epochs_done')})" if res['status'] != 'finished' else '') + (f": {res['error']}" if res.get('error') else ''))
+            res = _take_result(f, plan[i], recs[i], work, estimator)
+            log(_outcome_line(res, plan[i][0], recs[i]['name']))
         if on_change: on_change(recs)
     for i in todo: recs[i]['outcome'] = 'not started: would not finish in the budget'
     return recs
 
 # %% ../../nbs/07_campaign.ipynb #c021
 def _work_default(out:Path) -> Path:
+    "The runs' folder in the cache for the results folder `out`: a rerun into the same `out` resumes there"
     return cache_folder()/'campaign'/hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:12]
 
-def _levels(max_workers:int) -> tuple: return tuple(k for k in (1, 2, 4, 6, 8) if k <= max_workers)
+def _levels(max_workers:int) -> tuple:
+    "The numbers of runs at once to try"
+    return tuple(k for k in (1, 2, 4, 6, 8) if k <= max_workers)
 
+# %% ../../nbs/07_campaign.ipynb #a49ab704
 def _warm_task(barrier) -> int:
-    "Worker task: wait until every worker has started (so that all of them initialise now), then touch the device"
+    "Worker task: wait until every worker has started (so that all initialise now), then touch the device"
     barrier.wait(timeout=300)
     if torch.device(_WORKER['device']).type == 'cuda': torch.zeros(1, device=_WORKER['device'])
     return os.getpid()
 
+def _warm_workers(pool, manager, n:int) -> list:
+    "Start all `n` workers of `pool` now; the futures of their `_warm_task`s"
+    barrier = manager.Barrier(n)
+    return [pool.submit(_warm_task, barrier) for _ in range(n)]
+
+# %% ../../nbs/07_campaign.ipynb #908c8d1d
+def _start_workers(n:int, data, device:str, fp32:bool) -> tuple:
+    "A pool of `n` spawned worker processes (each its share of the CPU's threads) and a Manager for barriers"
+    ctx = mp.get_context('spawn')
+    manager = ctx.Manager()
+    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
+                               initargs=(data, device, max(1, (os.cpu_count() or 1) // n), fp32))
+    return pool, manager
+
+# %% ../../nbs/07_campaign.ipynb #9fcb7346
 def _stop_pool(pool):
-    "Shut a pool down now: cancel what has not started, terminate workers still busy (their runs resume from checkpoints)"
+    "Shut a pool down now: cancel what has not started, end the workers still busy (their runs can resume)"
     procs = list((getattr(pool, '_processes', None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
@@ -271,163 +342,247 @@ def _stop_pool(pool):
         if p.is_alive(): p.terminate()
     pool.shutdown(wait=True)
 
+# %% ../../nbs/07_campaign.ipynb #a165d31a
+class _Campaign:
+    "A campaign under way: its folders, deadline and record, and the log and reports it rewrites as it goes"
+    def __init__(self, out, work, budget_minutes:float, reserve_s:float, log):
+        self.started = time.time()
+        self.deadline = self.started + 60 * budget_minutes
+        self.runs_deadline = self.deadline - reserve_s  # the runs leave `reserve_s` for the reports
+        self.out = Path(out); self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(work) if work is not None else _work_default(self.out)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log, self.lines, self.rec = log, [], {}
+
+    def say(self, s:str):
+        "Log a line, stamped with the seconds since the start, and rewrite campaign.log"
+        self.lines.append(f'[{time.time() - self.started:6.1f}s] {s}'); self.log(self.lines[-1])
+        (self.out/'campaign.log').write_text('\n'.join(self.lines) + '\n')
+
+    def save(self):
+        "Rewrite campaign.json and summary.txt from the record"
+        self.rec['elapsed_s'] = time.time() - self.started
+        write_json(self.out/'campaign.json', self.rec)
+        (self.out/'summary.txt').write_text(summary_text(self.rec, self.work) + '\n')
+
+    def pack_results(self) -> int:
+        "Pack the work folder's results files into results.tar.gz; how many"
+        return pack(self.work, self.out/'results.tar.gz')
+
+# %% ../../nbs/07_campaign.ipynb #7c6aa717
+def _strict_fp32(device:str) -> bool:
+    "IEEE float32 on a GPU, as on the CPU (TF32 off); whether `device` is a GPU"
+    fp32 = torch.device(device).type == 'cuda'
+    if fp32: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return fp32
+
+# %% ../../nbs/07_campaign.ipynb #bc2a09fe
+def _start_record(campaign:_Campaign, device:str, data, quick:bool, budget_minutes:float, settings:dict):
+    "The campaign's record as it starts (the call's settings, the machine), written at once; a first log line"
+    campaign.rec = dict(format=1, started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), budget_minutes=budget_minutes,
+                        quick=quick, device=device, data=str(data), work=str(campaign.work),
+                        environment=environment(device), stages={}, runs=[], settings=settings)
+    campaign.say(f"campaign: device {device}, budget {budget_minutes} min, out {campaign.out.resolve()}, "
+                 f"work {campaign.work}")
+    campaign.save()
+
+# %% ../../nbs/07_campaign.ipynb #e543f30a
+def _record_data_source(campaign:_Campaign, data):
+    "Record which CIFAR-10 the runs train on (kind, path, hash, sizes); nothing for the synthetic stand-in"
+    if data == 'synthetic': return
+    from proxprop_nb.lab.data import load_cifar10
+    src = load_cifar10(data, download=False).source
+    keys = ('kind', 'path', 'sha256', 'n_train', 'n_val', 'n_test')
+    campaign.rec['data_source'] = {k: src.get(k) for k in keys}
+    campaign.say(f"data: {src.get('kind')} {src.get('path')} ({src.get('n_train')} training images)")
+
+# %% ../../nbs/07_campaign.ipynb #fe7e962a
+def _wait_for_tests_and_workers(campaign:_Campaign, tests:tuple|None, warming:list):
+    "Record the tests' outcome (`tests`: their start time and process, or None), then wait for the workers"
+    if tests is not None:
+        started, proc = tests
+        time_left = campaign.deadline - time.time()
+        outcome = finish_tests(proc, campaign.out/'tests.log', min(600, 0.3 * time_left))
+        campaign.rec['stages']['tests'] = dict(outcome, seconds=time.time() - started)
+        campaign.say(f"tests: {outcome['outcome']} - {outcome['summary']}")
+        campaign.save()
+    for f in warming: f.result(timeout=600)
+    campaign.say(f'{len(warming)} workers ready')
+
+# %% ../../nbs/07_campaign.ipynb #0229f256
+def _bench_stage(campaign:_Campaign, device:str, quick:bool):
+    "The benchmark, in this process with the workers idle, in at most a quarter of the time left; bench.json"
+    start = time.time()
+    bench_deadline = start + 0.25 * (campaign.deadline - start)
+    bench = campaign.rec['bench'] = run_bench(device, quick, deadline=bench_deadline, log=campaign.say)
+    campaign.rec['stages']['bench'] = dict(seconds=time.time() - start, n=len(bench['steps']),
+                                           skipped=bench['skipped'])
+    write_json(campaign.out/'bench.json', dict(environment=campaign.rec['environment'], **bench))
+    if torch.device(device).type == 'cuda': torch.cuda.empty_cache()
+    campaign.save()
+
+# %% ../../nbs/07_campaign.ipynb #d86043ae
+def _step_seconds(bench:dict) -> dict:
+    "The estimator's step times per (model, mode): the benchmark's, or 50 ms for every step without one"
+    if bench.get('steps'): return bench_step_seconds(bench)
+    return {(m, k): 0.05 for m in ('mlp', 'convnet') for k in ('plain', 'gradient', 'prox_exact', 'prox_cg3')}
+
+# %% ../../nbs/07_campaign.ipynb #b65a14a2
+def _runs_at_once(campaign:_Campaign, pool, manager, workers:int|None, max_workers:int, quick:bool) -> tuple:
+    "(runs at once, the slowdown of each): `workers` if given, else measured, the best of the levels tried"
+    if workers is not None: campaign.rec['workers'] = workers; return workers, 1.0
+    start = time.time()
+    m = measure_concurrency(pool, manager, _levels(max_workers), batch=16 if quick else 500,
+                            steps=5 if quick else 60)
+    campaign.rec['stages']['concurrency'] = dict(m, seconds=time.time() - start)
+    speedups = ', '.join(f'{k}: {v:.2f}x' for k, v in m['speedup'].items())
+    campaign.say(f"runs at once: speedup {speedups}; using {m['best']}")
+    campaign.rec['workers'] = m['best']
+    return m['best'], m['best'] / m['speedup'][m['best']]
+
+# %% ../../nbs/07_campaign.ipynb #2fdd337b
+def _runs_stage(campaign:_Campaign, plan:list, pool, workers:int, slowdown:float, quick:bool, grace:float):
+    "Train the plan until the runs' deadline; the record, reports and archive are rewritten after every run"
+    estimator = RunEstimator(_step_seconds(campaign.rec.get('bench', {})), slowdown=slowdown)
+    n_train, n_eval = (300, 1000) if quick else (45000, 5000)
+    start = time.time()
+    def progress(recs):  # cheap, and on disk if the call is cut off
+        campaign.rec['runs'] = recs; campaign.save(); campaign.pack_results()
+    campaign.rec['runs'] = schedule_runs(plan, pool, campaign.work, estimator, campaign.runs_deadline,
+                                         workers, n_train, n_eval, quick, campaign.say, progress, grace=grace)
+    epoch_seconds = {'/'.join(key): s for key, s in estimator.epoch_s.items()}
+    campaign.rec['stages']['runs'] = dict(seconds=time.time() - start, planned=len(plan),
+                                          epoch_seconds=epoch_seconds)
+    campaign.save()
+
+# %% ../../nbs/07_campaign.ipynb #504ab253
+def _compare_stage(campaign:_Campaign, pool, data, device:str, quick:bool):
+    "Free the workers, then run the optimizer comparison (chapter 07a's stage) until the runs' deadline"
+    _stop_pool(pool)  # the paper's runs are over: free the workers' memory
+    start = time.time()
+    compared = run_compare_stage(campaign.work, data, device, quick, campaign.runs_deadline, campaign.say)
+    campaign.rec['compare'] = compared
+    campaign.rec['stages']['compare'] = dict(seconds=time.time() - start, runs=len(compared['runs']))
+
+# %% ../../nbs/07_campaign.ipynb #8122e745
+def _record_error(campaign:_Campaign, e:Exception):
+    "Record the error that ended the stages early, with its traceback (call it while handling `e`)"
+    campaign.rec['error'] = f'{type(e).__name__}: {e}'
+    campaign.rec['traceback'] = traceback.format_exc(limit=12)
+    campaign.say(f'campaign error: {campaign.rec["error"]}')
+
+# %% ../../nbs/07_campaign.ipynb #4174a852
+def _final_reports(campaign:_Campaign):
+    "Pack the results files and write the reports a last time"
+    n = campaign.pack_results()
+    campaign.rec['stages']['pack'] = dict(files=n)
+    campaign.say(f"packed {n} results files into {campaign.out/'results.tar.gz'}")
+    campaign.save()
+
+# %% ../../nbs/07_campaign.ipynb #3d34e9a9
 def run_campaign(out, # the folder for the (at most 8) result files
                  budget_minutes:float=8, # wall-clock budget of the whole campaign
                  device:str|None=None, # 'cuda' (default when available) or 'cpu' (a rehearsal)
-                 data=None, # a CIFAR-10 source for `load_cifar10`, or 'synthetic' (a random stand-in, for rehearsals)
+                 data=None, # a CIFAR-10 source for `load_cifar10`, or 'synthetic' (a random stand-in)
                  quick:bool=False, # the smoke-test protocol, tiny benchmark, a subset of the tests
-                 work=None, # the runs' folder; None: a folder in the cache named after `out` (a rerun resumes)
+                 work=None, # the runs' folder; None: one in the cache named after `out` (a rerun resumes)
                  workers:int|None=None, # runs at once; None: measured
                  max_workers:int=4, # the largest number of runs at once tried
                  experiments=None, # a subset of 'fig2', 'fig3', 'table1'
                  max_runs:int|None=None, # at most this many runs of the plan (rehearsals)
                  skip_tests:bool=False, skip_bench:bool=False,
-                 compare:bool=True, # after the paper's runs, the optimizer comparison (chapter 13) until the deadline
+                 compare:bool=True, # then the optimizer comparison (chapter 13) until the deadline
                  reserve_s:float=20., # seconds kept at the end for the reports
                  log=print,
                 ) -> dict: # the campaign record, as written to campaign.json
     "Run the campaign into `out` within the budget; return its record"
-    t_start = time.time()
-    deadline = t_start + 60 * budget_minutes
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    work = Path(work) if work is not None else _work_default(out)
-    work.mkdir(parents=True, exist_ok=True)
-    device = device or default_device()
-    lines = []
-    def say(s):
-        lines.append(f'[{time.time() - t_start:6.1f}s] {s}'); log(lines[-1])
-        (out/'campaign.log').write_text('\n'.join(lines) + '\n')
-    fp32 = torch.device(device).type == 'cuda'  # IEEE float32 on the GPU, as on the CPU: no TF32
-    if fp32: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    rec = dict(format=1, started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), budget_minutes=budget_minutes, quick=quick,
-               device=device, data=str(data), work=str(work), environment=environment(device), stages={}, runs=[],
-               settings=dict(workers=workers, max_workers=max_workers, experiments=experiments, max_runs=max_runs,
-                             strict_fp32=fp32, reserve_s=reserve_s))
-    def save():
-        rec['elapsed_s'] = time.time() - t_start
-        write_json(out/'campaign.json', rec)
-        (out/'summary.txt').write_text(summary_text(rec, work) + '\n')
-    say(f"campaign: device {device}, budget {budget_minutes} min, out {out.resolve()}, work {work}")
-    save()
+    campaign, device = _Campaign(out, work, budget_minutes, reserve_s, log), device or default_device()
+    fp32 = _strict_fp32(device)
+    settings = dict(workers=workers, max_workers=max_workers, experiments=experiments, max_runs=max_runs,
+                    strict_fp32=fp32, reserve_s=reserve_s)
+    _start_record(campaign, device, data, quick, budget_minutes, settings)
     # 1. the tests start in a subprocess; meanwhile the data is decoded and the workers start
-    t_tests = time.time()
-    proc = None if skip_tests else start_tests(device, out/'tests.log', quick)
-    if data != 'synthetic':
-        from proxprop_nb.lab.data import load_cifar10
-        src = load_cifar10(data, download=False).source
-        rec['data_source'] = {k: src.get(k) for k in ('kind', 'path', 'sha256', 'n_train', 'n_val', 'n_test')}
-        say(f"data: {src.get('kind')} {src.get('path')} ({src.get('n_train')} training images)")
+    tests = None if skip_tests else (time.time(), start_tests(device, campaign.out/'tests.log', quick))
+    _record_data_source(campaign, data)
     plan = campaign_plan(quick, experiments)[:max_runs]
     n_pool = workers or max(_levels(max_workers))
-    ctx = mp.get_context('spawn')
-    manager = ctx.Manager()
-    pool = ProcessPoolExecutor(n_pool, mp_context=ctx, initializer=_worker_init,
-                               initargs=(data, device, max(1, (os.cpu_count() or 1) // n_pool), fp32))
+    pool, manager = _start_workers(n_pool, data, device, fp32)
     try:
-        warm = manager.Barrier(n_pool)
-        warming = [pool.submit(_warm_task, warm) for _ in range(n_pool)]
-        if not skip_tests:
-            rec['stages']['tests'] = dict(finish_tests(proc, out/'tests.log', min(600, 0.3 * (deadline - time.time()))),
-                                          seconds=time.time() - t_tests)
-            say(f"tests: {rec['stages']['tests']['outcome']} - {rec['stages']['tests']['summary']}")
-            save()
-        for f in warming: f.result(timeout=600)
-        say(f'{n_pool} workers ready')
-        # 2. benchmark, in this process, with the workers idle
-        if not skip_bench:
-            t0 = time.time()
-            rec['bench'] = run_bench(device, quick, deadline=t0 + 0.25 * (deadline - t0), log=say)
-            rec['stages']['bench'] = dict(seconds=time.time() - t0, n=len(rec['bench']['steps']), skipped=rec['bench']['skipped'])
-            write_json(out/'bench.json', dict(environment=rec['environment'], **rec['bench']))
-            if torch.device(device).type == 'cuda': torch.cuda.empty_cache()
-            save()
-        step_s = bench_step_seconds(rec['bench']) if rec.get('bench', {}).get('steps') else {
-            (m, k): 0.05 for m in ('mlp', 'convnet') for k in ('plain', 'gradient', 'prox_exact', 'prox_cg3')}
-        # 3. how many runs at once, then the runs
-        t0, slow = time.time(), 1.0
-        if workers is None:
-            c = measure_concurrency(pool, manager, _levels(max_workers), batch=16 if quick else 500, steps=5 if quick else 60)
-            rec['stages']['concurrency'] = dict(c, seconds=time.time() - t0)
-            slow = c['best'] / c['speedup'][c['best']]
-            say(f"runs at once: speedup {', '.join(f'{k}: {v:.2f}x' for k, v in c['speedup'].items())}; using {c['best']}")
-        rec['workers'] = k = workers or c['best']
-        estimator = RunEstimator(step_s, slowdown=slow)
-        n_train, n_eval = (300, 1000) if quick else (45000, 5000)
-        t1 = time.time()
-        def progress(recs): rec['runs'] = recs; save(); pack(work, out/'results.tar.gz')  # cheap: on disk if cut off
-        rec['runs'] = schedule_runs(plan, pool, work, estimator, deadline - reserve_s, k, n_train, n_eval, quick, say,
-                                    progress, grace=reserve_s / 2)
-        rec['stages']['runs'] = dict(seconds=time.time() - t1, planned=len(plan),
-                                     epoch_seconds={'/'.join(key): s for key, s in estimator.epoch_s.items()})
-        save()
-        # 4. the optimizer comparison, with the time left
-        if compare and time.time() < deadline - reserve_s:
-            _stop_pool(pool)  # the paper's runs are over: free the workers' memory
-            t2 = time.time()
-            rec['compare'] = run_compare_stage(work, data, device, quick, deadline - reserve_s, say)
-            rec['stages']['compare'] = dict(seconds=time.time() - t2, runs=len(rec['compare']['runs']))
-    except Exception as e:
-        rec['error'] = f'{type(e).__name__}: {e}'
-        rec['traceback'] = traceback.format_exc(limit=12)
-        say(f'campaign error: {rec["error"]}')
+        _wait_for_tests_and_workers(campaign, tests, _warm_workers(pool, manager, n_pool))
+        if not skip_bench: _bench_stage(campaign, device, quick)  # 2. the benchmark
+        workers, slowdown = _runs_at_once(campaign, pool, manager, workers, max_workers, quick)  # 3. the runs
+        _runs_stage(campaign, plan, pool, workers, slowdown, quick, grace=reserve_s / 2)
+        if compare and time.time() < campaign.runs_deadline:  # 4. the optimizer comparison, with time left
+            _compare_stage(campaign, pool, data, device, quick)
+    except Exception as e: _record_error(campaign, e)
     finally:
         _stop_pool(pool)
         manager.shutdown()
-    # 5. reports
-    n = pack(work, out/'results.tar.gz')
-    rec['stages']['pack'] = dict(files=n)
-    say(f"packed {n} results files into {out/'results.tar.gz'}")
-    save()
-    return rec
+    _final_reports(campaign)  # 5. the reports
+    return campaign.rec
 
 # %% ../../nbs/07_campaign.ipynb #c029
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='proxprop-experiment campaign', description='Run the GPU campaign: the CUDA tests, '
-        'the benchmark and the paper\'s full protocols in priority order, within a time budget, into at most 8 files in --out.')
-    p.add_argument('--out', type=Path, required=True, help='folder for summary.txt, campaign.json, campaign.log, tests.log, '
-                   'bench.json and results.tar.gz')
-    p.add_argument('--budget-minutes', type=float, default=8.0, help='wall-clock budget of the whole campaign (default 8)')
-    p.add_argument('--device', help="'cuda' (default when available) or 'cpu' (a rehearsal)")
-    p.add_argument('--data', help="CIFAR-10 source (default: $PROXPROP_DATA or the usual places; no download), or 'synthetic'")
-    p.add_argument('--quick', action='store_true', help='smoke test: reduced protocol, tiny benchmark, a subset of the tests')
-    p.add_argument('--work', type=Path, help='folder of the runs and their checkpoints (default: in the cache, named after --out)')
-    p.add_argument('--workers', type=int, help='runs at once (default: measured)')
-    p.add_argument('--max-workers', type=int, default=4, help='the most runs at once tried (default 4)')
-    p.add_argument('--experiments', nargs='+', choices=list(PAPER), help="a subset of the paper's experiments")
-    p.add_argument('--max-runs', type=int, help='at most this many runs of the plan')
-    p.add_argument('--skip-tests', action='store_true'); p.add_argument('--skip-bench', action='store_true')
-    p.add_argument('--no-compare', action='store_true', help='leave out the optimizer comparison after the paper\'s runs')
+    "The options of `proxprop-experiment campaign`"
+    what = ("Run the GPU campaign: the CUDA tests, the benchmark and the paper's full protocols in priority "
+            "order, within a time budget, into at most 8 files in --out.")
+    p = argparse.ArgumentParser(prog='proxprop-experiment campaign', description=what)
+    add = p.add_argument
+    add('--out', type=Path, required=True,
+        help='folder for summary.txt, campaign.json, campaign.log, tests.log, bench.json and results.tar.gz')
+    add('--budget-minutes', type=float, default=8.0, help='wall-clock budget of the campaign (default 8)')
+    add('--device', help="'cuda' (default when available) or 'cpu' (a rehearsal)")
+    add('--data', help="CIFAR-10 source (default: $PROXPROP_DATA or the usual places; no download), "
+                       "or 'synthetic'")
+    add('--quick', action='store_true', help='smoke test: reduced protocol, tiny benchmark, some tests')
+    add('--work', type=Path,
+        help='folder of the runs and their checkpoints (default: in the cache, named after --out)')
+    add('--workers', type=int, help='runs at once (default: measured)')
+    add('--max-workers', type=int, default=4, help='the most runs at once tried (default 4)')
+    add('--experiments', nargs='+', choices=list(PAPER), help="a subset of the paper's experiments")
+    add('--max-runs', type=int, help='at most this many runs of the plan')
+    add('--skip-tests', action='store_true'); add('--skip-bench', action='store_true')
+    add('--no-compare', action='store_true', help="leave out the optimizer comparison after the paper's runs")
     return p
 
+# %% ../../nbs/07_campaign.ipynb #dabd94db
+def _check_args(p:argparse.ArgumentParser, a:argparse.Namespace):
+    "Usage errors argparse cannot see: the budget, counts below 1, a device that is not there, no data found"
+    if not a.budget_minutes > 0.5:
+        p.error(f'--budget-minutes {a.budget_minutes}: use more than half a minute')
+    for k in ('workers', 'max_workers', 'max_runs'):
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    if a.device is not None:
+        try: dev = torch.device(a.device)
+        except RuntimeError: p.error(f'--device {a.device}: not a torch device (e.g. cpu, cuda)')
+        if dev.type == 'cuda' and not torch.cuda.is_available():
+            p.error(f'--device {a.device}: no GPU is available')
+    if a.data == 'synthetic': return
+    from proxprop_nb.lab.data import find_cifar10
+    try: found = find_cifar10(a.data)
+    except (FileNotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment campaign: error: {e}\n')
+    if found is None: p.exit(1, 'proxprop-experiment campaign: error: no CIFAR-10 source found; '
+                                'give --data PATH (the campaign does not download)\n')
+
+# %% ../../nbs/07_campaign.ipynb #312b9fe7
 def main(argv:list|None=None # arguments after 'campaign'; None: sys.argv[1:]
         ) -> int:
     "The `proxprop-experiment campaign` command"
     p = _parser()
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not a.budget_minutes > 0.5: p.error(f'--budget-minutes {a.budget_minutes}: use more than half a minute')
-    for k in ('workers', 'max_workers', 'max_runs'):
-        if getattr(a, k) is not None and getattr(a, k) < 1: p.error(f"--{k.replace('_', '-')} must be at least 1")
-    if a.device is not None:
-        try: dev = torch.device(a.device)
-        except RuntimeError: p.error(f'--device {a.device}: not a torch device (e.g. cpu, cuda)')
-        if dev.type == 'cuda' and not torch.cuda.is_available(): p.error(f'--device {a.device}: no GPU is available')
-    if a.data != 'synthetic':
-        from proxprop_nb.lab.data import find_cifar10
-        try: found = find_cifar10(a.data)
-        except (FileNotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment campaign: error: {e}\n')
-        if found is None: p.exit(1, 'proxprop-experiment campaign: error: no CIFAR-10 source found; give --data PATH '
-                                    '(the campaign does not download)\n')
-    rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers, a.max_workers, a.experiments,
-                       a.max_runs, a.skip_tests, a.skip_bench, not a.no_compare)
+    _check_args(p, a)
+    rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers, a.max_workers,
+                       a.experiments, a.max_runs, a.skip_tests, a.skip_bench, not a.no_compare)
     print('\n' + (a.out/'summary.txt').read_text())
     return 1 if rec.get('error') else 0
 
 # %% ../../nbs/07_campaign.ipynb #3ad934ea
 def experiment_command(argv:list|None=None # command-line arguments; None: sys.argv[1:]
                       ) -> int:
-    "The `proxprop-experiment` command: `campaign ARGS` runs the campaign (`main`), anything else an experiment"
-    campaign = ("the GPU campaign (the CUDA tests, the benchmark and the paper's full protocols in one time budget)", main)
-    return experiments_main(argv, commands=dict(campaign=campaign))
+    "The `proxprop-experiment` command: `campaign ARGS` runs the campaign (`main`), the rest an experiment"
+    what = "the GPU campaign (the CUDA tests, the benchmark and the paper's full protocols in one budget)"
+    return experiments_main(argv, commands=dict(campaign=(what, main)))
 
 # %% ../../nbs/07_campaign.ipynb #1f5dc9b8
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.lab.campaign

@@ -17,8 +17,8 @@ import torch
 from .data import Cifar10, Cifar10NotFoundError, load_cifar10
 from .runfiles import read_json, prepare_out_dir
 from ..distributed import data_parallel, exit_process_group
-from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device, data_key,
-                                   finished_results, device_problem)
+from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device,
+                                   data_key, finished_results, device_problem)
 
 # %% auto #0
 __all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'Experiment',
@@ -26,11 +26,13 @@ __all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'EXPERIMENTS', 'PAP
            'table1_grid', 'format_table1', 'plot_curves', 'demo_summary', 'main']
 
 # %% ../../nbs/05_experiments.ipynb #c006
-METHODS = dict(backprop='gradient', exact='prox_exact', cg1='prox_cg1', cg3='prox_cg3', cg5='prox_cg5', cg10='prox_cg10')
+METHODS = dict(backprop='gradient', exact='prox_exact', cg1='prox_cg1', cg3='prox_cg3', cg5='prox_cg5',
+               cg10='prox_cg10')
 TABLE1_TAUS = (50, 10, 5, 1, 0.5, 0.1, 0.05, 5e-3, 5e-4)
 QUICK = dict(n_train=300, n_eval=500, epochs=2)  # the smoke-test setting of --quick
 CG_VARIANTS = ('textbook', 'official', 'both')
 
+# %% ../../nbs/05_experiments.ipynb #fb29c671
 @dataclass(frozen=True)
 class Experiment:
     "One experiment of the paper: a model, an optimizer, the methods compared and their step sizes"
@@ -47,60 +49,78 @@ class Experiment:
 
 # %% ../../nbs/05_experiments.ipynb #c007
 EXPERIMENTS = {e.name: e for e in (
-    Experiment('fig2', 'Fig. 2: MLP, Nesterov SGD; BackProp (tau=0.05) vs ProxProp exact and cg3/5/10 (tau_theta=0.05, tau=1)',
-               'mlp', 'sgd', ('backprop', 'exact', 'cg3', 'cg5', 'cg10'), dict(backprop=0.05, prox=1.0), 0.05, 'both'),
-    Experiment('table1', 'Table 1: MLP, Nesterov SGD; final full-batch loss over the step size tau, BackProp vs ProxProp cg1/3/5 (tau_theta=1)',
+    Experiment('fig2', 'Fig. 2: MLP, Nesterov SGD; BackProp (tau=0.05) vs ProxProp exact and cg3/5/10 '
+               '(tau_theta=0.05, tau=1)',
+               'mlp', 'sgd', ('backprop', 'exact', 'cg3', 'cg5', 'cg10'), dict(backprop=0.05, prox=1.0), 0.05,
+               'both'),
+    Experiment('table1', 'Table 1: MLP, Nesterov SGD; final full-batch loss over the step size tau, '
+               'BackProp vs ProxProp cg1/3/5 (tau_theta=1)',
                'mlp', 'sgd', ('backprop', 'cg1', 'cg3', 'cg5'), None, 1.0, 'both', TABLE1_TAUS),
     Experiment('fig3', 'Fig. 3: ConvNet, Adam (tau=1e-3); BackProp vs ProxProp cg3/cg10 (tau_theta=1)',
                'convnet', 'adam', ('backprop', 'cg3', 'cg10'), dict(backprop=1e-3, prox=1e-3), 1.0, 'both'),
-    Experiment('demo', "Demo, a reduced protocol (2,500 training images, 4 epochs): the paper's MLP, Nesterov SGD; "
-               'BackProp at tau=1 and at its best tau=0.05, ProxProp cg3 at tau=1 (tau_theta=1)',
+    Experiment('demo', "Demo, a reduced protocol (2,500 training images, 4 epochs): the paper's MLP, "
+               'Nesterov SGD; BackProp at tau=1 and at its best tau=0.05, ProxProp cg3 at tau=1 '
+               '(tau_theta=1)',
                'mlp', 'sgd', ('backprop', 'cg3'), dict(backprop=(1.0, 0.05), prox=(1.0,)), 1.0, 'textbook',
                protocol=dict(n_train=2500, n_eval=500, epochs=4)),
 )}
 
 # %% ../../nbs/05_experiments.ipynb #c009
 def _variants(method, cg_variant):
+    "The CG iterations a method runs with: both for a CG method with cg_variant='both', else one"
     if not method.startswith('cg'): return ('textbook',)
     return ('textbook', 'official') if cg_variant == 'both' else (cg_variant,)
 
 def _check_subset(what, given, allowed, experiment):
+    "ValueError naming the values of `given` that are not `allowed`"
     bad = [g for g in given if g not in allowed]
     if bad: raise ValueError(f"{what} {bad} not valid for {experiment}: choose from {list(allowed)}")
 
+# %% ../../nbs/05_experiments.ipynb #d4352487
+def _check_options(e:Experiment, methods:tuple, taus, cg_variant:str, arch:str):
+    "ValueError naming what does not apply to experiment `e` among the options of `experiment_configs`"
+    _check_subset('methods', methods, e.methods, e.name)
+    if taus is not None and not e.taus:
+        raise ValueError(f"taus apply to table1 only; {e.name} has fixed step sizes")
+    _check_subset('cg_variant', [cg_variant], CG_VARIANTS, e.name)
+    if arch != 'official' and e.model != 'convnet':
+        raise ValueError(f"arch applies to the ConvNet (fig3) only, not to {e.name}")
+
+# %% ../../nbs/05_experiments.ipynb #5aaabd74
+def _step_sizes(e:Experiment, method:str, taus=None) -> list:
+    "The step sizes tau of a method in experiment `e`: its own, or the tau grid (or `taus`) of table1"
+    if e.lr is None: return [float(t) for t in (taus or e.taus)]
+    lr = e.lr['backprop' if method == 'backprop' else 'prox']
+    return [float(t) for t in (lr if isinstance(lr, tuple) else (lr,))]
+
 # %% ../../nbs/05_experiments.ipynb #c010
 def experiment_configs(experiment:str, # 'fig2', 'table1' or 'fig3'
-                       quick:bool=False, # the smoke-test setting: 300 training images, 500 val/test images, 2 epochs
+                       quick:bool=False, # the smoke-test setting: 300 training, 500 val/test images, 2 epochs
                        epochs:int|None=None, # epochs per run; None: 50 (2 with quick)
                        seed:int=0, # seed of initialisation and minibatch order
-                       n_train:int|None=None, # a seeded random subset of training images (reduced protocol); None: all (300 with quick)
+                       n_train:int|None=None, # a seeded random subset of the training images; None: all
                        methods=None, # a subset of the experiment's methods; None: all
-                       taus=None, # a subset (or other values) of the tau grid (table1 only); None: the paper's
-                       cg_variant:str|None=None, # 'textbook', 'official' or 'both'; None: the experiment's default
+                       taus=None, # a subset (or other values) of table1's tau grid; None: the paper's
+                       cg_variant:str|None=None, # 'textbook', 'official' or 'both'; None: the experiment's
                        arch:str='official', # the ConvNet of the 'official' code or of the 'paper' text (fig3)
                        sizes:tuple|None=None, # other model sizes (tests); None: the paper's
                       ) -> list:
     "The training runs (`RunConfig`s) of an experiment"
-    if experiment not in EXPERIMENTS: raise ValueError(f"experiment={experiment!r} is not valid: choose from {list(EXPERIMENTS)}")
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"experiment={experiment!r} is not valid: choose from {list(EXPERIMENTS)}")
     e = EXPERIMENTS[experiment]
-    methods = tuple(methods or e.methods); _check_subset('methods', methods, e.methods, experiment)
-    if taus is not None and not e.taus: raise ValueError(f"taus apply to table1 only; {experiment} has fixed step sizes")
-    cg_variant = cg_variant or e.cg_variant; _check_subset('cg_variant', [cg_variant], CG_VARIANTS, experiment)
-    if arch != 'official' and e.model != 'convnet': raise ValueError(f"arch applies to the ConvNet (fig3) only, not to {experiment}")
+    methods, cg_variant = tuple(methods or e.methods), cg_variant or e.cg_variant
+    _check_options(e, methods, taus, cg_variant, arch)
     given = {k: v for k, v in dict(epochs=epochs, n_train=n_train).items() if v is not None}
     proto = dict(QUICK if quick else e.protocol, **given)
     common = dict(model=e.model, optimizer=e.optimizer, seed=seed, arch=arch, sizes=sizes, **proto)
-    def lrs(m):
-        if e.lr is None: return [float(t) for t in (taus or e.taus)]
-        v = e.lr['backprop' if m == 'backprop' else 'prox']
-        return [float(t) for t in (v if isinstance(v, tuple) else (v,))]
     return [RunConfig(lr=lr, optimization_mode=METHODS[m], tau_prox=e.tau_prox, cg_variant=v, **common)
-            for m in methods for v in _variants(m, cg_variant) for lr in lrs(m)]
+            for m in methods for v in _variants(m, cg_variant) for lr in _step_sizes(e, m, taus)]
 
 # %% ../../nbs/05_experiments.ipynb #c014
 def protocol(cfg:RunConfig # a run's configuration
             ) -> str:
-    "'full protocol', or how a run departs from the paper's protocol, e.g. 'reduced: 10,000 of 45,000 training images'"
+    "'full protocol', or how a run departs from the paper's, e.g. 'reduced: 10,000 of 45,000 training images'"
     d = []
     if cfg.n_train is not None: d.append(f'{cfg.n_train:,} of 45,000 training images')
     if cfg.n_eval is not None: d.append(f'{cfg.n_eval:,} validation and test images')
@@ -113,38 +133,57 @@ def protocol(cfg:RunConfig # a run's configuration
 def _is_done(cfg, out_dir):  # a results file of another configuration under the run's name raises ValueError
     return finished_results(run_paths(out_dir, cfg)[0], cfg) is not None
 
-# %% ../../nbs/05_experiments.ipynb #c016
 def _run_error(cfg, e) -> dict:
+    "The row of a run that could not run"
     return dict(name=run_name(cfg), status='error', error=f'{type(e).__name__}: {e}', config=cfg.to_dict())
 
-def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
-                   out_dir, # the results folder
-                   data=None, # a `Cifar10`, or a CIFAR-10 source for `load_cifar10`; None: look in the usual places
-                   device=None, # torch device; None: 'cuda' if available, else 'cpu'
-                   progress:bool=True, # text progress bars on stderr
-                   log=print, # called with progress lines; None: silent
-                   **kw # options of `experiment_configs`: quick, epochs, seed, n_train, methods, taus, cg_variant, arch, sizes
-                  ) -> list: # the results record of every run; status 'error' (with the message) for a run that could not run
-    "Run (or resume, or skip) every run of an experiment into `out_dir`; a run that fails does not stop the others"
-    cfgs, log, device = experiment_configs(experiment, **kw), log or (lambda s: None), device or default_device()
+# %% ../../nbs/05_experiments.ipynb #ddf6ea35
+def _runs_to_do(cfgs:list, out_dir) -> tuple:
+    "(the runs not done yet, {run: the error of a file of another configuration under its name})"
     todo, errors = [], {}
     for c in cfgs:
         try:
             if not _is_done(c, out_dir): todo.append(c)
         except ValueError as e: errors[c] = e  # a file of another configuration under this run's name
-    log(f'{experiment}: {len(cfgs)} runs ({len(cfgs) - len(todo) - len(errors)} done already) -> {Path(out_dir)}')
+    return todo, errors
+
+# %% ../../nbs/05_experiments.ipynb #c016
+def _run_or_read(cfg:RunConfig, cifar, prepared:dict, out_dir, device, progress:bool, log, meta:dict,
+                 to_train:bool) -> dict:
+    "Train a run of a sweep (its data prepared once per data setting) or read a finished one; errors as rows"
+    key = str(data_key(cfg))
+    try:
+        if to_train and key not in prepared: prepared[key] = prepare_data(cifar, cfg, device)
+        run_log = log if to_train else None
+        return train(cfg, prepared.get(key, cifar), out_dir, device, progress, run_log, meta=meta)
+    except (ValueError, OSError) as e:
+        row = _run_error(cfg, e)
+        log(f"{run_name(cfg)}: failed, the sweep goes on: {row['error']}")
+        return row
+
+# %% ../../nbs/05_experiments.ipynb #78f0456a
+def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
+                   out_dir, # the results folder
+                   data=None, # a `Cifar10`, or a CIFAR-10 source for `load_cifar10`; None: the usual places
+                   device=None, # torch device; None: 'cuda' if available, else 'cpu'
+                   progress:bool=True, # text progress bars on stderr
+                   log=print, # called with progress lines; None: silent
+                   **kw # options of `experiment_configs`: quick, epochs, seed, n_train, methods, taus, ...
+                  ) -> list: # the results record of every run; status 'error' (and why) if it could not run
+    "Run, resume or skip every run of an experiment into `out_dir`; a run that fails does not stop the others"
+    cfgs, log = experiment_configs(experiment, **kw), log or (lambda s: None)
+    device = device or default_device()
+    todo, errors = _runs_to_do(cfgs, out_dir)
+    done = len(cfgs) - len(todo) - len(errors)
+    log(f'{experiment}: {len(cfgs)} runs ({done} done already) -> {Path(out_dir)}')
     cifar = data if isinstance(data, Cifar10) or not todo else load_cifar10(data)
-    prepared, rows = {}, []
+    prepared, rows = {}, []  # prepared: the data on the device, per data setting (`data_key`)
     for i, cfg in enumerate(cfgs, 1):
-        if cfg in errors: rows.append(_run_error(cfg, errors[cfg])); log(f"{run_name(cfg)}: {rows[-1]['error']}"); continue
+        if cfg in errors:
+            rows.append(_run_error(cfg, errors[cfg])); log(f"{run_name(cfg)}: {rows[-1]['error']}"); continue
         if cfg in todo: log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
-        key = str(data_key(cfg))
         meta = dict(experiment=experiment, protocol=protocol(cfg), quick=bool(kw.get('quick')))
-        try:
-            if cfg in todo and key not in prepared: prepared[key] = prepare_data(cifar, cfg, device)
-            rows.append(train(cfg, prepared.get(key, cifar), out_dir, device, progress, log if cfg in todo else None, meta=meta))
-        except (ValueError, OSError) as e:
-            rows.append(_run_error(cfg, e)); log(f"{run_name(cfg)}: failed, the sweep goes on: {rows[-1]['error']}")
+        rows.append(_run_or_read(cfg, cifar, prepared, out_dir, device, progress, log, meta, cfg in todo))
     return rows
 
 # %% ../../nbs/05_experiments.ipynb #c021
@@ -157,40 +196,51 @@ def _data_text(src:dict) -> str:
     elif kind.startswith('imagefolder'): what = f'an ImageFolder copy of CIFAR-10 ({name})'
     else: what = f'{kind} data'
     sha = f", sha256 {src['sha256'][:12]}..." if src.get('sha256') else ''
-    return f"{what}{sha}; {src.get('n_train_used', '?'):,} training, {src.get('n_val_used', '?'):,} validation, {src.get('n_test_used', '?'):,} test images"
+    sizes = [src.get(f'n_{s}_used', '?') for s in ('train', 'val', 'test')]
+    return f"{what}{sha}; {sizes[0]:,} training, {sizes[1]:,} validation, {sizes[2]:,} test images"
+
+# %% ../../nbs/05_experiments.ipynb #e48b1cc0
+def _machine_text(env:dict) -> str:
+    "The machine and the code of a run in words"
+    threads = f"torch threads: {env.get('torch_threads')} of {env.get('cpu_count')} cores"
+    gpu = f"GPU {env['gpu']}" if env.get('gpu') else f"CPU {env.get('cpu')} ({threads})"
+    commit = env.get('git_commit') or 'unknown'
+    # sha256 of the package's sources
+    sources = f", sources {env['source_hash'][:12]}" if env.get('source_hash') else ''
+    return (f"{gpu}; torch {env.get('torch')}, proxprop_nb {env.get('proxprop_nb')}, "
+            f"commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}{sources}")
 
 # %% ../../nbs/05_experiments.ipynb #c022
 def _row(r:dict) -> dict:
+    "A results file as one flat row"
     c, env, h = r['config'], r.get('environment', {}), r['history']
-    return dict(name=r['name'], experiment=r.get('meta', {}).get('experiment'), method=r['method'], label=r['label'],
-                model=c['model'], optimizer=c['optimizer'], lr=c['lr'], tau_prox=c['tau_prox'], cg_variant=c['cg_variant'],
-                seed=r['seed'], epochs=c['epochs'], n_train=r['data'].get('n_train_used'), status=r['status'],
-                epochs_done=r['epochs_done'], diverged_at=r.get('diverged_at'), final_train_loss=r['final_train_loss'],
-                best_val_acc=r['best_val_acc'], test_loss=r['test_loss'], test_acc=r['test_acc'], train_time=h['time'][-1] if h['time'] else None,
-                protocol=r.get('meta', {}).get('protocol') or protocol(RunConfig.from_dict(c)), data=_data_text(r['data']),
-                device=env.get('device'), machine=_machine_text(env), started=r.get('started'), finished=r.get('finished'), history=h)
-
-def _machine_text(env:dict) -> str:
-    gpu = f"GPU {env['gpu']}" if env.get('gpu') else f"CPU {env.get('cpu')} (torch threads: {env.get('torch_threads')} of {env.get('cpu_count')} cores)"
-    commit = env.get('git_commit') or 'unknown'
-    sources = f", sources {env['source_hash'][:12]}" if env.get('source_hash') else ''  # sha256 of the package's sources
-    return f"{gpu}; torch {env.get('torch')}, proxprop_nb {env.get('proxprop_nb')}, commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}{sources}"
+    return dict(name=r['name'], experiment=r.get('meta', {}).get('experiment'), method=r['method'],
+                label=r['label'], model=c['model'], optimizer=c['optimizer'], lr=c['lr'],
+                tau_prox=c['tau_prox'], cg_variant=c['cg_variant'], seed=r['seed'], epochs=c['epochs'],
+                n_train=r['data'].get('n_train_used'), status=r['status'], epochs_done=r['epochs_done'],
+                diverged_at=r.get('diverged_at'), final_train_loss=r['final_train_loss'],
+                best_val_acc=r['best_val_acc'], test_loss=r['test_loss'], test_acc=r['test_acc'],
+                train_time=h['time'][-1] if h['time'] else None,
+                protocol=r.get('meta', {}).get('protocol') or protocol(RunConfig.from_dict(c)),
+                data=_data_text(r['data']), device=env.get('device'), machine=_machine_text(env),
+                started=r.get('started'), finished=r.get('finished'), history=h)
 
 # %% ../../nbs/05_experiments.ipynb #c023
 def load_results(folder # a results folder, as written by `run_experiment`
                 ) -> list:
-    "The results files of `folder` as tidy rows, one flat dict per run (history included); a file that is not one is skipped with a warning"
+    "The results files of `folder` as tidy rows, one flat dict per run (history included); others are skipped"
     rows = []
     for p in sorted(Path(folder).glob('*.json')) if Path(folder).is_dir() else []:
         try:
             r = read_json(p)
-            if not (isinstance(r, dict) and r.get('format') == 1 and 'config' in r): raise ValueError('not a results file of proxprop_nb')
+            if not (isinstance(r, dict) and r.get('format') == 1 and 'config' in r):
+                raise ValueError('not a results file of proxprop_nb')
             rows.append(_row(r))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             warnings.warn(f"{p}: skipped ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
     order = list(METHODS)
-    return sorted(rows, key=lambda r: (str(r['experiment']), order.index(r['method']) if r['method'] in order else len(order),
-                                       r['cg_variant'], -r['lr'], r['seed'], r['name']))
+    return sorted(rows, key=lambda r: (str(r['experiment']), order.index(r['method']) if r['method'] in order
+                                       else len(order), r['cg_variant'], -r['lr'], r['seed'], r['name']))
 
 # %% ../../nbs/05_experiments.ipynb #c024
 def describe_runs(rows:list # rows from `load_results`
@@ -198,21 +248,25 @@ def describe_runs(rows:list # rows from `load_results`
     "Which experiment, protocol, data and machine produced `rows`, in a few lines"
     if not rows: return 'no results'
     uniq = lambda k: sorted({str(r[k]) for r in rows})
-    lines = [f"{len(rows)} runs of {', '.join(uniq('experiment'))}: " + ', '.join(f'{s} {sum(r["status"] == s for r in rows)}' for s in uniq('status'))]
-    lines += [f'protocol: {p}' for p in uniq('protocol')] + [f'data: {d}' for d in uniq('data')] + [f'machine: {m}' for m in uniq('machine')]
+    counts = ', '.join(f'{s} {sum(r["status"] == s for r in rows)}' for s in uniq('status'))
+    lines = [f"{len(rows)} runs of {', '.join(uniq('experiment'))}: {counts}"]
+    lines += [f'protocol: {p}' for p in uniq('protocol')] + [f'data: {d}' for d in uniq('data')]
+    lines += [f'machine: {m}' for m in uniq('machine')]
     lines.append(f"run between {min(r['started'] for r in rows)} and {max(r['finished'] for r in rows)}")
     return '\n'.join(lines)
 
 # %% ../../nbs/05_experiments.ipynb #c027
-PAPER_TABLE1 = {  # Table 1 of the paper: final full-batch loss after 50 epochs for TABLE1_TAUS; None: diverged ("–")
+# Table 1 of the paper: final full-batch loss after 50 epochs for TABLE1_TAUS; None: diverged ("–")
+PAPER_TABLE1 = {
     'backprop': (None, None, None, None, None, 0.524, 0.091, 0.637, 1.531),
     'cg1': (77.9, 0.079, 0.145, 0.667, 0.991, 1.481, 1.593, 1.881, 2.184),
     'cg3': (94.7, 0.644, 0.031, 2e-3, 0.012, 1.029, 1.334, 1.814, 2.175),
     'cg5': (66.5, 0.190, 0.027, 3e-4, 2e-3, 0.399, 1.049, 1.765, 2.175)}
+# the paper's ProxProp numbers come from its official code (the 'official' CG variant; in Fig. 2 exact and CG)
 PAPER_ACCURACY = {  # accuracies the paper's text gives for Fig. 2 (approximate test accuracy) and Fig. 3
-    # the paper's ProxProp numbers come from its official code (the 'official' CG variant; in Fig. 2 exact and CG runs alike)
     'fig2': {'BackProp': dict(test_acc=0.54), 'ProxProp, official code': dict(test_acc=0.56)},
-    'fig3': {'BackProp': dict(best_val_acc=0.717, test_acc=0.696), 'ProxProp, official code': dict(best_val_acc=0.729, test_acc=0.707)}}
+    'fig3': {'BackProp': dict(best_val_acc=0.717, test_acc=0.696),
+             'ProxProp, official code': dict(best_val_acc=0.729, test_acc=0.707)}}
 
 # %% ../../nbs/05_experiments.ipynb #c028
 def _num(v, diverged=False) -> str:
@@ -225,6 +279,7 @@ def _num(v, diverged=False) -> str:
     m, e = f'{v:.0e}'.split('e')
     return f'{m}e{int(e)}'
 
+# %% ../../nbs/05_experiments.ipynb #0adbdc34
 def _pct(v): return '' if v is None else f'{100 * v:.1f}%'
 
 # %% ../../nbs/05_experiments.ipynb #c030
@@ -232,24 +287,28 @@ def format_runs(rows:list, # rows from `load_results`
                 experiment:str|None=None # 'fig2' or 'fig3': add the paper's accuracies
                ) -> str:
     "A text table of the final numbers of each run, with the paper's accuracies where it reports them"
-    lines = [f"{'run':32s} {'status':9s} {'epochs':>6s} {'train loss':>10s} {'best val':>8s} {'test acc':>8s} {'train time':>10s}"]
+    lines = [f"{'run':32s} {'status':9s} {'epochs':>6s} {'train loss':>10s} {'best val':>8s} "
+             f"{'test acc':>8s} {'train time':>10s}"]
     for r in rows:
         t = '' if r['train_time'] is None else f"{r['train_time']:.0f} s"
-        lines.append(f"{r['label']:32s} {r['status']:9s} {r['epochs_done']:>6} {_num(r['final_train_loss'], r['status'] == 'diverged'):>10s} "
+        loss = _num(r['final_train_loss'], r['status'] == 'diverged')
+        lines.append(f"{r['label']:32s} {r['status']:9s} {r['epochs_done']:>6} {loss:>10s} "
                      f"{_pct(r['best_val_acc']):>8s} {_pct(r['test_acc']):>8s} {t:>10s}")
     for who, acc in PAPER_ACCURACY.get(experiment, {}).items():
-        lines.append(f"{who + ' (paper)':32s} {'':9s} {50:>6} {'':>10s} {_pct(acc.get('best_val_acc')):>8s} {_pct(acc.get('test_acc')):>8s}")
+        lines.append(f"{who + ' (paper)':32s} {'':9s} {50:>6} {'':>10s} {_pct(acc.get('best_val_acc')):>8s} "
+                     f"{_pct(acc.get('test_acc')):>8s}")
     return '\n'.join(lines)
 
 # %% ../../nbs/05_experiments.ipynb #c031
 def table1_grid(rows:list, # rows from `load_results`
                 variant:str='official' # the CG iteration of the ProxProp rows
                ) -> dict:
-    "{method: {tau: final full-batch loss, or '–' if diverged}} of the runs in `rows` (BackProp in every variant)"
+    "{method: {tau: final full-batch loss, or '–' if diverged}} of `rows` (BackProp's in every variant)"
     grid = {}
     for r in rows:
         if r['method'] != 'backprop' and r['cg_variant'] != variant: continue
-        grid.setdefault(r['method'], {})[r['lr']] = '–' if r['status'] == 'diverged' else r['final_train_loss']
+        loss = '–' if r['status'] == 'diverged' else r['final_train_loss']
+        grid.setdefault(r['method'], {})[r['lr']] = loss
     return grid
 
 # %% ../../nbs/05_experiments.ipynb #c032
@@ -259,7 +318,8 @@ def format_table1(rows:list, # rows from `load_results`
                  ) -> str:
     "Table 1 of our runs in the paper's layout, each row followed by the paper's"
     grid = table1_grid(rows, variant)
-    taus = sorted({t for g in grid.values() for t in g} | (set(TABLE1_TAUS) if paper else set()), reverse=True)
+    ours = {t for g in grid.values() for t in g}
+    taus = sorted(ours | (set(TABLE1_TAUS) if paper else set()), reverse=True)
     cell = lambda v: _num(None if v == '–' else v, v == '–')
     lines = [f"{'tau':22s}" + ''.join(f'{t:>8g}' for t in taus)]
     for m in [m for m in METHODS if m in grid or (paper and m in PAPER_TABLE1)]:
@@ -267,7 +327,8 @@ def format_table1(rows:list, # rows from `load_results`
         lines.append(f'{name:22s}' + ''.join(f'{cell(grid.get(m, {}).get(t)):>8s}' for t in taus))
         if paper and m in PAPER_TABLE1:
             ref = dict(zip(TABLE1_TAUS, PAPER_TABLE1[m]))
-            lines.append(f"{'  paper':22s}" + ''.join(f"{(cell('–' if ref[t] is None else ref[t]) if t in ref else ''):>8s}" for t in taus))
+            cells = [(cell('–' if ref[t] is None else ref[t]) if t in ref else '') for t in taus]
+            lines.append(f"{'  paper':22s}" + ''.join(f"{c:>8s}" for c in cells))
     return '\n'.join(lines)
 
 # %% ../../nbs/05_experiments.ipynb #c036
@@ -276,52 +337,67 @@ def _series(h, k): return [math.nan if v is None else v for v in h[k]]
 def plot_curves(rows:list, # rows from `load_results`
                 title:str='' # the figure's title
                ):
-    "Full-batch training loss against epochs and time, and validation accuracy against epochs, one line per run"
+    "Full-batch training loss against epochs and time, validation accuracy against epochs; a line per run"
     fig, axs = plt.subplots(1, 3, figsize=(13, 3.6))
     for r in rows:
         h, lbl = r['history'], r['label'] + (' (diverged)' if r['status'] == 'diverged' else '')
         axs[0].semilogy(h['epoch'], _series(h, 'train_loss'), label=lbl)
         axs[1].semilogy(h['time'], _series(h, 'train_loss'), label=lbl)
         axs[2].plot(h['epoch'], [100 * v for v in _series(h, 'val_acc')], label=lbl)
-    for ax, xl, yl in zip(axs, ('epochs', 'training time [s]', 'epochs'), ('full-batch training loss', 'full-batch training loss', 'validation accuracy [%]')):
-        ax.set_xlabel(xl); ax.set_ylabel(yl); ax.grid(alpha=0.3)
+    loss = 'full-batch training loss'
+    labels = [('epochs', loss), ('training time [s]', loss), ('epochs', 'validation accuracy [%]')]
+    for ax, (xl, yl) in zip(axs, labels): ax.set_xlabel(xl); ax.set_ylabel(yl); ax.grid(alpha=0.3)
     axs[2].legend(fontsize=8)
     fig.suptitle(title); fig.tight_layout()
     return fig
 
 # %% ../../nbs/05_experiments.ipynb #c040
 def _pos_int(s):
+    "An integer >= 1 from the command line"
     try: v = int(s)
     except ValueError: v = 0
     if v < 1: raise argparse.ArgumentTypeError(f'invalid value {s!r}: use an integer >= 1')
     return v
 
+# %% ../../nbs/05_experiments.ipynb #b011bd49
 def _tau(s):
+    "A step size tau from the command line: finite and > 0"
     try: v = float(s)
     except ValueError: v = math.nan
-    if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f'invalid step size tau {s!r}: use a finite number > 0')
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f'invalid step size tau {s!r}: use a finite number > 0')
     return v
 
 # %% ../../nbs/05_experiments.ipynb #c041
 def _parser(commands:dict) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='proxprop-experiment', description='Run the experiments of section 5 of the ProxProp paper '
-        '(fig2, table1, fig3); finished runs in --out are skipped, interrupted ones resume.')
+    "The options of `proxprop-experiment`; `commands` are listed with the experiments"
+    what = ('Run the experiments of section 5 of the ProxProp paper (fig2, table1, fig3); finished runs in '
+            '--out are skipped, interrupted ones resume.')
+    p = argparse.ArgumentParser(prog='proxprop-experiment', description=what)
     titles = [e.title for e in EXPERIMENTS.values()]
     more = [f'{k}: {what} (`proxprop-experiment {k} --help`)' for k, (what, _) in commands.items()]
-    p.add_argument('experiment', choices=[*EXPERIMENTS, *commands], help='; '.join(titles + more))
-    p.add_argument('--quick', action='store_true', help='smoke test: %(n_train)d training images, %(n_eval)d validation/test images, %(epochs)d epochs' % QUICK)
-    p.add_argument('--data', help='CIFAR-10 source: cifar-10-batches-py folder, ImageFolder tree or .tar.gz of either (default: the usual places, else a torchvision download)')
-    p.add_argument('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
-    p.add_argument('--epochs', type=_pos_int, help='epochs per run (default 50; 2 with --quick)')
-    p.add_argument('--seed', type=int, default=0, help='seed of initialisation and minibatch order (default 0)')
-    p.add_argument('--out', type=Path, help='results folder (default proxprop-results/EXPERIMENT[-quick] in the current folder)')
-    p.add_argument('--n-train', type=_pos_int, help='train on a seeded random subset of N training images (reduced protocol)')
-    p.add_argument('--cg-variant', choices=CG_VARIANTS, help="CG iteration of the ProxProp runs (default: both)")
-    p.add_argument('--taus', type=_tau, nargs='+', metavar='TAU', help='step sizes of table1 (default: the paper\'s nine)')
-    p.add_argument('--methods', nargs='+', metavar='METHOD', help='a subset of the experiment\'s methods: ' + ', '.join(METHODS))
-    p.add_argument('--arch', choices=('official', 'paper'), default='official', help='ConvNet of fig3: the official code\'s (default) or the paper text\'s')
-    p.add_argument('--threads', type=_pos_int, help='torch CPU threads (default: torch\'s choice)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    add = p.add_argument
+    add('experiment', choices=[*EXPERIMENTS, *commands], help='; '.join(titles + more))
+    quick = ('smoke test: %(n_train)d training images, %(n_eval)d validation/test images, '
+             '%(epochs)d epochs' % QUICK)
+    add('--quick', action='store_true', help=quick)
+    add('--data', help='CIFAR-10 source: cifar-10-batches-py folder, ImageFolder tree or .tar.gz of either '
+                       '(default: the usual places, else a torchvision download)')
+    add('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
+    add('--epochs', type=_pos_int, help='epochs per run (default 50; 2 with --quick)')
+    add('--seed', type=int, default=0, help='seed of initialisation and minibatch order (default 0)')
+    add('--out', type=Path,
+        help='results folder (default proxprop-results/EXPERIMENT[-quick] in the current folder)')
+    add('--n-train', type=_pos_int,
+        help='train on a seeded random subset of N training images (reduced protocol)')
+    add('--cg-variant', choices=CG_VARIANTS, help="CG iteration of the ProxProp runs (default: both)")
+    add('--taus', type=_tau, nargs='+', metavar='TAU', help="table1's step sizes (default: the paper's nine)")
+    add('--methods', nargs='+', metavar='METHOD',
+        help="a subset of the experiment's methods: " + ', '.join(METHODS))
+    add('--arch', choices=('official', 'paper'), default='official',
+        help="ConvNet of fig3: the official code's (default) or the paper text's")
+    add('--threads', type=_pos_int, help="torch CPU threads (default: torch's choice)")
+    add('--no-progress', action='store_true', help='no progress bars')
     return p
 
 # %% ../../nbs/05_experiments.ipynb #c043
@@ -331,66 +407,99 @@ def demo_summary(rows:list # rows from `load_results` of a `demo` run
     get = lambda m, lr: next((r for r in rows if r['method'] == m and r['lr'] == lr), None)
     bp1, bp, px = get('backprop', 1.0), get('backprop', 0.05), get('cg3', 1.0)
     if None in (bp1, bp, px): return 'demo: not all three runs are there'
-    loss = lambda r: 'diverged' if r['status'] == 'diverged' else f"ends at a full-batch loss of {r['final_train_loss']:.3f}"
-    where = lambda d: (f" (in epoch {d['epoch']}, " + (f"step {d['step']})" if d.get('step') is not None else 'full-batch loss)')
-                       if d else '')
-    lines = [f"BackProp, tau=1:         {loss(bp1)}" + (where(bp1['diverged_at']) if bp1['status'] == 'diverged' else ''),
+    loss = lambda r: ('diverged' if r['status'] == 'diverged'
+                      else f"ends at a full-batch loss of {r['final_train_loss']:.3f}")
+    where = lambda d: (f" (in epoch {d['epoch']}, " + (f"step {d['step']})" if d.get('step') is not None
+                                                       else 'full-batch loss)') if d else '')
+    at = where(bp1['diverged_at']) if bp1['status'] == 'diverged' else ''
+    lines = [f"BackProp, tau=1:         {loss(bp1)}{at}",
              f"BackProp, tau=0.05:      {loss(bp)} (its best step size in Table 1)",
              f"ProxProp cg3, tau=1:     {loss(px)}"]
     if bp1['status'] == 'diverged' and px['status'] == 'finished' and bp['status'] == 'finished':
-        verdict = ('lower than BackProp at its best step size: the paper\'s effect' if px['final_train_loss'] < bp['final_train_loss']
+        verdict = ("lower than BackProp at its best step size: the paper's effect"
+                   if px['final_train_loss'] < bp['final_train_loss']
                    else 'not lower than BackProp at its best step size in this short run')
         lines.append(f"ProxProp trains at a step size where BackProp diverges, and ends {verdict}.")
-    return '\n'.join(lines + [f"({rows[0]['protocol']}; the paper's protocol is `proxprop-experiment table1`)"])
+    lines.append(f"({rows[0]['protocol']}; the paper's protocol is `proxprop-experiment table1`)")
+    return '\n'.join(lines)
 
+# %% ../../nbs/05_experiments.ipynb #4347377e
 def _summary(experiment, rows) -> str:
+    "The summary of an experiment's results: its runs' numbers, or for table1 the table, one per CG iteration"
     if experiment == 'demo': return format_runs(rows, experiment) + '\n\n' + demo_summary(rows)
     if experiment != 'table1': return format_runs(rows, experiment)
     variants = sorted({r['cg_variant'] for r in rows if r['method'] != 'backprop'}) or ['textbook']
     return '\n\n'.join(f'Table 1, {v} CG:\n' + format_table1(rows, v) for v in variants)
 
-# %% ../../nbs/05_experiments.ipynb #c044
-def main(argv:list|None=None, # command-line arguments; None: sys.argv[1:]
-         commands:dict|None=None # other commands, {name: (what it does, its main)}: `NAME ARGS` calls main(ARGS)
-        ) -> int:
-    "The `proxprop-experiment` command: run an experiment and print where its results are and a summary"
-    # Under torchrun, where it sets up the process group itself, it closes the group and ends the process with its exit
-    # status (`exit_process_group`) instead of returning.
-    argv, commands = sys.argv[1:] if argv is None else list(argv), commands or {}
-    if argv[:1] and argv[0] in commands: return commands[argv[0]][1](argv[1:])
+# %% ../../nbs/05_experiments.ipynb #2e58ac1c
+def _parse_args(argv:list, commands:dict) -> tuple:
+    "(parser, arguments, options of `experiment_configs`, the runs); usage errors for a bad device or options"
     p = _parser(commands)
     a = p.parse_args(argv)
-    if a.device is not None:
-        if (why := device_problem(a.device)) is not None: p.error(f'--device {a.device}: {why}')
-    if a.threads: torch.set_num_threads(a.threads)
-    kw = dict(quick=a.quick, epochs=a.epochs, seed=a.seed, n_train=a.n_train, methods=a.methods, taus=a.taus, cg_variant=a.cg_variant, arch=a.arch)
-    try: cfgs = experiment_configs(a.experiment, **kw)
+    if a.device is not None and (why := device_problem(a.device)) is not None:
+        p.error(f'--device {a.device}: {why}')
+    kw = dict(quick=a.quick, epochs=a.epochs, seed=a.seed, n_train=a.n_train, methods=a.methods, taus=a.taus,
+              cg_variant=a.cg_variant, arch=a.arch)
+    try: return p, a, kw, experiment_configs(a.experiment, **kw)
     except ValueError as e: p.error(str(e))
+
+# %% ../../nbs/05_experiments.ipynb #b0eabf79
+def _header(a:argparse.Namespace, cfgs:list, out:Path, world:int) -> str:
+    "What is about to run, on what, and where the results go"
+    procs = f', {world} processes' if world > 1 else ''
+    return (f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, '
+            f'device {a.device or default_device()}, CPU threads: {torch.get_num_threads()}{procs}\n'
+            f'results: {out.resolve()}')
+
+# %% ../../nbs/05_experiments.ipynb #a874fedc
+def _load_once(p:argparse.ArgumentParser, data, cfgs:list, out:Path, dp) -> Cifar10|None:
+    "CIFAR-10 if some run is still to do, else None; under torchrun rank 0 decodes it, the others read it"
+    if all(_is_done(c, out) for c in cfgs): return None
+    if not dp.main: dp.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
+    try: return load_cifar10(data)
+    except (Cifar10NotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment: error: {e}\n')
+    finally:
+        if dp.main: dp.barrier()
+
+# %% ../../nbs/05_experiments.ipynb #1695c920
+def _report(say, out:Path, experiment:str, rows:list) -> int:
+    "Say where the results are, what produced them, their summary and which runs did not end; the exit status"
+    tidy = [_row(r) for r in rows if r['status'] in ('finished', 'diverged')]
+    say(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(experiment, tidy))
+    other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
+    for r in other:
+        say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
+    return 1 if any(r['status'] == 'error' for r in other) else 0
+
+# %% ../../nbs/05_experiments.ipynb #c044
+def main(argv:list|None=None, # command-line arguments; None: sys.argv[1:]
+         commands:dict|None=None # {name: (what it does, its main)}: `NAME ARGS` calls that main(ARGS)
+        ) -> int:
+    "The `proxprop-experiment` command: run an experiment and print where its results are and a summary"
+    # Under torchrun, where it sets up the process group itself, it closes the group and ends the process
+    # with its exit status (`exit_process_group`) instead of returning.
+    argv, commands = sys.argv[1:] if argv is None else list(argv), commands or {}
+    if argv[:1] and argv[0] in commands: return commands[argv[0]][1](argv[1:])
+    p, a, kw, cfgs = _parse_args(argv, commands)
+    if a.threads: torch.set_num_threads(a.threads)
     out = a.out or Path('proxprop-results')/(a.experiment + ('-quick' if a.quick else ''))
     owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    dp = data_parallel(a.device)  # torchrun: one process per device, each its share of every minibatch; rank 0 reports
+    # under torchrun: one process per device, each its share of every minibatch; rank 0 reports
+    dp = data_parallel(a.device)
     owned = owned and dp.world > 1  # a process group set up here is closed here
     say = print if dp.main else (lambda *args, **kw: None)
-    say(f'{EXPERIMENTS[a.experiment].title}\n{len(cfgs)} runs, {protocol(cfgs[0])}, device {a.device or default_device()}, '
-        f'CPU threads: {torch.get_num_threads()}' + (f', {dp.world} processes' if dp.world > 1 else '') + f'\nresults: {out.resolve()}', flush=True)
+    say(_header(a, cfgs, out, dp.world), flush=True)
     if dp.main:
-        try: prepare_out_dir(out, 'proxprop-experiment')  # a results folder that cannot take files fails now, not after an epoch
+        # a folder that cannot take files fails now, not after an epoch
+        try: prepare_out_dir(out, 'proxprop-experiment')
         except OSError as e: p.exit(1, f'proxprop-experiment: error: {e.strerror or e}\n')
-    data = None
-    if any(not _is_done(c, out) for c in cfgs):
-        if not dp.main: dp.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
-        try: data = load_cifar10(a.data)
-        except (Cifar10NotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment: error: {e}\n')
-        finally:
-            if dp.main: dp.barrier()
-    rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main, say if dp.main else None, **kw)
-    tidy = [_row(r) for r in rows if r['status'] in ('finished', 'diverged')]
-    say(f'\nresults in {out.resolve()}\n' + describe_runs(tidy) + '\n\n' + _summary(a.experiment, tidy))
-    other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
-    for r in other: say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
-    code = 1 if any(r['status'] == 'error' for r in other) else 0
-    if owned: exit_process_group(code)  # a group set up here is closed here; every process waits for the others first
+    data = _load_once(p, a.data, cfgs, out, dp)
+    rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main,
+                          say if dp.main else None, **kw)
+    code = _report(say, out, a.experiment, rows)
+    if owned: exit_process_group(code)  # every process waits for the others first
     return code
 
 # %% ../../nbs/05_experiments.ipynb #c045
-if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m proxprop_nb.lab.experiments
+# python -m proxprop_nb.lab.experiments
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -23,40 +23,55 @@ __all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'start_tests', 'finis
 # %% ../../nbs/07a_stages.ipynb #c006
 def _repo_root() -> Path: return Path(proxprop_nb.__file__).resolve().parent.parent
 
+# %% ../../nbs/07a_stages.ipynb #102a3157
 def start_tests(device:str, log_path:Path, quick:bool=False) -> subprocess.Popen|None:
-    "Start tests/test_cuda.py on `device` in a subprocess writing to `log_path`; None outside a source checkout"
+    "Start tests/test_cuda.py on `device` in a subprocess writing to `log_path`; None outside a checkout"
     tests = _repo_root()/'tests'/'test_cuda.py'
     if not tests.is_file(): return None
-    cmd = [sys.executable, '-m', 'pytest', '--noconftest', '-p', 'no:cacheprovider', '-q', '-rfEs', str(tests)]
+    cmd = [sys.executable, '-m', 'pytest', '--noconftest', '-p', 'no:cacheprovider', '-q', '-rfEs',
+           str(tests)]
     if quick: cmd += ['-k', 'linear_routes and f64 or autocast and linear']
-    env = dict(os.environ, PROXPROP_TEST_DEVICE=device, PYTHONPATH=os.pathsep.join([str(_repo_root()), os.environ.get('PYTHONPATH', '')]))
-    return subprocess.Popen(cmd, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, cwd=_repo_root(), env=env)
+    path = os.pathsep.join([str(_repo_root()), os.environ.get('PYTHONPATH', '')])
+    env = dict(os.environ, PROXPROP_TEST_DEVICE=device, PYTHONPATH=path)
+    return subprocess.Popen(cmd, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, cwd=_repo_root(),
+                            env=env)
 
+# %% ../../nbs/07a_stages.ipynb #9c11182d
 def finish_tests(proc, log_path:Path, timeout:float) -> dict:
     "Wait for the tests (killing them after `timeout` seconds); their outcome and pytest's summary line"
-    if proc is None: return dict(outcome='not run: tests/test_cuda.py is not in this installation', summary=None)
+    if proc is None:
+        return dict(outcome='not run: tests/test_cuda.py is not in this installation', summary=None)
     try: rc = proc.wait(timeout=max(1, timeout))
     except subprocess.TimeoutExpired:
         proc.kill(); proc.wait()
         return dict(outcome='timed out', returncode=None, summary=f'killed after {timeout:.0f} s')
     lines = [l for l in Path(log_path).read_text(errors='replace').splitlines() if l.strip()]
-    summary = next((l for l in reversed(lines) if ' passed' in l or ' failed' in l or ' error' in l or 'skipped' in l), None)
+    is_summary = lambda l: ' passed' in l or ' failed' in l or ' error' in l or 'skipped' in l
+    summary = next((l for l in reversed(lines) if is_summary(l)), None)
     return dict(outcome='passed' if rc == 0 else 'failed', returncode=rc, summary=summary)
 
 # %% ../../nbs/07a_stages.ipynb #c007
 BENCH_BATCHES = (100, 500, 1000, 2000)
 BENCH_MODES = ('plain', 'gradient', 'prox_exact', 'prox_cg3', 'prox_cg10')
 ROUTE_LAYERS = [('linear', (500, 3072, 4000)), ('linear', (500, 4000, 1000)), ('linear', (500, 1000, 4000)),
-                ('conv2d', (500, 3, 32, 16, 5)), ('conv2d', (500, 16, 16, 20, 5)), ('conv2d', (500, 20, 8, 20, 5))]
+                ('conv2d', (500, 3, 32, 16, 5)), ('conv2d', (500, 16, 16, 20, 5)),
+                ('conv2d', (500, 20, 8, 20, 5))]
 
+def _routes_line(layer:str, shape:tuple, mode:str, times:dict) -> str:
+    "The log line of the route times of one layer"
+    ms = ', '.join(f"{k} {v['ms']:.2f} ms" for k, v in times.items() if isinstance(v, dict))
+    return f"routes {layer} {shape} {mode}: {ms}; flop model: {times['auto']}, fastest: {times['fastest']}"
+
+# %% ../../nbs/07a_stages.ipynb #c0b5cac9
 def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) -> dict:
-    "The benchmark stage: step costs of every mode for both networks and batch sizes, and the route times of their layers"
+    "The benchmark stage: step costs of every mode for both networks and batch sizes, their layers' routes"
     out = dict(steps=[], routes=[], skipped=[])
     for model in ('mlp', 'convnet'):
         for bs in ((16,) if quick else BENCH_BATCHES):
             if time.time() > deadline: out['skipped'].append([model, bs]); continue
-            r = benchmark(model, bs, BENCH_MODES, (64, 32, 64) if quick and model == 'mlp' else None, device,
-                          repeats=3 if quick else 7, warmup=1 if quick else 2)
+            widths = (64, 32, 64) if quick and model == 'mlp' else None
+            r = benchmark(model, bs, BENCH_MODES, widths, device, repeats=3 if quick else 7,
+                          warmup=1 if quick else 2)
             out['steps'].append(r); log(format_table(r))
     for layer, shape in ROUTE_LAYERS[::3] if quick else ROUTE_LAYERS:
         if quick: shape = (16, *shape[1:]) if layer == 'conv2d' else (16, 64, 32)
@@ -64,10 +79,10 @@ def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) 
             if time.time() > deadline: out['skipped'].append([layer, shape, mode]); continue
             rt = route_times(layer, shape, mode, repeats=2 if quick else 5, device=device)
             out['routes'].append(dict(layer=layer, shape=list(shape), mode=mode, times=rt))
-            log(f"routes {layer} {shape} {mode}: " + ', '.join(f"{k} {v['ms']:.2f} ms" for k, v in rt.items() if isinstance(v, dict))
-                + f"; flop model: {rt['auto']}, fastest: {rt['fastest']}")
+            log(_routes_line(layer, shape, mode, rt))
     return out
 
+# %% ../../nbs/07a_stages.ipynb #04d95caf
 def bench_step_seconds(bench:dict, batch:int=500) -> dict:
     "{(model, mode): median seconds per step} at `batch` (or the nearest benchmarked batch size)"
     out = {}
@@ -75,59 +90,95 @@ def bench_step_seconds(bench:dict, batch:int=500) -> dict:
         rs = [r for r in bench['steps'] if r['model'] == model]
         if not rs: continue
         r = min(rs, key=lambda r: abs(r['batch_size'] - batch))
-        scale = batch / r['batch_size']  # a smaller benchmark (quick) scales linearly: crude, on purpose conservative
+        # a smaller benchmark (quick) scales linearly: crude, on purpose conservative
+        scale = batch / r['batch_size']
         for mode, m in r['modes'].items(): out[(model, mode)] = m['median_ms'] / 1e3 * max(1.0, scale)
     return out
 
 # %% ../../nbs/07a_stages.ipynb #c009
 def _ratio_table(bench:dict) -> list:
+    "A line per benchmark result: plain backprop's median step time, and each mode's relative to it"
     lines = []
     for r in bench.get('steps', []):
-        ms = {m: v['median_ms'] for m, v in r['modes'].items()}
-        lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}: plain {ms['plain']:.2f} ms; "
-                     + ', '.join(f"{m} {v['ratio']:.2f}x" for m, v in r['modes'].items() if m != 'plain'))
+        ratios = ', '.join(f"{m} {v['ratio']:.2f}x" for m, v in r['modes'].items() if m != 'plain')
+        plain = r['modes']['plain']['median_ms']
+        lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}: plain {plain:.2f} ms; {ratios}")
     return lines
 
+# %% ../../nbs/07a_stages.ipynb #35731400
+def _header_lines(rec:dict) -> list:
+    "The machine, the code, the budget and the protocol of a campaign"
+    env = rec['environment']
+    protocol = ('quick smoke test (reduced, not the paper protocol)' if rec['quick']
+                else 'full (50 epochs, 45,000 training images)')
+    used = rec.get('elapsed_s', 0) / 60
+    return [f"proxprop_nb campaign on {env.get('gpu') or env.get('cpu')} ({env['device']}), "
+            f"torch {env['torch']}, commit {env.get('git_commit')} ({env.get('commit_from')}), "
+            f"sources {env['source_hash']}",
+            f"budget {rec['budget_minutes']} min, used {used:.1f} min; protocol: {protocol}"]
+
+# %% ../../nbs/07a_stages.ipynb #2e9cd457
+def _stage_lines(rec:dict) -> list:
+    "The tests' outcome, the benchmark's ratios and the concurrency measured"
+    st, lines = rec['stages'], []
+    if 'tests' in st:
+        t = st['tests']
+        lines.append(f"tests: {t.get('outcome')} - {t.get('summary')} ({t.get('seconds', 0):.0f} s)")
+    if 'bench' in st:
+        lines += ['', f"benchmark ({st['bench'].get('seconds', 0):.0f} s): median step time of plain "
+                      "backprop, and each mode relative to it"]
+        lines += _ratio_table(rec.get('bench', {}))
+    if 'concurrency' in st and st['concurrency'].get('speedup'):
+        c = st['concurrency']
+        speedups = ', '.join(f"{k}: {float(v):.2f}x" for k, v in c['speedup'].items())
+        lines += ['', f"runs at once ({c['model']} {c['mode']} batch {c['batch']}): {speedups}; "
+                      f"the campaign used {rec.get('workers')}"]
+    return lines
+
+# %% ../../nbs/07a_stages.ipynb #795fc402
+def _run_lines(rec:dict) -> list:
+    "The paper's runs counted by outcome, then each run's outcome"
+    if 'runs' not in rec['stages']: return []
+    runs = rec.get('runs', [])
+    count = lambda o: sum(r['outcome'] == o for r in runs)
+    counts = ', '.join(f'{o} {count(o)}' for o in sorted({r['outcome'] for r in runs}))
+    took = lambda r: f" ({r['seconds']:.0f} s)" if r.get('seconds') else ''
+    return (['', f"runs ({rec['stages']['runs'].get('seconds', 0):.0f} s): {counts}"]
+            + [f"  {r['outcome']:45s} {r['experiment']:7s} {r['name']}{took(r)}" for r in runs])
+
+# %% ../../nbs/07a_stages.ipynb #d8474670
+def _compare_lines(rec:dict) -> list:
+    "The optimizer comparison's runs, counted by outcome"
+    if 'compare' not in rec: return []
+    c, seconds = rec['compare'], rec['stages'].get('compare', {}).get('seconds', 0)
+    n = lambda status: sum(r[1] == status for r in c['runs'])
+    left_out = f"; left out: {', '.join(c['left_out'])}" if c['left_out'] else ''
+    return ['', f"optimizer comparison, {c['setting']} setting ({seconds:.0f} s): {len(c['runs'])} runs, "
+                f"finished {n('finished')}, diverged {n('diverged')}, stopped {n('stopped')}{left_out}"]
+
+# %% ../../nbs/07a_stages.ipynb #11a9d8af
+def _table_lines(work:Path) -> list:
+    "The experiments whose runs finished in `work`: what produced them, and the paper's tables of them"
+    lines = []
+    for exp in EXPERIMENTS:
+        rows = [r for r in load_results(Path(work)/exp) if r['status'] in ('finished', 'diverged')]
+        if not rows: continue
+        lines += ['', f"{EXPERIMENTS[exp].title}", describe_runs(rows)]
+        if exp == 'table1':
+            for v in sorted({r['cg_variant'] for r in rows if r['method'] != 'backprop'}) or ['textbook']:
+                lines += [f'Table 1, {v} CG:', format_table1(rows, v)]
+        else: lines.append(format_runs(rows, exp))
+    return lines
+
+# %% ../../nbs/07a_stages.ipynb #a1f910f9
 def summary_text(rec:dict, # the campaign record (campaign.json)
                  work:Path|None=None, # the work folder, for the tables of finished runs
                 ) -> str:
     "The campaign's outcome in words and tables"
-    env, st = rec['environment'], rec['stages']
-    L = [f"proxprop_nb campaign on {env.get('gpu') or env.get('cpu')} ({env['device']}), torch {env['torch']}, "
-         f"commit {env.get('git_commit')} ({env.get('commit_from')}), sources {env['source_hash']}",
-         f"budget {rec['budget_minutes']} min, used {rec.get('elapsed_s', 0) / 60:.1f} min; "
-         f"protocol: {'quick smoke test (reduced, not the paper protocol)' if rec['quick'] else 'full (50 epochs, 45,000 training images)'}"]
-    if 'tests' in st: L.append(f"tests: {st['tests'].get('outcome')} - {st['tests'].get('summary')} ({st['tests'].get('seconds', 0):.0f} s)")
-    if 'bench' in st:
-        L += ['', f"benchmark ({st['bench'].get('seconds', 0):.0f} s): median step time of plain backprop, and each mode relative to it"]
-        L += _ratio_table(rec.get('bench', {}))
-    if 'concurrency' in st and st['concurrency'].get('speedup'):
-        c = st['concurrency']
-        L += ['', f"runs at once ({c['model']} {c['mode']} batch {c['batch']}): "
-              + ', '.join(f"{k}: {float(v):.2f}x" for k, v in c['speedup'].items()) + f"; the campaign used {rec.get('workers')}"]
-    if 'runs' in st:
-        runs = rec.get('runs', [])
-        count = lambda o: sum(r['outcome'] == o for r in runs)
-        L += ['', f"runs ({st['runs'].get('seconds', 0):.0f} s): " + ', '.join(
-            f'{o} {count(o)}' for o in sorted({r['outcome'] for r in runs}))]
-        L += [f"  {r['outcome']:45s} {r['experiment']:7s} {r['name']}" + (f" ({r['seconds']:.0f} s)" if r.get('seconds') else '')
-              for r in runs]
-    if 'compare' in rec:
-        c = rec['compare']; n = lambda s: sum(r[1] == s for r in c['runs'])
-        L += ['', f"optimizer comparison, {c['setting']} setting ({st.get('compare', {}).get('seconds', 0):.0f} s): {len(c['runs'])} runs, "
-              f"finished {n('finished')}, diverged {n('diverged')}, stopped {n('stopped')}"
-              + (f"; left out: {', '.join(c['left_out'])}" if c['left_out'] else '')]
-    if work is not None:
-        for exp in EXPERIMENTS:
-            rows = [r for r in load_results(Path(work)/exp) if r['status'] in ('finished', 'diverged')]
-            if not rows: continue
-            L += ['', f"{EXPERIMENTS[exp].title}", describe_runs(rows)]
-            if exp == 'table1':
-                for v in sorted({r['cg_variant'] for r in rows if r['method'] != 'backprop'}) or ['textbook']:
-                    L += [f'Table 1, {v} CG:', format_table1(rows, v)]
-            else: L.append(format_runs(rows, exp))
-    return '\n'.join(L)
+    lines = _header_lines(rec) + _stage_lines(rec) + _run_lines(rec) + _compare_lines(rec)
+    return '\n'.join(lines + (_table_lines(work) if work is not None else []))
 
+# %% ../../nbs/07a_stages.ipynb #4cc8c5d4
 def pack(work:Path, # the work folder
          dest:Path, # the .tar.gz to write
         ) -> int: # number of results files packed
@@ -140,31 +191,46 @@ def pack(work:Path, # the work folder
     return len(files)
 
 # %% ../../nbs/07a_stages.ipynb #c011
+def _methods_here(log) -> tuple:
+    "The comparison's methods that can run here, and those left out (Muon and SOAP need pytorch-optimizer)"
+    import importlib.util
+    from proxprop_nb.lab.compare import METHODS
+    peers = importlib.util.find_spec('pytorch_optimizer') is not None
+    methods = [m for m in METHODS if peers or m not in ('muon', 'soap')]
+    left_out = [] if peers else ['muon', 'soap']
+    if left_out: log('compare: pytorch-optimizer is not installed: Muon and SOAP left out')
+    return methods, left_out
+
+# %% ../../nbs/07a_stages.ipynb #4092426e
+def _compare_todo(out:Path, setting:str, methods:list, data, ran:set) -> list:
+    "The comparison's runs not done yet, in plan order; without CIFAR-10 only those that need none"
+    from proxprop_nb.lab.compare import compare_plan
+    from proxprop_nb.lab.compare_run import load_records
+    done = load_records(out)
+    planned = compare_plan(setting, done, methods=methods)
+    todo = [r for r in planned if r.name not in done and r.name not in ran]
+    return [r for r in todo if data != 'synthetic' or r.network == 'lm' or r.images == 'synthetic']
+
+# %% ../../nbs/07a_stages.ipynb #8db189ed
 def run_compare_stage(work:Path, # the campaign's work folder: records go to work/compare
-                      data, # a CIFAR-10 source path; 'synthetic' (a rehearsal) runs the language model and synthetic images only
+                      data, # a CIFAR-10 source path; 'synthetic' (a rehearsal): the runs needing no CIFAR-10
                       device:str, # 'cuda' or 'cpu'
                       quick:bool, # the comparison's quick setting instead of its full one
                       deadline:float, # a time.time(): no run starts that may not end before it
                       log=print, # called with a line per run
                      ) -> dict: # {'setting', 'methods', 'left_out', 'runs': [(name, status, steps)]}
     "Run the optimizer comparison's plan after the paper's runs, one run at a time, until the deadline"
-    import importlib.util
-    from proxprop_nb.lab.compare import compare_plan, METHODS
-    from proxprop_nb.lab.compare_run import load_records, compare_task, estimate_s
+    from proxprop_nb.lab.compare_run import compare_task, estimate_s
     setting = 'quick' if quick else 'full'
-    peers = importlib.util.find_spec('pytorch_optimizer') is not None
-    methods = [m for m in METHODS if peers or m not in ('muon', 'soap')]
-    left_out = [] if peers else ['muon', 'soap']
-    if left_out: log('compare: pytorch-optimizer is not installed: Muon and SOAP left out')
+    methods, left_out = _methods_here(log)
     out, runs = Path(work)/'compare', []
     out.mkdir(parents=True, exist_ok=True)
-    while True:  # the plan grows as sweeps complete (other seeds at the chosen rate)
-        done = load_records(out)
-        todo = [r for r in compare_plan(setting, done, methods=methods) if r.name not in done and r.name not in {n for n, *_ in runs}]
-        todo = [r for r in todo if data != 'synthetic' or r.network == 'lm' or r.images == 'synthetic']
-        if not todo: break
+    # the plan grows as sweeps complete (other seeds at the chosen rate)
+    while todo := _compare_todo(out, setting, methods, data, {name for name, *_ in runs}):
         run = todo[0]
-        if time.time() + estimate_s(run) > deadline: log(f'compare: {len(todo)} runs left, no time for the next one'); break
-        name, status, steps = compare_task(run.to_dict(), None if data == 'synthetic' else data, out, device, deadline)
+        if time.time() + estimate_s(run) > deadline:
+            log(f'compare: {len(todo)} runs left, no time for the next one'); break
+        source = None if data == 'synthetic' else data
+        name, status, steps = compare_task(run.to_dict(), source, out, device, deadline)
         runs.append((name, status, steps)); log(f'compare: {name}: {status} ({steps} steps)')
     return dict(setting=setting, methods=methods, left_out=left_out, runs=runs)
