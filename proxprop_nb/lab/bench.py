@@ -24,8 +24,8 @@ from .train import MODELS, default_device, synchronize, device_problem
 from .runfiles import environment, write_json, read_json
 
 # %% auto #0
-__all__ = ['MODES', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'machine_info', 'benchmark',
-           'route_times', 'exact_solve_times', 'format_table', 'run', 'main']
+__all__ = ['MODES', 'HOST_READ_OP', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'profile_step',
+           'machine_info', 'benchmark', 'route_times', 'exact_solve_times', 'format_table', 'run', 'main']
 
 # %% ../../nbs/06_bench.ipynb #c005
 def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3, the official code's net)
@@ -118,6 +118,26 @@ def step_peak_memory(step, # a step function from `make_step`
         peak = max(peak, current)
     return peak + held
 
+# %% ../../nbs/06_bench.ipynb #9124add1
+HOST_READ_OP = 'aten::_local_scalar_dense'  # what .item(), bool(t) and float(t) run: a synchronisation on a GPU
+
+def profile_step(step, # a step function from `make_step`, run once before (routes chosen, caches filled)
+                 device='cpu', # synchronised around the profiled step on CUDA
+                ) -> dict: # op calls, host reads, CUDA kernels and their time, wall-clock ms
+    "Operator calls, host reads and (on CUDA) kernel launches of one step, under torch.profiler"
+    from torch.profiler import profile, ProfilerActivity
+    cuda = torch.device(device).type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with _quiet_fd(2), profile(activities=activities) as prof:
+        t0 = time.perf_counter(); step(); synchronize(device); wall = time.perf_counter() - t0
+    events = prof.events()
+    kernels = [k for e in events for k in getattr(e, 'kernels', [])] if cuda else []
+    return dict(ops=sum(e.name.startswith('aten::') for e in events),
+                host_reads=sum(e.name == HOST_READ_OP for e in events), kernels=len(kernels),
+                kernel_ms=sum(k.duration for k in kernels) / 1e3, wall_ms=1e3 * wall)
+
+
 # %% ../../nbs/06_bench.ipynb #c015
 def machine_info(device='cpu') -> dict:
     "Where a benchmark ran: `train.environment`, plus `threads` and `device_name` (the GPU, else the CPU)"
@@ -137,7 +157,8 @@ def _mode_result(times:list, step, x, y, device) -> dict:
     layers = [l for l in step.model.modules() if isinstance(l, ProxPropMixin)]
     return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), times_ms=ms,
                 peak_bytes=step_peak_memory(step, held_bytes(step, x, y), device),
-                routes=[l.last_route for l in layers], solves=_solve_records(step.model))
+                routes=[l.last_route for l in layers], solves=_solve_records(step.model),
+                profile=profile_step(step, device))
 
 # %% ../../nbs/06_bench.ipynb #bbaebfc4
 def _add_ratios(modes:dict):
@@ -266,11 +287,13 @@ def format_table(res:dict # a `benchmark` result
     lines = [f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']} tau_prox={res['tau_prox']} "
              f"on {machine['device_name']} ({machine['threads']} threads), torch {machine['torch']}, "
              f"median of {res['repeats']} interleaved steps",
-             f"{'mode':<12}{'median ms':>10}{'min':>8}{'max':>8}{'ratio':>7}{'peak MB':>9}{'mem':>6}  routes"]
+             f"{'mode':<12}{'median ms':>10}{'min':>8}{'max':>8}{'ratio':>7}{'peak MB':>9}{'mem':>6}"
+             f"{'ops':>7}{'reads':>6}  routes"]
     for m, r in res['modes'].items():
+        prof = r.get('profile') or dict(ops='-', host_reads='-')  # files from before the profile was added
         lines.append(f"{m:<12}{r['median_ms']:>10.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}"
-                     f"{r['ratio']:>6.2f}x{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x  "
-                     f"{','.join(r['routes'])}")
+                     f"{r['ratio']:>6.2f}x{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x"
+                     f"{prof['ops']:>7}{prof['host_reads']:>6}  {','.join(r['routes'])}")
     return '\n'.join(lines)
 
 # %% ../../nbs/06_bench.ipynb #c030
