@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import time
@@ -24,9 +25,9 @@ import proxprop_nb
 from .sources import process_alive, remove_dead_temps
 
 # %% auto #0
-__all__ = ['json_safe', 'write_json', 'read_json', 'source_hash', 'environment', 'RunFileError', 'save_checkpoint',
-           'load_checkpoint', 'move_aside', 'utc_timestamp', 'take_run_lock', 'prepare_out_dir', 'data_identity',
-           'differences']
+__all__ = ['json_safe', 'write_json', 'read_json', 'source_hash', 'environment', 'content_sha256', 'RunFileError',
+           'save_checkpoint', 'load_checkpoint', 'move_aside', 'utc_timestamp', 'process_start_time', 'take_run_lock',
+           'release_run_lock', 'force_unlock', 'prepare_out_dir', 'data_identity', 'differences', 'data_differences']
 
 # %% ../../nbs/04a_runfiles.ipynb #c007
 def json_safe(o # a value made of dicts, lists, tuples, numbers, strings and None
@@ -41,37 +42,45 @@ def json_safe(o # a value made of dicts, lists, tuples, numbers, strings and Non
 _WHY = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
         errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
         errno.EPERM: 'permission denied', errno.ENOTDIR: 'a part of the path is a file, not a folder',
-        errno.EEXIST: 'a part of the path is a file, not a folder', errno.EISDIR: 'it is a folder'}
+        errno.EEXIST: 'a part of the path is a file, not a folder', errno.EISDIR: 'it is a folder',
+        errno.ENOMEM: 'out of memory while serialising it'}
+_WAY_OUT = {errno.ENOMEM: 'free memory; the file on disk is unchanged'}  # else the disk's or the folder's
 
 def _write_error(path, e:OSError) -> OSError:
     "The OSError of a failed write, in plain words, naming the file and the way out"
     why = _WHY.get(e.errno, e.strerror or str(e))
-    return OSError(e.errno, f"cannot write {path}: {why}; "
-                            "free space, fix the permissions, or choose another results folder")
+    way_out = _WAY_OUT.get(e.errno, 'free space, fix the permissions, or choose another results folder')
+    return OSError(e.errno, f"cannot write {path}: {why}; {way_out}")
+
+# %% ../../nbs/04a_runfiles.ipynb #7aa57cdd
+def _create_new(folder:Path, prefix:str, suffix:str) -> tuple: # (an open file descriptor, its path)
+    "A new file in `folder` named prefix + random + suffix: O_CREAT|O_EXCL|O_NOFOLLOW, never through a link"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0)
+    for _ in range(100):
+        f = Path(folder)/f'{prefix}{secrets.token_hex(4)}{suffix}'
+        try: return os.open(f, flags, 0o666), f
+        except FileExistsError: continue  # a name taken already, by chance or planted
+    raise FileExistsError(errno.EEXIST, 'no free temporary name', str(folder))
 
 # %% ../../nbs/04a_runfiles.ipynb #5bd23446
 def _atomic_write(path:Path, write):
-    "Call write(tmp) on a temporary file next to `path`, then move it over `path`; OSError in plain words"
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    "Call write(f) on a new binary temporary file next to `path`, fsync it, move it over `path`"
+    path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        fd, tmp = _create_new(path.parent, f'.{path.name}.', f'.{os.getpid()}.tmp')
+        with os.fdopen(fd, 'wb') as f: write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e: raise _write_error(path, e) from None
     finally:
-        if tmp.exists(): tmp.unlink()
+        if tmp is not None and os.path.lexists(tmp): tmp.unlink()
 
 # %% ../../nbs/04a_runfiles.ipynb #c008
 def write_json(path, # the file to write
                obj:dict # JSON-able content; non-finite floats become null
               ):
-    "Write `obj` as JSON to `path` atomically (a temporary file, then os.replace)"
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(json_safe(obj), f, indent=1, allow_nan=False)
-            f.flush(); os.fsync(f.fileno())
-    _atomic_write(path, write)
+    "Write `obj` as JSON to `path` atomically (a new temporary file, fsynced, then os.replace)"
+    _atomic_write(path, lambda f: f.write(json.dumps(json_safe(obj), indent=1, allow_nan=False).encode()))
 
 # %% ../../nbs/04a_runfiles.ipynb #b0c451f9
 def read_json(path # a results file
@@ -136,6 +145,29 @@ def environment(device='cpu' # the device a run uses
                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return env
 
+# %% ../../nbs/04a_runfiles.ipynb #9a27bb03
+def _feed(h, o):
+    "Feed `o` into the hash `h`: every tensor's dtype, shape and bytes, every container's kind and length"
+    if isinstance(o, torch.Tensor):
+        t = o.detach().cpu().contiguous()
+        h.update(f'tensor {t.dtype} {tuple(t.shape)};'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes as they are, without a copy
+    elif isinstance(o, dict):
+        h.update(f'dict {len(o)};'.encode())
+        for k, v in o.items(): _feed(h, k); _feed(h, v)
+    elif isinstance(o, (list, tuple)):
+        h.update(f'{type(o).__name__} {len(o)};'.encode())
+        for v in o: _feed(h, v)
+    else: h.update(f'{type(o).__name__} {o!r};'.encode())
+
+# %% ../../nbs/04a_runfiles.ipynb #3865781d
+def content_sha256(o # tensors, dicts, lists, tuples and plain values, e.g. a checkpoint's state
+                  ) -> str:
+    "The sha256 of `o`'s content: equal for equal values, whatever file, device or memory holds them"
+    h = hashlib.sha256()
+    _feed(h, o)
+    return h.hexdigest()
+
 # %% ../../nbs/04a_runfiles.ipynb #c017
 class RunFileError(ValueError):
     "A checkpoint or results file that cannot be used as it is; the message names the file and the way out"
@@ -145,12 +177,12 @@ _CKPT_KEYS = {'config', 'model', 'optimizer', 'epoch', 'history', 'rng', 'starte
 def save_checkpoint(path, # the checkpoint file
                     state:dict # tensors and plain Python values
                    ):
-    "Save a checkpoint atomically and durably: serialized in memory, written to a temporary file, fsynced"
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    def write(tmp):
-        with open(tmp, 'wb') as f: f.write(buf.getbuffer()); f.flush(); os.fsync(f.fileno())
-    _atomic_write(path, write)
+    "Save a checkpoint with its checksum, atomically and durably: serialized in memory, then written, fsynced"
+    try:
+        buf = io.BytesIO()
+        torch.save({**state, 'sha256': content_sha256(state)}, buf)
+    except MemoryError: raise _write_error(path, OSError(errno.ENOMEM, 'out of memory')) from None
+    _atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 # %% ../../nbs/04a_runfiles.ipynb #185b72a9
 def load_checkpoint(path, # the checkpoint file
@@ -163,6 +195,9 @@ def load_checkpoint(path, # the checkpoint file
         raise RunFileError(f"{path} is damaged: {why}") from None
     if not isinstance(s, dict) or not _CKPT_KEYS <= set(s):
         raise RunFileError(f"{path} is damaged: not a checkpoint of proxprop_nb.lab.train")
+    stored = s.pop('sha256', None)  # None: written before checkpoints carried a checksum
+    if stored is not None and stored != content_sha256(s):
+        raise RunFileError(f"{path} is damaged: its checksum does not match its content (changed bytes)")
     return s
 
 # %% ../../nbs/04a_runfiles.ipynb #4c3bb191
@@ -180,47 +215,134 @@ def utc_timestamp() -> str:
     "The time now in UTC, to the second, in ISO 8601: '2026-01-31T12:00:00+00:00'"
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
+# %% ../../nbs/04a_runfiles.ipynb #a14b0d9f
+def process_start_time(pid:int # a process id on this machine
+                      ) -> float|None: # seconds since the epoch; None where it cannot be told
+    "When process `pid` started (from Linux's /proc): tells a process from a later one that got its pid"
+    try:
+        ticks = int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19])  # field 22
+        boot = next(int(line.split()[1]) for line in Path('/proc/stat').read_text().splitlines()
+                    if line.startswith('btime '))
+        return boot + ticks / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError, StopIteration): return None
+
+# %% ../../nbs/04a_runfiles.ipynb #2ee898ed
+_LOCK_GRACE = 2.0  # seconds: a lock file younger than this may be being written right now
+
+def _read_lock(f:Path) -> tuple: # (its first 4 KB or None if unreadable, when written), or (None, None)
+    "A lock file's bytes, read without following a link, and its modification time; (None, None) if gone"
+    try: written = os.lstat(f).st_mtime
+    except FileNotFoundError: return None, None
+    try:
+        with os.fdopen(os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), 'rb') as fh:
+            return fh.read(4096), written
+    except OSError: return None, written  # a link, a folder, no permission: not a lock that can be used
+
+def _lock_record(raw:bytes|None) -> dict|None:
+    "The record in a lock file's bytes: a dict with a pid > 0 and a host; None if it holds none"
+    try: r = json.loads(raw)
+    except (TypeError, ValueError): return None
+    ok = isinstance(r, dict) and type(r.get('pid')) is int and r['pid'] > 0 and isinstance(r.get('host'), str)
+    return r if ok else None
+
+# %% ../../nbs/04a_runfiles.ipynb #f0551ed7
+def _why_gone(holder:dict, # a lock's record
+              written:float # when the lock file was written (its mtime)
+             ) -> str|None:
+    "Why the process of a lock has provably ended, in words; None if it may still run"
+    pid, then = holder['pid'], holder.get('process_started')
+    if holder['host'] != socket.gethostname(): return None  # another machine's processes cannot be seen
+    if not process_alive(pid): return f"pid {pid} is not running"
+    started = process_start_time(pid)
+    if started is None: return None
+    if isinstance(then, (int, float)) and abs(started - then) > 2:  # /proc's boot time drifts by a second
+        return f"pid {pid} is another process now, started {started - then:+.0f} s after the lock's"
+    if then is None and started > written + 2:
+        return f"pid {pid} started after the lock was written: another process has that pid now"
+    return None
+
+# %% ../../nbs/04a_runfiles.ipynb #0c9c16f8
+def _take_over(f:Path, seen:bytes|None, why:str):
+    "Remove lock `f` if it still holds the bytes `seen` (one process at a time: a guard file), with a warning"
+    guard = f.with_name(f.name + '.takeover')
+    try: fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:  # another process is taking it over; a guard left by a killed one goes
+        written = _read_lock(guard)[1]
+        if written is not None and time.time() - written > 10: guard.unlink(missing_ok=True)
+        time.sleep(0.05); return
+    try:
+        now, written = _read_lock(f)
+        if written is not None and now == seen:
+            f.unlink()
+            warnings.warn(f"{f}: {why}; taken over", RuntimeWarning, stacklevel=4)
+    finally: os.close(fd); guard.unlink(missing_ok=True)
+
 # %% ../../nbs/04a_runfiles.ipynb #f49efcc9
+def _new_lock(f:Path) -> bool:
+    "Create lock `f` with this process's record (O_EXCL, never through a link); False if it exists"
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=utc_timestamp(),
+              process_started=process_start_time(os.getpid()), token=secrets.token_hex(16))
+    try: fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError: return False
+    try:
+        with os.fdopen(fd, 'w') as fh: json.dump(me, fh); fh.flush(); os.fsync(fh.fileno())
+    except OSError as e: f.unlink(missing_ok=True); raise _write_error(f, e) from None  # e.g. a full disk
+    return True
+
 def take_run_lock(out_dir:Path, # the results folder
                   name:str # the run's name
                  ) -> Path|dict: # the lock file taken, or the record of the process that holds it
-    "Take the run's lock file (O_EXCL); the holder's record instead if another live process holds it"
+    "Take the run's lock file; the holder's record instead while it may run (a gone holder's is taken over)"
+    f, until = Path(out_dir)/f'.{name}.lock', time.monotonic() + 10
+    while time.monotonic() < until:
+        if _new_lock(f): return f
+        seen, written = _read_lock(f)
+        if written is None: continue  # released meanwhile
+        holder = _lock_record(seen)
+        if holder is None and time.time() - written < _LOCK_GRACE: time.sleep(0.1); continue
+        why = 'empty, unreadable or not a lock record' if holder is None else _why_gone(holder, written)
+        if why is None: return dict(holder, lock=str(f))
+        _take_over(f, seen, why)
+    return dict(pid=None, host=None, lock=str(f))  # taken and released by others all the time
+
+# %% ../../nbs/04a_runfiles.ipynb #711e9b42
+def release_run_lock(lock:Path # a lock file that `take_run_lock` took
+                    ):
+    "Remove the run's lock if it is still this process's (not once another has taken it after `force_unlock`)"
+    holder = _lock_record(_read_lock(lock)[0])
+    if holder is not None and (holder['pid'], holder['host']) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+def force_unlock(out_dir, # the results folder
+                 name:str # the run's name
+                ) -> dict|None: # the record of the lock removed ({} if it held none), None if there was none
+    "Remove a run's lock, whoever holds it: for the lock of a run on another host that has ended"
     f = Path(out_dir)/f'.{name}.lock'
-    me = dict(pid=os.getpid(), host=socket.gethostname(), started=utc_timestamp())
-    for _ in range(3):
-        try:
-            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try: holder = json.loads(f.read_text())
-            except (OSError, ValueError): holder = {}
-            here = holder.get('host') == me['host'] and isinstance(holder.get('pid'), int)
-            if here and not process_alive(holder['pid']):  # its holder died
-                f.unlink(missing_ok=True); continue
-            if holder: return holder
-            time.sleep(0.1); continue  # being written right now
-        with os.fdopen(fd, 'w') as fh: json.dump(me, fh)
-        return f
-    return dict(pid=None, host=None, lock=str(f))
+    seen, written = _read_lock(f)
+    if written is None: return None
+    f.unlink(missing_ok=True)
+    return _lock_record(seen) or {}
 
 # %% ../../nbs/04a_runfiles.ipynb #5c0e2294
 def prepare_out_dir(out_dir:Path, # the results folder
                     name:str # the run's name: its temporary files are .NAME.*.PID.tmp
                    ):
     "Check that `out_dir` can take the run's files, and remove temporary files of dead writers there"
-    probe = Path(out_dir)/f'.{name}.probe.{os.getpid()}'
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b''); probe.unlink()
+        fd, probe = _create_new(out_dir, f'.{name}.probe.', f'.{os.getpid()}.tmp')
+        os.close(fd); probe.unlink()
     except OSError as e: raise _write_error(Path(out_dir), e) from None
     remove_dead_temps(out_dir, f'.{name}.*.tmp', r'\.(\d+)\.tmp$')
 
 # %% ../../nbs/04a_runfiles.ipynb #c022
 def data_identity(source:dict|None # a `Cifar10.source`, or the `data` of a results file
                  ) -> dict:
-    "What identifies a run's images: the kind, the content (sha256, else fingerprint, or seed), the split"
+    "What identifies a run's images: the kind, the source (sha256, else fingerprint, or seed), content, split"
     s = source or {}
     keys = ('kind', 'sha256') if s.get('sha256') else ('kind', 'fingerprint', 'seed')
-    return {k: s.get(k) for k in keys + ('split_seed', 'n_val', 'n_test') if s.get(k) is not None}
+    keys += ('content_sha256', 'split_seed', 'n_val', 'n_test')
+    return {k: s.get(k) for k in keys if s.get(k) is not None}
 
 # %% ../../nbs/04a_runfiles.ipynb #24a05aba
 def differences(a:dict, # one record, e.g. a checkpoint's `data_identity`
@@ -228,3 +350,14 @@ def differences(a:dict, # one record, e.g. a checkpoint's `data_identity`
                ) -> dict: # {key: (value in a, value in b)}, in key order
     "The entries in which `a` and `b` differ; a missing key counts as None"
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+# %% ../../nbs/04a_runfiles.ipynb #459e157b
+def data_differences(then:dict|None, # a record's data: a checkpoint's `data_identity`, or a results file's
+                     now:dict|None # the data now: its `source`
+                    ) -> dict: # {key: (then, now)}; empty if the data is the same
+    "How the data of a record differs from the data now: by content where both know it, else as described"
+    a, b = data_identity(then), data_identity(now)
+    if a.get('content_sha256') and b.get('content_sha256'):
+        return {} if a['content_sha256'] == b['content_sha256'] else differences(a, b)
+    a.pop('content_sha256', None); b.pop('content_sha256', None)  # an older record: by its description
+    return differences(a, b)

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/04_train.ipynb #c002
 from __future__ import annotations
+import errno
 import json
 import math
 import os
@@ -26,13 +27,14 @@ from .models import MLP_SIZES, mlp, CONVNET_CHANNELS, convnet, OPTIMIZERS, make_
 from .data import Cifar10, load_cifar10, minibatches, N_VAL
 from .runfiles import (write_json, read_json, environment, source_hash, save_checkpoint,
                                       load_checkpoint, RunFileError, data_identity, differences, json_safe,
-                                      move_aside, take_run_lock, prepare_out_dir, utc_timestamp)
+                                      move_aside, take_run_lock, release_run_lock, prepare_out_dir,
+                                      utc_timestamp, content_sha256, data_differences)
 
 # %% auto #0
-__all__ = ['MODELS', 'N_TRAIN', 'HISTORY_KEYS', 'VARYING_HISTORY_KEYS', 'RunConfig', 'run_name', 'synthetic_cifar10', 'data_key',
-           'prepare_data', 'evaluate', 'epoch_generator', 'train_epoch', 'synchronize', 'default_device',
-           'reproducible_history', 'build_model', 'run_paths', 'finished_results', 'device_problem', 'train',
-           'format_history']
+__all__ = ['MODELS', 'N_TRAIN', 'SPLITS', 'HISTORY_KEYS', 'VARYING_HISTORY_KEYS', 'RESULTS_KEYS', 'RunConfig', 'run_name',
+           'synthetic_cifar10', 'data_key', 'with_content_hash', 'prepare_data', 'evaluate', 'epoch_generator',
+           'train_epoch', 'synchronize', 'default_device', 'reproducible_history', 'build_model', 'run_paths',
+           'results_problem', 'finished_results', 'device_problem', 'train', 'format_history']
 
 # %% ../../nbs/04_train.ipynb #c008
 MODELS = ('mlp', 'convnet')
@@ -173,12 +175,23 @@ def data_key(cfg:RunConfig # a run's configuration
     "What selects the images a run sees: runs with the same key can share what `prepare_data` makes"
     return [cfg.n_train, cfg.subset_seed if cfg.n_train is not None else None, cfg.n_eval]
 
+# %% ../../nbs/04_train.ipynb #cc82ac36
+SPLITS = ('x_train', 'y_train', 'x_val', 'y_val', 'x_test', 'y_test')
+
+def with_content_hash(data:Cifar10 # CIFAR-10 as loaded, or a stand-in
+                     ) -> Cifar10:
+    "`data` with the sha256 of its images and labels in `source['content_sha256']`, computed once"
+    if (data.source or {}).get('content_sha256'): return data
+    digest = content_sha256({k: getattr(data, k) for k in SPLITS})
+    return replace(data, source={**(data.source or {}), 'content_sha256': digest})
+
 # %% ../../nbs/04_train.ipynb #c019
 def prepare_data(data:Cifar10, # CIFAR-10 as loaded (uint8 on the CPU) or already as floats
                  cfg:RunConfig, # the run's configuration: n_train, subset_seed and n_eval are used
                  device='cpu', # where the tensors go
                 ) -> Cifar10:
-    "The data a run trains and evaluates on, as float32 on `device`"
+    "The data a run trains and evaluates on, as float32 on `device`, its content's sha256 in `source`"
+    data = with_content_hash(data)
     if cfg.n_train is not None: data = data.subset(cfg.n_train, cfg.subset_seed)
     if cfg.n_eval is not None:
         val_idx = _eval_choice(len(data.x_val), cfg.n_eval)
@@ -190,14 +203,23 @@ def prepare_data(data:Cifar10, # CIFAR-10 as loaded (uint8 on the CPU) or alread
     return replace(data.to(device, torch.float32), source=src)
 
 # %% ../../nbs/04_train.ipynb #8c460c39
+def _check_splits(d:Cifar10):
+    "ValueError unless every split of `d` has images, naming the empty ones and the source"
+    sizes = dict(training=len(d.x_train), validation=len(d.x_val), test=len(d.x_test))
+    empty = [k for k, n in sizes.items() if n == 0]
+    source = (d.source or {}).get('path') or (d.source or {}).get('kind')
+    _check(not empty, f"the data ({source}) has no {' and no '.join(empty)} images "
+                      f"({', '.join(f'{n} {k}' for k, n in sizes.items())}): every split needs images")
+
 def _data_for(data, cfg, device):
     "`data` prepared for `cfg` on `device`: prepared here, or checked if `prepare_data` made it already"
     key = (data.source or {}).get('prepared_for')
-    if key is None: return prepare_data(data, cfg, device)
-    if key != data_key(cfg):
+    if key is not None and key != data_key(cfg):
         raise ValueError(f"the data was prepared for n_train, subset_seed, n_eval = {key}, "
                          f"not {data_key(cfg)}")
-    return data.to(device, torch.float32)
+    d = prepare_data(data, cfg, device) if key is None else data.to(device, torch.float32)
+    _check_splits(d)
+    return d
 
 # %% ../../nbs/04_train.ipynb #c023
 @torch.no_grad()
@@ -334,6 +356,26 @@ def _results(cfg, status, h, diverged_at, test_metrics, d, device, started, resu
                 test_acc=test_metrics[1], history=h, data=d.source, environment=environment(device),
                 started=started, finished=utc_timestamp(), resumed_at_epochs=resumed, meta=meta or {})
 
+# %% ../../nbs/04_train.ipynb #21dc04f1
+RESULTS_KEYS = ('name', 'status', 'config', 'method', 'label', 'seed', 'epochs_done', 'final_train_loss',
+                'best_val_acc', 'test_loss', 'test_acc', 'history', 'data')  # what the tables read
+_RESULTS_TYPES = dict(name=str, config=dict, data=dict, history=dict)
+
+def results_problem(r # a parsed results file
+                   ) -> str|None:
+    "What keeps `r` from being the results of a run that ended, in words; None if nothing does"
+    if not isinstance(r, dict): return f"a JSON {type(r).__name__}, not a results record"
+    if missing := [k for k in RESULTS_KEYS if k not in r]: return f"no {', '.join(missing)}"
+    if r['status'] not in ('finished', 'diverged'):
+        return f"status {r['status']!r}, not that of a run that ended"
+    if wrong := [k for k, t in _RESULTS_TYPES.items() if not isinstance(r[k], t)]:
+        return f"{', '.join(wrong)} of a wrong type"
+    h = r['history']
+    per_epoch = isinstance(h.get('epoch'), list) and all(isinstance(v, list) for v in h.values())
+    if not (per_epoch and len({len(v) for v in h.values()}) == 1):
+        return "its history is not a list per entry, one value per epoch"
+    return None
+
 # %% ../../nbs/04_train.ipynb #17012387
 def _stored_results(path:Path, cfg:RunConfig) -> dict|None:
     "The results in `path`; None if the file is damaged (moved aside); ValueError if it is another config's"
@@ -342,11 +384,20 @@ def _stored_results(path:Path, cfg:RunConfig) -> dict|None:
         if not (isinstance(r, dict) and {'config', 'status', 'history'} <= set(r)):
             raise RunFileError(f"{path} is damaged: not a results file")
         _same_config(r['config'], cfg, path)
+        if (why := results_problem(r)) is not None: raise RunFileError(f"{path} is damaged: {why}")
     except RunFileError as e: move_aside(path, str(e)); return None
     except ValueError as e:
         if 'belongs to another configuration' in str(e): raise
         move_aside(path, str(e)); return None
     return r
+
+# %% ../../nbs/04_train.ipynb #a5f1ab6a
+def _other_data(record:dict|None, data:Cifar10) -> dict:
+    "How a record's data differs from `data`: {} if the same, by content where the record knows it"
+    diff = data_differences(record, data.source)
+    if diff and (record or {}).get('content_sha256') and not (data.source or {}).get('content_sha256'):
+        diff = data_differences(record, with_content_hash(data).source)  # computed only where needed
+    return diff
 
 # %% ../../nbs/04_train.ipynb #c041
 def finished_results(path:Path, # the run's results file, as `run_paths` names it
@@ -356,8 +407,8 @@ def finished_results(path:Path, # the run's results file, as `run_paths` names i
     "The stored results of `cfg` if `path` holds a finished or diverged run, else None; damaged: moved aside"
     if not path.exists(): return None
     r = _stored_results(path, cfg)
-    if r is None or r.get('status') not in ('finished', 'diverged'): return None
-    if data is not None and (diff := differences(data_identity(r.get('data')), data_identity(data.source))):
+    if r is None: return None
+    if data is not None and (diff := _other_data(r['data'], data)):
         warnings.warn(f"{path}: {r['status']} on other data (file vs now: {diff}); skipped, not trained "
                       "again; move the file away to train this run on this data",
                       RuntimeWarning, stacklevel=2)
@@ -390,7 +441,7 @@ def _resume(cfg, model, opt, d, device, ckpt) -> tuple|None:
         except RunFileError as e: move_aside(ckpt, str(e))
     if s is None: return None
     _same_config(s['config'], cfg, ckpt)
-    if s.get('data') is not None and (diff := differences(s['data'], data_identity(d.source))):
+    if s.get('data') is not None and (diff := _other_data(s['data'], d)):
         raise RunFileError(f"{ckpt} was written on other data (checkpoint vs now: {diff}); resume it with "
                            "the data it started on, or move the checkpoint away to start the run again on "
                            "this data")
@@ -464,14 +515,19 @@ def _set_up(cfg, data, ckpt, device, log, eval_batch_size, dp) -> tuple:
 
 # %% ../../nbs/04_train.ipynb #553edfd3
 def _write_checkpoint(run:_Run, epoch:int):
-    "Save the run's state after `epoch`: rank 0 does, where the run has a checkpoint file"
+    "Save the run's state after `epoch` (rank 0, where the run has a checkpoint); out of memory: a warning"
     if run.ckpt is None or not run.dp.main: return
     rng = dict(torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state(run.device) if run.device.type == 'cuda' else None)
-    save_checkpoint(run.ckpt, dict(config=run.cfg.to_dict(), model=run.model.state_dict(),
-                                   optimizer=run.opt.state_dict(), epoch=epoch, history=run.history, rng=rng,
-                                   started=run.started, resumed_at_epochs=run.resumed,
-                                   data=data_identity(run.d.source)))
+    try:
+        save_checkpoint(run.ckpt, dict(config=run.cfg.to_dict(), model=run.model.state_dict(),
+                                       optimizer=run.opt.state_dict(), epoch=epoch, history=run.history,
+                                       rng=rng, started=run.started, resumed_at_epochs=run.resumed,
+                                       data=data_identity(run.d.source)))
+    except OSError as e:  # the run's state is in memory, and the last checkpoint on disk: the run goes on
+        if e.errno != errno.ENOMEM: raise
+        warnings.warn(f"{e.strerror}; the run goes on, and the next epoch's checkpoint tries again",
+                      RuntimeWarning, stacklevel=2)
 
 # %% ../../nbs/04_train.ipynb #9caf6332
 def _epoch_line(name, h):
@@ -563,33 +619,48 @@ def _finished_or_locked(cfg, data, path, dp) -> tuple:
     if dp.main: dp.barrier()
     return r, lock
 
+# %% ../../nbs/04_train.ipynb #2350c7d7
+def _held_message(name:str, holder:dict) -> str:
+    "What `train` says of a run whose lock another process holds, and how to clear a lock left behind"
+    lock, pid, host, since = (holder.get(k) for k in ('lock', 'pid', 'host', 'started'))
+    return (f"{name}: running in another process ({lock} is held by pid {pid} on host {host} since {since}), "
+            f"skipped; if that run has ended, delete {lock} or run proxprop-experiment with "
+            f"--force-unlock {name}")
+
+def _skipped(cfg:RunConfig, holder:dict|None, log) -> dict:
+    "The record of a run another process holds, said in one line: to `log`, else as a warning (rank 0 only)"
+    why = _held_message(run_name(cfg), holder) if holder is not None else None
+    if why is not None and log is not None: log(why)
+    elif why is not None: warnings.warn(why, RuntimeWarning, stacklevel=3)
+    return dict(name=run_name(cfg), status='running elsewhere', epochs_done=None, history=None, holder=holder,
+                error=why, config=cfg.to_dict())
+
 # %% ../../nbs/04_train.ipynb #c043
 def train(cfg:RunConfig, # the run's configuration
           data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration
           out_dir=None, # results folder for the checkpoint and results file; None: keep nothing on disk
           device=None, # 'cpu' or 'cuda'; None: 'cuda' if available, else 'cpu'
           progress:bool=True, # show a text progress bar on stderr
-          log=None, # called with one line per epoch, e.g. print; None: silent
+          log=None, # called with one line per epoch, e.g. print; None: silent (a skipped run: a warning)
           stop_after:int|None=None, # stop after this many epochs in this call, keeping the checkpoint
           deadline:float|None=None, # a time.time(): keep the checkpoint, stop before an epoch ending after it
           meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
           eval_batch_size:int=1000 # chunk size of the evaluations
          ) -> dict: # the results record (status 'finished', 'diverged', 'stopped', or 'running elsewhere')
     "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
-    device, log = _check_device(device), log or (lambda s: None)
+    device = _check_device(device)
     dp = data_parallel(device)
-    if not dp.main: log, progress = (lambda s: None), False
+    if not dp.main: log, progress = None, False
+    say = log or (lambda s: None)
     path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
     r, lock = _finished_or_locked(cfg, data, path, dp)
-    if r is not None: log(f'{r["name"]}: already {r["status"]} in {path.parent}, skipped'); return r
+    if r is not None: say(f'{r["name"]}: already {r["status"]} in {path.parent}, skipped'); return r
     if dp.sum(float(isinstance(lock, dict)))[0]:  # every process follows rank 0
-        log(f"{run_name(cfg)}: running in another process ({lock}), skipped")
-        return dict(name=run_name(cfg), status='running elsewhere', holder=lock if dp.main else None,
-                    config=cfg.to_dict())
-    try: return _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta,
+        return _skipped(cfg, lock if dp.main else None, log)
+    try: return _train(cfg, data, path, ckpt, device, progress, say, stop_after, deadline, meta,
                        eval_batch_size, dp)
     finally:
-        if lock is not None: lock.unlink(missing_ok=True)
+        if isinstance(lock, Path): release_run_lock(lock)
 
 # %% ../../nbs/04_train.ipynb #c047
 def format_history(r:dict # a results record, as `train` returns it
