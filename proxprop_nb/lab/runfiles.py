@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import proxprop_nb
 from .sources import process_alive, remove_dead_temps
 
 # %% auto #0
-__all__ = ['json_safe', 'write_json', 'read_json', 'source_hash', 'environment', 'content_sha256', 'RunFileError',
+__all__ = ['json_safe', 'write_json', 'read_json', 'source_hash', 'float_path', 'environment', 'content_sha256', 'RunFileError',
            'save_checkpoint', 'load_checkpoint', 'move_aside', 'utc_timestamp', 'process_start_time', 'take_run_lock',
            'release_run_lock', 'force_unlock', 'prepare_out_dir', 'data_identity', 'differences', 'data_differences']
 
@@ -128,16 +129,25 @@ def _commit() -> tuple: # (commit, how it is known)
     c = _git_commit()
     return (c, 'git') if c is not None else (None, None)
 
+# %% ../../nbs/04a_runfiles.ipynb #c0c0b5ee
+def float_path() -> dict:
+    "What decides a run's floating-point path on this machine: CPU capability, BLAS/LAPACK, threads, determinism"
+    build = dict(re.findall(r'\b(BLAS_INFO|LAPACK_INFO)=([^,\s]+)', torch.__config__.show()))
+    return dict(cpu_capability=torch.backends.cpu.get_cpu_capability(), blas=build.get('BLAS_INFO'),
+                lapack=build.get('LAPACK_INFO'), threads=torch.get_num_threads(),
+                deterministic=torch.are_deterministic_algorithms_enabled())
+
+
 # %% ../../nbs/04a_runfiles.ipynb #c013
 def environment(device='cpu' # the device a run uses
                ) -> dict:
-    "Where and with what a run ran: versions, device, CPU, threads, GPU, git commit, a hash of the sources"
+    "Where and with what a run ran: versions, device, CPU, floating-point path, GPU, commit, source hash"
     device = torch.device(device)
     commit, commit_from = _commit()
     env = dict(proxprop_nb=proxprop_nb.__version__, torch=torch.__version__, python=platform.python_version(),
                platform=platform.platform(), device=str(device), cpu=_cpu_model(), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads(), gpu=None, cuda=torch.version.cuda, git_commit=commit,
-               commit_from=commit_from, source_hash=source_hash())
+               commit_from=commit_from, source_hash=source_hash(), float_path=float_path())
     if device.type == 'cuda':
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gb=round(p.total_memory / 2**30, 1),
