@@ -4,6 +4,7 @@
 
 # %% ../../nbs/03_data.ipynb #c002
 from __future__ import annotations
+import importlib.metadata
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,21 +62,36 @@ def find_cifar10(data=None,  # a source, or a folder holding one; None: look in 
 
 # %% ../../nbs/03_data.ipynb #c019
 def _not_found(cache:Path, why:str) -> Cifar10NotFoundError:
-    "The error for 'no CIFAR-10 anywhere', naming every place looked at"
+    "The error for 'no CIFAR-10 anywhere', naming every place looked at, in command-line and Python words"
     return Cifar10NotFoundError(
         f"No CIFAR-10 data found ({why}).\nA source is {SOURCE_LAYOUTS}.\nLooked for one, in this order:\n"
-        f"  1. the argument: load_cifar10(data=PATH) or find_cifar10(PATH)\n"
+        f"  1. the argument: --data PATH on the command line; load_cifar10(data=PATH) or find_cifar10(PATH) "
+        "in Python\n"
         f"  2. the environment variable PROXPROP_DATA=PATH\n"
         f"  3. ./data and <repo>/data: {', '.join(map(str, _data_dirs()))}\n"
         f"  4. a previous torchvision download: {cache/'cifar-10-batches-py'} "
         f"(cache folder: $PROXPROP_CACHE, default ~/.cache/proxprop_nb)\n"
-        f"  5. a torchvision download into the cache folder: load_cifar10(download=True), "
-        "which needs internet access")
+        f"  5. a torchvision download into the cache folder, which needs internet access: what the commands "
+        "do when 1-4 find nothing (load_cifar10(download=True) in Python)")
+
+# %% ../../nbs/03_data.ipynb #4267a9cc
+def _torchvision_problem(e:Exception) -> str:
+    "Why torchvision cannot be imported, and the fix, in one line"
+    torch_version = torch.__version__.split('+')[0]
+    if isinstance(e, ImportError) and e.name == 'torchvision':
+        return ("the download needs torchvision, which is not installed: "
+                f"pip install torch=={torch_version} torchvision")
+    try: installed = f"torchvision {importlib.metadata.version('torchvision')}"
+    except importlib.metadata.PackageNotFoundError: installed = 'torchvision'
+    return (f"{installed} cannot be imported with torch {torch.__version__} ({type(e).__name__}: {e}); "
+            f"the two must be a matching pair: pip install torch=={torch_version} torchvision lets pip choose "
+            "the torchvision made for this torch")
 
 # %% ../../nbs/03_data.ipynb #c020
 def _download(cache:Path) -> Path:
     "Download the original CIFAR-10 python batches with torchvision into the cache folder"
-    import torchvision  # imported here: slow to import, needed only for a download
+    try: import torchvision  # imported here: slow to import, needed only for a download
+    except Exception as e: raise _not_found(cache, _torchvision_problem(e)) from e  # e.g. a mismatched pair
     try: torchvision.datasets.CIFAR10(str(cache), train=True, download=True)
     except Exception as e:
         raise _not_found(cache, f"the torchvision download failed: {type(e).__name__}: {e}") from e
@@ -92,7 +108,7 @@ class Cifar10:
     x_test: torch.Tensor  # test images
     y_test: torch.Tensor  # test labels
     classes: tuple = CIFAR10_CLASSES  # class names; label i is classes[i]
-    source: dict|None = None  # where the data came from (kind, path, sha256 or fingerprint, sizes, seeds)
+    source: dict|None = None  # where the data came from (kind, path, sha256 of its content, sizes, seeds)
 
     def subset(self, n_train:int, # number of training images to keep
                seed:int=0 # seed of the random choice

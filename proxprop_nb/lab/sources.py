@@ -4,6 +4,7 @@
 
 # %% ../../nbs/03a_sources.ipynb #c002
 from __future__ import annotations
+import contextlib
 import gzip
 import hashlib
 import io
@@ -11,9 +12,11 @@ import json
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -28,13 +31,15 @@ import proxprop_nb
 
 # %% auto #0
 __all__ = ['CIFAR10_CLASSES', 'N_VAL', 'SOURCE_LAYOUTS', 'fake_imagefolder', 'fake_batches', 'make_tar', 'source_kind',
-           'resolve_source', 'cache_folder', 'process_alive', 'remove_dead_temps', 'decoded_arrays']
+           'resolve_source', 'cache_folder', 'process_alive', 'remove_dead_temps', 'source_sha256', 'decoded_arrays']
 
 # %% ../../nbs/03a_sources.ipynb #c006
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 N_VAL = 5000  # validation images: the last N_VAL of the (interleaved) training set, as in the official code
 _BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6)) + ('test_batch',)
 _IMG_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp')
+_MAX_IMAGE_BYTES = 256 * 2**10  # a 32x32 image file is a few kB; more is not CIFAR-10
+_MAX_BATCH_BYTES = 64 * 2**20  # a python batch is 31 MB
 
 # %% ../../nbs/03a_sources.ipynb #c009
 def fake_imagefolder(root, n_train=8, n_test=2, seed=0):
@@ -99,17 +104,46 @@ def resolve_source(p:Path # a source, or a folder holding one under a usual name
     if source_kind(p): return p.resolve()
     return next((q.resolve() for q in (p/n for n in _NAMES) if p.is_dir() and source_kind(q)), None)
 
+# %% ../../nbs/03a_sources.ipynb #fd2a221d
+def _plain_frombuffer(buf, dtype, shape, order, axis_order=None):
+    "numpy's protocol-5 array reconstructor (`_frombuffer`), for arrays of plain numbers only"
+    plain = isinstance(dtype, np.dtype) and dtype.kind in 'biuf' and dtype.names is None and not dtype.shape
+    if not plain:
+        raise pickle.UnpicklingError(f"it holds an array of {dtype!r}, which a CIFAR-10 batch never holds")
+    array = np.frombuffer(buf, dtype=dtype)
+    if order == 'K' and axis_order is not None: return array.reshape(shape, order='C').transpose(axis_order)
+    return array.reshape(shape, order=order)
+
 # %% ../../nbs/03a_sources.ipynb #c018
 class _BatchUnpickler(pickle.Unpickler):
     "An unpickler that admits only what a CIFAR-10 batch holds: containers, strings, numbers, numpy arrays"
     _ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')  # numpy 1 and 2
                 for n in ('_reconstruct', 'scalar')}
     _ALLOWED |= {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}  # _codecs: protocol 2 bytes
+    _FROMBUFFER = {(m, '_frombuffer') for m in ('numpy.core.numeric', 'numpy._core.numeric')}  # protocol 5
 
     def find_class(self, module, name):
+        if (module, name) in self._FROMBUFFER: return _plain_frombuffer
         if (module, name) in self._ALLOWED: return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds "
                                      "(refused, not run)")
+
+# %% ../../nbs/03a_sources.ipynb #09f88caa
+_MAX_PICKLE_ITEMS = 2**20  # a batch's lists hold 10,000 labels and 10,000 file names
+_MAX_PICKLE_DEPTH = 4  # a batch nests 2 deep: a dict of lists
+
+def _check_graph(obj, name:str):
+    "ValueError naming the file if the containers in `obj` nest too deep or hold too many items"
+    stack, items = [(obj, 0)], 0  # every reference counts: a list named twice is walked twice, as numpy would
+    while stack:
+        o, depth = stack.pop()
+        if not isinstance(o, (dict, list, tuple, set, frozenset)): continue
+        items += len(o)
+        if depth >= _MAX_PICKLE_DEPTH or items > _MAX_PICKLE_ITEMS:
+            raise ValueError(f"{name}: its objects nest more than {_MAX_PICKLE_DEPTH} levels deep or hold "
+                             f"more than {_MAX_PICKLE_ITEMS:,} items (shared references counted each time), "
+                             "more than a CIFAR-10 batch ever has; refused before numpy builds arrays")
+        stack.extend((v, depth + 1) for v in (o.values() if isinstance(o, dict) else o))
 
 # %% ../../nbs/03a_sources.ipynb #c019
 def _unpickle(b:bytes, name:str) -> dict:
@@ -117,6 +151,7 @@ def _unpickle(b:bytes, name:str) -> dict:
     try: d = _BatchUnpickler(io.BytesIO(b), encoding='latin1').load()
     except Exception as e:
         raise ValueError(f"{name}: not a readable CIFAR-10 python batch: {type(e).__name__}: {e}") from None
+    _check_graph(d, name)  # before anything builds arrays from the lists it holds
     if not isinstance(d, dict):
         raise ValueError(f"{name}: a CIFAR-10 batch is a pickled dict, not a {type(d).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -144,10 +179,38 @@ def _read_batch(b:bytes, name:str):
     _check_batch(x, y, name)
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
+# %% ../../nbs/03a_sources.ipynb #79e58073
+_NOT_FILES = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISSOCK, 'a socket'),
+              (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'))
+
+def _not_a_file(f, mode:int) -> ValueError:
+    "The error for a source's file that is something else: a folder, a FIFO, a device"
+    what = next((name for is_it, name in _NOT_FILES if is_it(mode)), 'something other than a file')
+    return ValueError(f"{f} is {what}, not a file; a CIFAR-10 source holds plain image or batch files")
+
+def _too_large(f, size:int, limit:int) -> ValueError:
+    return ValueError(f"{f} has {size:,} bytes, more than a CIFAR-10 file ever has ({limit:,})")
+
+# %% ../../nbs/03a_sources.ipynb #f44d69be
+def _read_file(f:Path, limit:int) -> bytes|None:
+    "The bytes of file `f`, at most `limit` (checked before reading); None if there is no such file"
+    try: st = os.stat(f)
+    except (FileNotFoundError, NotADirectoryError):
+        if not f.is_symlink(): return None
+        raise ValueError(f"{f} is a symbolic link to {os.readlink(f)}, which does not exist") from None
+    if not stat.S_ISREG(st.st_mode): raise _not_a_file(f, st.st_mode)  # not opened: a FIFO would wait
+    if st.st_size > limit: raise _too_large(f, st.st_size, limit)
+    with open(os.open(f, os.O_RDONLY | os.O_NONBLOCK), 'rb') as fh:  # a FIFO put there since: no wait
+        if not stat.S_ISREG(mode := os.fstat(fh.fileno()).st_mode): raise _not_a_file(f, mode)
+        data = fh.read(limit + 1)
+    if len(data) > limit: raise _too_large(f, len(data), limit)  # it grew since
+    return data
+
 # %% ../../nbs/03a_sources.ipynb #c020
 def _file_reader(d:Path):
-    "The `read(name)` of folder `d`: a file's bytes, or None if there is no such file"
-    return lambda name: (d/name).read_bytes() if (d/name).is_file() else None
+    "The `read(name)` of folder `d`: a file's bytes (bounded by its kind), or None if there is no such file"
+    limit = lambda name: _MAX_IMAGE_BYTES if name.lower().endswith(_IMG_SUFFIXES) else _MAX_BATCH_BYTES
+    return lambda name: _read_file(d/name, limit(name))
 
 # %% ../../nbs/03a_sources.ipynb #4c9b4ece
 def _read_batches(read, where) -> dict:
@@ -183,6 +246,15 @@ def _folder_listing(d:Path) -> dict:
     return {s: {c: sorted(f'{s}/{c}/{f.name}' for f in (d/s/c).iterdir() if _is_image(f.name)) for c in cs}
             for s, cs in classes.items()}
 
+# %% ../../nbs/03a_sources.ipynb #9922b4e7
+def _bits_per_channel(im:Image.Image) -> int:
+    "Bits per channel as the file stores them (PIL reads a 48-bit RGB PNG or PPM as 8-bit 'RGB', cut)"
+    for codec, _, _, args in im.tile:
+        rawmode, maxval = ((args if isinstance(args, tuple) else (args,)) + (None, None))[:2]
+        deep_ppm = codec == 'ppm' and isinstance(maxval, int) and maxval > 255  # PPM: 16 bits above 255
+        if re.search(r';16[BLN]$', str(rawmode)) or deep_ppm: return 16
+    return 16 if im.mode.startswith('I;16') else 32 if im.mode in ('I', 'F') else 8
+
 # %% ../../nbs/03a_sources.ipynb #c026
 # the 8-bit modes that PIL converts to RGB exactly
 _IMAGE_MODES = ('RGB', 'L', 'P', 'RGBA', 'LA', 'PA', 'CMYK', 'YCbCr', '1')
@@ -194,6 +266,9 @@ def _decode_one(data:bytes, name:str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             if im.size != (32, 32):
                 raise ValueError(f"{name}: image of size {im.size}, CIFAR-10 images are 32x32")
+            if (bits := _bits_per_channel(im)) > 8:
+                raise ValueError(f"{name}: image mode {im.mode!r} with {bits} bits per channel; CIFAR-10 "
+                                 "images have 8 (refused, not cut: convert the files to 8 bits first)")
             if im.mode not in _IMAGE_MODES:
                 raise ValueError(f"{name}: image mode {im.mode!r}, CIFAR-10 images are 8-bit RGB")
             return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
@@ -231,34 +306,55 @@ def _read_imagefolder(listing:dict, read, where) -> dict:
     return out
 
 # %% ../../nbs/03a_sources.ipynb #c032
-_MAX_IMAGE_BYTES = 256 * 2**10  # a 32x32 image file is a few kB; more is not CIFAR-10
-_MAX_BATCH_BYTES = 64 * 2**20  # a python batch is 31 MB
-_MAX_ARCHIVE_BYTES = 2**30  # all members kept together: the JPEG archive needs ~100 MB, torchvision's 180 MB
+_MAX_ARCHIVE_BYTES = 2**30  # the unpacked stream, members kept or skipped
+_MAX_MEMBERS = 2**17  # 131,072: the JPEG archive has 60,022 members (images and folders), torchvision's 8
 
 def _file_name(member:str) -> str: return member.rsplit('/', 1)[-1]
 def _wanted(member:str) -> bool:
     return _is_image(_file_name(member)) or _file_name(member) in _BATCHES + ('batches.meta',)
+def _too_much(archive) -> ValueError:
+    return ValueError(f"{archive}: it unpacks to more than {_MAX_ARCHIVE_BYTES:,} bytes (members kept or "
+                      "skipped); a CIFAR-10 archive unpacks to under 200 MB; not a CIFAR-10 archive")
 
-def _check_size(archive, m:tarfile.TarInfo, total:int):
-    "ValueError unless member `m`, and the `total` bytes kept with it, fit a CIFAR-10 archive"
+def _check_member(archive, m:tarfile.TarInfo, count:int):
+    "ValueError unless `m`, the archive's member number `count`, fits a CIFAR-10 archive, from its header"
+    if count > _MAX_MEMBERS:
+        raise ValueError(f"{archive}: more than {_MAX_MEMBERS:,} members; not a CIFAR-10 archive")
+    if m.offset_data + m.size > _MAX_ARCHIVE_BYTES: raise _too_much(archive)
     limit = _MAX_IMAGE_BYTES if _is_image(_file_name(m.name)) else _MAX_BATCH_BYTES
-    if m.size > limit: raise ValueError(f"{archive}: member {m.name} has {m.size:,} bytes, more than a "
-                                        f"CIFAR-10 file ever has ({limit:,}); not a CIFAR-10 archive")
-    if total > _MAX_ARCHIVE_BYTES: raise ValueError(f"{archive}: its image and batch members exceed "
-                                                    f"{_MAX_ARCHIVE_BYTES:,} bytes; not a CIFAR-10 archive")
+    if m.isfile() and _wanted(m.name) and m.size > limit:
+        raise _too_large(f'{archive}: member {m.name}', m.size, limit)
+
+# %% ../../nbs/03a_sources.ipynb #6ffa7fef
+class _Bounded:
+    "An archive's unpacked stream, read or skipped up to `_MAX_ARCHIVE_BYTES` and no further"
+    def __init__(self, stream, archive): self.stream, self.archive = stream, archive
+    def tell(self): return self.stream.tell()
+    def seek(self, pos, whence=os.SEEK_SET):
+        if whence == os.SEEK_SET and pos > _MAX_ARCHIVE_BYTES: raise _too_much(self.archive)
+        return self.stream.seek(pos, whence)
+    def read(self, n=-1):
+        room = _MAX_ARCHIVE_BYTES - self.stream.tell()
+        if n is not None and n > room: raise _too_much(self.archive)  # refused before unpacking it
+        data = self.stream.read(room + 1 if n is None or n < 0 else n)
+        if len(data) > room: raise _too_much(self.archive)
+        return data
+
+def _unpacked(raw, archive) -> _Bounded:
+    "The tar stream in the open file `raw` (gunzipped if it is gzip), bounded"
+    gzipped = raw.read(2) == b'\x1f\x8b'; raw.seek(0)
+    return _Bounded(gzip.GzipFile(fileobj=raw, mode='rb') if gzipped else raw, archive)
 
 # %% ../../nbs/03a_sources.ipynb #8c039f10
 def _tar_members(archive:Path) -> dict:
     "{name: bytes} of the image and python-batch files of `archive`, read in one pass, with bounded sizes"
     norm = lambda n: '/'.join(p for p in n.split('/') if p not in ('', '.'))  # without './' and empty parts
-    members, total = {}, 0
+    members = {}
     try:
-        with tarfile.open(archive, 'r:*') as tar:
-            for m in tar:
-                if not (m.isfile() and _wanted(m.name)): continue
-                total += m.size
-                _check_size(archive, m, total)  # from the header, before reading the member
-                members[norm(m.name)] = tar.extractfile(m).read()
+        with open(archive, 'rb') as raw, tarfile.open(fileobj=_unpacked(raw, archive), mode='r:') as tar:
+            for count, m in enumerate(tar, 1):
+                _check_member(archive, m, count)  # from the header, before the member is read or skipped
+                if m.isfile() and _wanted(m.name): members[norm(m.name)] = tar.extractfile(m).read()
         return members
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as e:
         raise ValueError(f"{archive} is not a readable .tar.gz archive ({type(e).__name__}: {e})") from e
@@ -316,24 +412,8 @@ def remove_dead_temps(folder:Path, # where the temporary files are
     for f in Path(folder).glob(pattern) if Path(folder).is_dir() else []:
         m = re.search(pid_re, f.name)
         if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
-            f.unlink(missing_ok=True); gone.append(f)
+            with contextlib.suppress(OSError): f.unlink(missing_ok=True); gone.append(f)  # read-only: left
     return gone
-
-# %% ../../nbs/03a_sources.ipynb #c041
-_CACHE_FORMAT = 2
-
-def _fingerprint(src:Path) -> str:
-    "A hash of the absolute path, sizes and modification times of the files of `src`"
-    h = hashlib.sha256(f'{_CACHE_FORMAT}|{src}'.encode())
-    if src.is_file(): files = [src]
-    elif _is_batches(src): files = [src/f for f in _BATCHES + ('batches.meta',) if (src/f).is_file()]
-    else:
-        class_dirs = [c for s in ('train', 'test') for c in (src/s).iterdir() if c.is_dir()]
-        files = sorted(f for c in class_dirs for f in c.iterdir())
-    for f in files:
-        st = f.stat()
-        h.update(f'|{f.relative_to(src) if f != src else ""}:{st.st_size}:{st.st_mtime_ns}'.encode())
-    return h.hexdigest()[:16]
 
 # %% ../../nbs/03a_sources.ipynb #c043
 def _sha256(f:Path) -> str:
@@ -343,18 +423,47 @@ def _sha256(f:Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
 
+# %% ../../nbs/03a_sources.ipynb #2be34be5
+def _content_names(src:Path) -> list:
+    "The files a folder source is decoded from, in decoding order: its batches, or its images"
+    if _is_batches(src): return list(_BATCHES) + ['batches.meta']
+    return [n for by_class in _folder_listing(src).values() for names in by_class.values() for n in names]
+
+def source_sha256(src:Path # a source, as `resolve_source` finds it
+                 ) -> str:
+    "The sha256 of what `src` holds: the archive file's, or a folder's files' (names and bytes, in order)"
+    if Path(src).is_file(): return _sha256(src)
+    h, read = hashlib.sha256(), _file_reader(Path(src))
+    for name in _content_names(Path(src)):
+        data = read(name)  # bounded, and special files are named, as when decoding
+        h.update(f'{name}:{-1 if data is None else len(data)}\n'.encode() + (data or b''))
+    return h.hexdigest()
+
+# %% ../../nbs/03a_sources.ipynb #c041
+_CACHE_FORMAT = 3  # 3: keyed by content; 2 was keyed by path, sizes and modification times
+
+def _cache_key(layout:str, # the source's layout, as `source_kind` names it
+               sha256:str # its content's sha256
+              ) -> str:
+    "The cache file's key: a hash of the cache format, the source's layout and its content's sha256"
+    return hashlib.sha256(f'{_CACHE_FORMAT}|{layout}|{sha256}'.encode()).hexdigest()[:16]
+
 # %% ../../nbs/03a_sources.ipynb #98cbafff
 def _save(f:Path, arrays:dict, meta:dict):
-    "Write the cache file `f` atomically; warn instead of failing if that is impossible"
-    part = f.with_name(f'{f.name}.part-{os.getpid()}')
+    "Write the cache file `f` atomically, never through a link; warn instead of failing if that is impossible"
+    part = None
     try:
         f.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, 'wb') as fh: np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(part, f)
+        # a fresh name, created with O_CREAT|O_EXCL|O_NOFOLLOW: nothing planted at a known name is followed
+        fd, part = tempfile.mkstemp(prefix=f'{f.name}.part-{os.getpid()}.', dir=f.parent)
+        with open(fd, 'wb') as fh: np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(part, f)  # replaces a link at `f` itself, never its target
     except OSError as e:
-        part.unlink(missing_ok=True)
-        warnings.warn(f"could not cache the decoded CIFAR-10 arrays in {f} ({e}); "
-                      "the next load decodes again")
+        if part is not None:
+            with contextlib.suppress(OSError): os.unlink(part)
+        why = 'not a folder' if f.parent.exists() and not f.parent.is_dir() else e.strerror or str(e)
+        warnings.warn(f"could not cache the decoded CIFAR-10 arrays in {f.parent} ({why}); this load goes on "
+                      "without a cache, the next decodes again (set $PROXPROP_CACHE to a writable folder)")
 
 # %% ../../nbs/03a_sources.ipynb #c044
 def _decode_source(src:Path) -> tuple[dict, dict]:
@@ -364,7 +473,7 @@ def _decode_source(src:Path) -> tuple[dict, dict]:
         members = _tar_members(src)
         kind, pre = _tar_layout(members, src)
         read, listing = (lambda n: members.get(pre + n)), (lambda: _tar_listing(members, pre))
-        info = dict(sha256=_sha256(src), size=src.stat().st_size)
+        info = dict(size=src.stat().st_size)
     else: read, listing = _file_reader(src), (lambda: _folder_listing(src))
     if kind.startswith('torchvision-batches'):
         arrays, info['original_release'] = _read_batches(read, src), _original_release(read)
@@ -381,27 +490,58 @@ def _valid_arrays(a:dict) -> bool:
     return has_all and split_ok(a['x_train'], a['y_train']) and split_ok(a['x_test'], a['y_test'])
 
 # %% ../../nbs/03a_sources.ipynb #7c35900e
-def _load_cached(f:Path) -> tuple[dict, dict]|None:
-    "The arrays and description in the cache file `f`; None if it is missing, unreadable or not CIFAR-10"
+def _load_cached(f:Path) -> tuple[dict, object]|None:
+    "The arrays and the parsed meta in cache file `f`; None if there is none; ValueError if it is unusable"
     if not f.is_file(): return None
     try:
         with np.load(f) as z:  # allow_pickle=False: a cache file cannot run code
-            arrays, meta = {k: z[k] for k in z.files if k != 'meta'}, json.loads(str(z['meta']))
-        if _valid_arrays(arrays): return arrays, meta
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile): pass  # unreadable: decode again
+            arrays, meta_text = {k: z[k] for k in z.files if k != 'meta'}, str(z['meta'])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    if not _valid_arrays(arrays): raise ValueError("its arrays are not CIFAR-10 (shapes, dtypes or labels)")
+    try: return arrays, json.loads(meta_text)
+    except ValueError: raise ValueError(f"its meta is not JSON: {meta_text[:40]!r}") from None
+
+# %% ../../nbs/03a_sources.ipynb #13f2b900
+_KINDS = {'tar.gz': ('imagefolder-tar.gz', 'torchvision-batches-tar.gz'),  # what each layout decodes as
+          'torchvision-batches': ('torchvision-batches',), 'imagefolder': ('imagefolder',)}
+
+def _meta_problem(meta, expected:dict, layout:str, arrays:dict) -> str|None:
+    "What makes a cache file's description not the source's, in words; None if nothing"
+    if not isinstance(meta, dict): return f"its meta is a JSON {type(meta).__name__}, not an object"
+    if wrong := [k for k, v in expected.items() if meta.get(k) != v]:
+        return f"its {wrong[0]} {meta.get(wrong[0])!r} is not the source's {expected[wrong[0]]!r}"
+    kind, kinds = meta.get('kind'), _KINDS[layout]
+    if kind not in kinds: return f"its kind {kind!r} is not the source's ({' or '.join(kinds)})"
+    batches = kind.startswith('torchvision-batches')
+    class_order = all((np.diff(arrays[y]) >= 0).all() for y in ('y_train', 'y_test'))
+    if batches != isinstance(meta.get('original_release'), bool) or not (batches or class_order):
+        return f"its kind {kind!r} does not fit the rest of the file"
+    return None
+
+# %% ../../nbs/03a_sources.ipynb #c8f30500
+def _cached(f:Path, expected:dict, layout:str) -> tuple[dict, dict]|None:
+    "The arrays and description in cache file `f` if they are the source's; None otherwise, with a warning"
+    try:
+        if (found := _load_cached(f)) is None: return None
+        problem = _meta_problem(found[1], expected, layout, found[0])
+    except ValueError as e: problem = str(e)
+    if problem is None: return found
+    warnings.warn(f"{f}: {problem}; not used: the source is decoded again and the file replaced")
     return None
 
 # %% ../../nbs/03a_sources.ipynb #b536bd90
 def decoded_arrays(src:Path, # a source, as `resolve_source` finds it
                    cache:Path # the cache folder
                   ) -> tuple[dict, dict]: # (the arrays by name, the source's description)
-    "The arrays of `src` and its description, from the cache if it holds them"
-    key = _fingerprint(src)
-    f = cache/f'cifar10-{key}.npz'
-    remove_dead_temps(cache, 'cifar10-*.npz.part-*', r'\.part-(\d+)$')  # left by a writer that was killed
-    if (cached := _load_cached(f)) is not None: return cached
+    "The arrays of `src` and its description, from the cache if it holds them for this content"
+    layout, sha256 = source_kind(src), source_sha256(src)
+    expected = dict(fingerprint=_cache_key(layout, sha256), sha256=sha256)
+    f = cache/f"cifar10-{expected['fingerprint']}.npz"
+    remove_dead_temps(cache, 'cifar10-*.npz.part-*', r'\.part-(\d+)')  # left by a writer that was killed
+    if (cached := _cached(f, expected, layout)) is not None: return cached
     arrays, meta = _decode_source(src)
-    meta['fingerprint'] = key
+    meta.update(expected)
     _save(f, arrays, meta)
     if f.is_file():
         print(f'cached the decoded arrays in {f} ({f.stat().st_size / 1e6:.0f} MB; delete the folder to '
