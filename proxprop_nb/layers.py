@@ -8,6 +8,8 @@ import contextlib
 import copy
 import math
 import time
+import warnings
+import weakref
 from dataclasses import replace
 from functools import partial
 
@@ -105,6 +107,18 @@ def _solve_recorded(layer, # the ProxProp layer whose step this is
     object.__setattr__(layer, '_last_solve', replace(out[-1], seconds=clock.elapsed()))
     return out
 
+# %% ../nbs/02_layers.ipynb #2f75420a
+def _check_real(module, # the layer
+                what:str, # how the message names it
+               ):
+    "Refuse a module with complex parameters, naming it and them"
+    found = [f'{n}: {p.dtype}' for n, p in module.named_parameters() if p.is_complex()]
+    if found:
+        raise TypeError(f"{what}: complex parameters ({', '.join(found)}) are not supported: the ProxProp "
+                        "step is written for real parameters (complex ones need the Hermitian system A^H A). "
+                        "Keep this layer plain (proxpropify's exclude=), or write it as real layers acting "
+                        "on the real and imaginary parts")
+
 # %% ../nbs/02_layers.ipynb #3cb32c8a
 class ProxPropMixin:
     "The ProxProp settings of a layer: validated on assignment, snapshotted at every forward pass"
@@ -112,6 +126,7 @@ class ProxPropMixin:
                    solver='auto'):
         object.__setattr__(self, '_prox', dict(tau_prox=tau_prox, optimization_mode=optimization_mode,
                                                cg_tol=cg_tol, cg_variant=cg_variant, solver=solver))
+        _check_real(self, type(self).__name__)
         self._spec = check_prox_args(**self._prox)
         self._check_supported(self._spec)
 
@@ -184,6 +199,83 @@ def _load_prox_state(self, state_dict, prefix, *args, **kwargs):
 
 ProxPropMixin._load_from_state_dict = _load_prox_state
 
+# %% ../nbs/02_layers.ipynb #371659fa
+def _bias_step(layer, # the layer, whose weight is frozen
+               g:torch.Tensor, # the output gradient, channels in dimension 1 (a Linear's rows: (N, out))
+               spec:ProxSpec, # the step's settings
+               world:int=1, # processes of equal local batches (under DDP, which averages what each returns)
+              ) -> torch.Tensor: # the bias step, one value per channel
+    "The step of a trained bias next to a frozen weight: per channel, sum of output gradients / (N + 1/tau)"
+    dims = [d for d in range(g.dim()) if d != 1]
+    if spec.kind == 'gradient':
+        return _solve_recorded(layer, lambda: (g.sum(dims), SolveInfo('gradient', dtype=g.dtype)))[0]
+    work, rows = work_dtype(g.dtype), g.numel() // g.shape[1] * world
+    return _solve_recorded(layer, lambda: (g.to(work).sum(dims) / (rows + spec.beta),
+                                           SolveInfo('bias', dtype=work)))[0]
+
+# %% ../nbs/02_layers.ipynb #b062cc16
+class _CallGroup:
+    "The forward calls of one ProxProp layer in one autograd graph: counted while alive, fixed at a backward"
+    def __init__(self): self.live, self.calls, self.queued = 0, None, {}  # queued: graph task -> its calls
+
+    def close(self) -> int:
+        "The number of calls: those alive at the first backward of any of them"
+        if self.calls is None: self.calls = self.live
+        return self.calls
+
+class _Call:
+    "One forward call in its group, held by the call's autograd context: it leaves the group when that ends"
+    __slots__ = ('group',)
+    def __init__(self, group): self.group = group; group.live += 1
+    def __del__(self): self.group.live -= 1
+
+# %% ../nbs/02_layers.ipynb #55b3a234
+_OPEN_GROUPS = weakref.WeakKeyDictionary()  # layer -> the call group its next forward joins
+
+def _new_call(self, collectives): # this forward's collectives (None: no data-parallel step)
+    "This forward's token in the layer's open call group; None where each call takes its own step"
+    if (collectives is not None or self._spec.kind == 'gradient' or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()): return None
+    group = _OPEN_GROUPS.get(self)
+    if group is None or group.calls is not None: group = _OPEN_GROUPS[self] = _CallGroup()
+    return _Call(group)
+
+ProxPropMixin._new_call = _new_call
+
+# %% ../nbs/02_layers.ipynb #d47bef24
+_graph_task = getattr(torch._C, '_current_graph_task_id', lambda: 0)
+
+def _shared_call_step(ctx, # a call's autograd context: its `call` token in a closed group
+                      item, # what the joint step needs of this call (e.g. its input and output gradient)
+                      step, # step(the items of the calls) -> the parameters' steps (None for a frozen one)
+                      params:list, # those parameters, for a step left over to the end of the backward pass
+                     ): # the joint step for the group's last call to arrive, else None
+    "Queue a call of a layer called several times; the last call to arrive takes the joint step of all"
+    group, task = ctx.call.group, _graph_task()
+    queued = group.queued.setdefault(task, [])
+    if not queued:  # the group's first call in this backward pass
+        leftover = partial(_leftover_step, group, task, step, params)
+        torch.autograd.Variable._execution_engine.queue_callback(leftover)
+    queued.append(item)
+    return step(group.queued.pop(task)) if len(queued) >= group.calls else None
+
+# %% ../nbs/02_layers.ipynb #795d25f6
+def _add_to_grad(params:list, steps:list):
+    "Add a step to the parameters' .grad, as autograd accumulates"
+    for p, d in zip(params, steps):
+        if d is None: continue
+        if not p.is_leaf: raise RuntimeError('a ProxProp layer called several times has a parameter that is '
+                                             'not a leaf tensor (a parametrization?): its step cannot be '
+                                             'written into .grad')
+        if p.grad is None: p.grad = d.to(p.dtype)
+        else: p.grad += d.to(p.grad.dtype)
+
+def _leftover_step(group, task, step, params):
+    "End of a backward pass: the joint step of the calls it reached, if not all, added to .grad"
+    items = group.queued.pop(task, None)
+    if items is not None:
+        with torch.no_grad(): _add_to_grad(params, step(items))
+
 # %% ../nbs/02_layers.ipynb #c007
 def _amp_off(t):
     "A context in which autocast is off for the device of `t`: the backward computes in the dtypes it chooses"
@@ -194,50 +286,102 @@ def _amp_off(t):
 
 # %% ../nbs/02_layers.ipynb #efe46432
 class _ProxFn(torch.autograd.Function):
-    "The Linear and conv functions' context: x, weight, bias, *geometry, spec, layer, collectives or None"
+    "The Linear and conv functions' context: x, weight, bias, *geometry, spec, layer, collectives, call token"
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.collectives = inputs
+        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.collectives, ctx.call = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
 
     @staticmethod
     def needs_param_grad(ctx): return ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]
 
+    @staticmethod
+    def trained(ctx) -> tuple: return ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+
+    @staticmethod
+    def shared(ctx) -> bool:
+        "Whether the call is one of several of its layer (its first backward fixes its group's count)"
+        return ctx.call is not None and ctx.call.group.close() > 1
+
+# %% ../nbs/02_layers.ipynb #a0eb8210
+def _to_dtype(t:torch.Tensor|None, dtype): return None if t is None else t.to(dtype)
+
 # %% ../nbs/02_layers.ipynb #21c9c0db
+def _linear_step(layer, trained:tuple, spec:ProxSpec, x2, g2):
+    "(weight, bias) steps of a Linear layer from input and output-gradient rows: the trained ones' system"
+    spec, chooser = _on_device(spec, g2.device)
+    if not trained[0]: return None, _bias_step(layer, g2, spec)
+    return _solve_recorded(layer, partial(prox_linear, x2, g2, trained[1], spec, chooser))[:2]
+
 def _prox_linear_grads(ctx, x2, g2):
     "(weight, bias) gradients of a Linear call: its ProxProp step, or under DDP the plain local gradient"
-    spec, chooser = _on_device(ctx.spec, g2.device)
-    if ctx.collectives is None:
-        return _solve_recorded(ctx.layer, partial(prox_linear, x2, g2, ctx.has_bias, spec, chooser))[:2]
+    trained = _ProxFn.trained(ctx)
+    if ctx.collectives is None: return _linear_step(ctx.layer, trained, ctx.spec, x2, g2)
+    spec = _on_device(ctx.spec, g2.device)[0]
+    if not trained[0]: return None, _bias_step(ctx.layer, g2, spec, ctx.collectives.world)
     work = work_dtype(x2.dtype, g2.dtype)
     gw, gb = g2.to(work).T @ x2.to(work), (g2.to(work).sum(0) if ctx.has_bias else None)
-    defer_step(ctx.layer, ctx.collectives, spec, x2, g2, solve=partial(_solve_recorded, ctx.layer))
+    defer_step(_data_parallel_layer(ctx), ctx.collectives, spec, x2, g2,
+               solve=partial(_solve_recorded, ctx.layer))
     return gw, gb
+
+# %% ../nbs/02_layers.ipynb #567fa6ef
+class _WeightOnly:
+    "A layer with a frozen bias as the data-parallel step sees it: its weight alone, stepped by gathering"
+    bias = None
+    def __init__(self, layer): self.layer, self._distributed_route = weakref.ref(layer), 'gather'
+    @property
+    def weight(self): return self.layer().weight
+
+_WEIGHT_ONLY = weakref.WeakKeyDictionary()  # layer -> its view: one per layer (DDP's step groups calls by it)
+
+def _data_parallel_layer(ctx):
+    "The layer that `defer_step` takes: the call's layer, or with a frozen bias its weight-only view"
+    if not ctx.has_bias or ctx.needs_input_grad[2]: return ctx.layer
+    if ctx.layer not in _WEIGHT_ONLY: _WEIGHT_ONLY[ctx.layer] = _WeightOnly(ctx.layer)
+    return _WEIGHT_ONLY[ctx.layer]
+
+# %% ../nbs/02_layers.ipynb #d6d0a784
+def _linear_joint_step(layer, trained:tuple, spec:ProxSpec, calls:list):
+    "The joint step of a Linear layer's calls [(x rows, g rows)]: its system on their stacked rows"
+    x2, g2 = (torch.cat([call[i] for call in calls]) for i in (0, 1))
+    return _linear_step(layer, trained, spec, x2, g2)
+
+def _linear_param_grads(ctx, x2, g2, shared:bool):
+    "(weight, bias) gradients of a Linear call: its own step; one of several calls: the joint step, or None"
+    if not shared: return _prox_linear_grads(ctx, x2, g2)
+    step = partial(_linear_joint_step, ctx.layer, _ProxFn.trained(ctx), ctx.spec)
+    params = [ctx.layer.weight, ctx.layer.bias]
+    return _shared_call_step(ctx, (x2.detach(), g2.detach()), step, params) or (None, None)
 
 # %% ../nbs/02_layers.ipynb #18c8bff1
 class _ProxLinearFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, spec, layer, collectives): return F.linear(x, weight, bias)
+    def forward(x, weight, bias, spec, layer, collectives, call): return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        shared = _ProxFn.shared(ctx)  # before the saved tensors, which activation checkpointing recomputes
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         with _amp_off(g):
             # in the forward's dtype, as autograd
             if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)
             if _ProxFn.needs_param_grad(ctx):
-                gw, gb = _prox_linear_grads(ctx, x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-                gw, gb = gw.to(weight.dtype), (gb.to(weight.dtype) if gb is not None else None)
-        return gx, gw, gb, None, None, None
+                if weight.is_complex(): _check_real(ctx.layer, type(ctx.layer).__name__)
+                x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+                gw, gb = (_to_dtype(q, weight.dtype) for q in _linear_param_grads(ctx, x2, g2, shared))
+        return gx, gw, gb, None, None, None, None
 
 # %% ../nbs/02_layers.ipynb #c008
 class ProxPropLinearBase(ProxPropMixin):
     "ProxProp behaviour of nn.Linear and its subclasses"
     def forward(self, input):
-        return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self, self._global())
+        collectives = self._global()
+        return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self, collectives,
+                                   self._new_call(collectives))
 
 # %% ../nbs/02_layers.ipynb #59d33a64
 class ProxPropLinear(ProxPropLinearBase, nn.Linear):
@@ -301,34 +445,70 @@ class SolveStats:
         return summaries
 
 # %% ../nbs/02_layers.ipynb #587b8afa
+def _conv_input_grad(ctx, x, g, weight, geo):
+    "The input gradient of a conv call, in g's dtype (None if not needed)"
+    if not ctx.needs_input_grad[0]: return None
+    return conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
+
 def _prox_conv_grads(ctx, x, g, weight, geo):
     "(input, weight, bias) gradients of a conv call: its ProxProp step, or under DDP the plain local ones"
     spec, chooser, g = *_on_device(ctx.spec, g.device), g.contiguous()
+    (train_weight, train_bias), need_gx = _ProxFn.trained(ctx), ctx.needs_input_grad[0]
+    if not train_weight:  # the bias alone (under DDP: this process's share of its step)
+        world = 1 if ctx.collectives is None else ctx.collectives.world
+        return _conv_input_grad(ctx, x, g, weight, geo), None, _bias_step(ctx.layer, g, spec, world)
     if ctx.collectives is None:
-        step = partial(prox_conv, x, g, weight, ctx.has_bias, geo, spec, ctx.needs_input_grad[0], chooser)
+        step = partial(prox_conv, x, g, weight, train_bias, geo, spec, need_gx, chooser)
         return _solve_recorded(ctx.layer, step)[:3]
-    work = work_dtype(x.dtype, g.dtype)
-    gx, gw, gb = conv_grads(x, g, weight, geo, ctx.needs_input_grad[0], ctx.has_bias, work)
-    defer_step(ctx.layer, ctx.collectives, spec, x, g, geo, solve=partial(_solve_recorded, ctx.layer))
+    gx, gw, gb = conv_grads(x, g, weight, geo, need_gx, ctx.has_bias, work_dtype(x.dtype, g.dtype))
+    defer_step(_data_parallel_layer(ctx), ctx.collectives, spec, x, g, geo,
+               solve=partial(_solve_recorded, ctx.layer))
     return gx, gw, gb
+
+# %% ../nbs/02_layers.ipynb #6bf9e4e7
+def _conv_joint_step(layer, trained:tuple, spec:ProxSpec, weight, geo, calls:list):
+    "The joint step of a convolution's calls [(x, g)]: its system on their stacked batches (one input shape)"
+    shapes = sorted({(tuple(x.shape[1:]), tuple(g.shape[1:])) for x, g in calls})
+    if len(shapes) > 1:
+        raise NotImplementedError(f"{type(layer).__name__} was called {len(calls)} times in one forward on "
+                                  "inputs or outputs of different shapes (per sample: "
+                                  f"{', '.join(f'{a} -> {b}' for a, b in shapes)}): its joint proximal step "
+                                  "stacks the calls' batches, which needs one shape. Use one input shape, "
+                                  "separate layers, or optimization_mode='gradient' for this layer")
+    x, g = (torch.cat([call[i] for call in calls]) for i in (0, 1))
+    spec, chooser = _on_device(spec, g.device)
+    if not trained[0]: return None, _bias_step(layer, g, spec)
+    step = partial(prox_conv, x, g, weight, trained[1], geo, spec, False, chooser)
+    return _solve_recorded(layer, step)[1:3]
+
+# %% ../nbs/02_layers.ipynb #d065fcbe
+def _conv_param_grads(ctx, x, g, weight, geo, shared:bool):
+    "(input, weight, bias) gradients of a conv call: its own step, or of several calls the joint one or None"
+    if not shared: return _prox_conv_grads(ctx, x, g, weight, geo)
+    step = partial(_conv_joint_step, ctx.layer, _ProxFn.trained(ctx), ctx.spec, weight.detach(), geo)
+    params = [ctx.layer.weight, ctx.layer.bias]
+    gw, gb = _shared_call_step(ctx, (x.detach(), g.detach().contiguous()), step, params) or (None, None)
+    return _conv_input_grad(ctx, x, g, weight, geo), gw, gb
 
 # %% ../nbs/02_layers.ipynb #c021
 class _ProxConvFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, geo, spec, layer, collectives): return conv_forward(x, weight, bias, geo)
+    def forward(x, weight, bias, geo, spec, layer, collectives, call):
+        return conv_forward(x, weight, bias, geo)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        shared = _ProxFn.shared(ctx)  # before the saved tensors, which activation checkpointing recomputes
         x, weight = ctx.saved_tensors
         (geo,) = ctx.geometry
         with _amp_off(g):
             if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
-                gx = conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
-                return gx.to(x.dtype), None, None, None, None, None, None
-            gx, gw, gb = _prox_conv_grads(ctx, x, g, weight, geo)
-        return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype),
-                (gb.to(weight.dtype) if gb is not None else None), None, None, None, None)
+                return _conv_input_grad(ctx, x, g, weight, geo).to(x.dtype), *[None] * 7
+            if weight.is_complex(): _check_real(ctx.layer, type(ctx.layer).__name__)
+            gx, gw, gb = _conv_param_grads(ctx, x, g, weight, geo, shared)
+        return (_to_dtype(gx, x.dtype), _to_dtype(gw, weight.dtype), _to_dtype(gb, weight.dtype),
+                None, None, None, None, None)
 
 # %% ../nbs/02_layers.ipynb #7071a10a
 def _explicitly_padded(conv, x):
@@ -364,7 +544,9 @@ class _ProxConvMixin(ProxPropMixin):
 
     def forward(self, input, output_size=None):
         geo, x = _call_geometry(self, input, output_size), _explicitly_padded(self, input)
-        return _ProxConvFn.apply(x, self.weight, self.bias, geo, self._spec, self, self._global())
+        collectives = self._global()
+        return _ProxConvFn.apply(x, self.weight, self.bias, geo, self._spec, self, collectives,
+                                 self._new_call(collectives))
 
 # %% ../nbs/02_layers.ipynb #c024
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
@@ -389,26 +571,27 @@ class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):
 # %% ../nbs/02_layers.ipynb #c030
 class _ProxGenericFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layer, spec, *params):
+    def forward(ctx, x, layer, spec, call, *params):
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
             p_ = [p.detach().requires_grad_() for p in params]
             out = layer._phi(p_, x_)
-            ctx.graph, ctx.layer, ctx.spec = (out, x_, p_), layer, spec
+            ctx.graph, ctx.layer, ctx.spec, ctx.call = (out, x_, p_), layer, spec, call
         return out.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        shared = _ProxFn.shared(ctx)
         (out, x_, p_), layer, spec = ctx.graph, ctx.layer, ctx.spec
         wrt = ([x_] if ctx.needs_input_grad[0] else []) + p_
         with _amp_off(g):
             grads = torch.autograd.grad(out, wrt, g, retain_graph=True, allow_unused=True)
             gx = grads[0] if ctx.needs_input_grad[0] else None
             grad = [torch.zeros_like(p) if q is None else q for p, q in zip(p_, grads[-len(p_):])]
-            grad = _prox_generic_grads(layer, spec, out, x_, p_, grad, g)
+            grad = _generic_param_grads(ctx, (out, x_, p_, grad, g), ctx.needs_input_grad[4:], shared)
         ctx.graph = None
-        return (gx, None, None, *[q.to(p.dtype) for q, p in zip(grad, p_)])
+        return (gx, None, None, None, *[_to_dtype(q, p.dtype) for q, p in zip(grad, p_)])
 
 # %% ../nbs/02_layers.ipynb #c031
 def _full_precision(layer, out, x_, p_, grad, g):
@@ -423,13 +606,23 @@ def _full_precision(layer, out, x_, p_, grad, g):
     return out32, x32, p32, [torch.zeros_like(p) if q is None else q for p, q in zip(p32, grad32)]
 
 # %% ../nbs/02_layers.ipynb #c9c75cba
-def _prox_generic_grads(layer, spec, out, x_, p_, grad, g):
-    "A generic module call's parameter gradients `grad` made its ProxProp step (as they are for 'gradient')"
+def _prox_generic_grads(layer, spec, calls:list, trained:tuple) -> list:
+    "The ProxProp step of a generic module's calls [(out, x, params, grad, g)] (for 'gradient' the gradient)"
     if spec.kind == 'gradient':
-        _solve_recorded(layer, lambda: (SolveInfo('gradient', dtype=g.dtype),))
-        return grad
-    step = partial(layer._prox_generic, *_full_precision(layer, out, x_, p_, grad, g), spec)
-    return _solve_recorded(layer, step)[0]
+        _solve_recorded(layer, lambda: (SolveInfo('gradient', dtype=calls[0][4].dtype),))
+        return calls[0][3]
+    full = [_full_precision(layer, *call) for call in calls]
+    return _solve_recorded(layer, partial(layer._prox_generic, full, spec, trained))[0]
+
+# %% ../nbs/02_layers.ipynb #4efb305f
+def _generic_param_grads(ctx, call:tuple, trained:tuple, shared:bool) -> list:
+    "A generic module call's parameter gradients: its own step; one of several calls: the joint one, or None"
+    p_ = call[2]
+    if not any(trained): return [None] * len(p_)
+    if any(p.is_complex() for p in p_): _check_real(ctx.layer, type(ctx.layer).__name__)
+    if not shared: return _prox_generic_grads(ctx.layer, ctx.spec, [call], trained)
+    step = partial(_prox_generic_grads, ctx.layer, ctx.spec, trained=trained)
+    return _shared_call_step(ctx, call, step, list(ctx.layer.parameters())) or [None] * len(p_)
 
 # %% ../nbs/02_layers.ipynb #c032
 class _ProxGenericMixin(ProxPropMixin):
@@ -459,7 +652,7 @@ class _ProxGenericMixin(ProxPropMixin):
             raise NotImplementedError(f"{type(self).__name__}: the global data-parallel step covers Linear "
                                       "and convolution layers; set distributed='local' on this layer (its "
                                       "step then uses each process's own batch)")
-        return _ProxGenericFn.apply(input, self, self._spec, *self.parameters())
+        return _ProxGenericFn.apply(input, self, self._spec, self._new_call(None), *self.parameters())
 
 # %% ../nbs/02_layers.ipynb #c034
 def _check_linear(layer, p_, x):
@@ -472,23 +665,35 @@ def _check_linear(layer, p_, x):
     object.__setattr__(layer, '_prox_checked', True)
 
 # %% ../nbs/02_layers.ipynb #758aaf70
-def _generic_step(self, out, x, p_, grad, spec):
-    "(ProxProp direction, SolveInfo) of a generic module from its autograd graph `out` and gradient `grad`"
-    _check_linear(self, p_, x)
-    def phi_adj(z):
-        adj = torch.autograd.grad(out, p_, z, retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if q is None else q for p, q in zip(p_, adj)]
+def _generic_operator(layer, calls:list, trained:tuple, beta:float):
+    "apply_M(P): sum over the calls [(out, x, params, grad)] of phi* phi P, + beta P, on trained params"
+    live = [i for i, t in enumerate(trained) if t]
     def apply_M(P):
-        with torch.no_grad(): z = self._phi([q.view(p.shape) for q, p in zip(P, p_)], x)
-        return [a.reshape(1, -1) + spec.beta * q for a, q in zip(phi_adj(z), P)]
-    rhs = [q.reshape(1, -1) for q in grad]
+        AtAP = [beta * q for q in P]
+        for out, x, p_, _ in calls:
+            rows = iter(P)
+            params = [next(rows).view(p.shape) if t else torch.zeros_like(p) for p, t in zip(p_, trained)]
+            with torch.no_grad(): z = layer._phi(params, x)
+            adj = torch.autograd.grad(out, [p_[i] for i in live], z, retain_graph=True, allow_unused=True)
+            AtAP = [a if q is None else q.reshape(1, -1) + a for a, q in zip(AtAP, adj)]
+        return AtAP
+    return apply_M
+
+# %% ../nbs/02_layers.ipynb #8b3ca0d4
+def _generic_step(self, calls:list, spec, trained:tuple):
+    "(ProxProp direction, SolveInfo) of a generic module's calls [(out, x, params, grad)], trained params"
+    _check_linear(self, calls[0][2], calls[0][1])
+    live = [i for i, t in enumerate(trained) if t]
+    apply_M = _generic_operator(self, calls, trained, spec.beta)
+    rhs = [sum(call[3][i] for call in calls).reshape(1, -1) for i in live]
     if spec.kind == 'cg':
         cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
         X, info = cg.solution, SolveInfo.of('matrix_free', cg, rhs[0].dtype)
     else:
         X, fallback = dense_solve(apply_M, rhs, type(self).__name__)
         info = SolveInfo.of('dense>cg' if fallback else 'dense', fallback, rhs[0].dtype)
-    return [q.view(p.shape).to(p.dtype) for q, p in zip(X, p_)], info
+    steps, p_ = dict(zip(live, X)), calls[0][2]
+    return [steps[i].view(p.shape).to(p.dtype) if i in steps else None for i, p in enumerate(p_)], info
 
 _ProxGenericMixin._prox_generic = _generic_step
 
@@ -537,28 +742,52 @@ def _sharing_copy(module, cls, **prox):
 
 # %% ../nbs/02_layers.ipynb #b29f1ca3
 def _replace_modules(model, pick, make):
-    "Replace every submodule m of model with pick(name, m) true by make(m), in place"
+    "Replace each submodule m of model with pick(name, m) true by make(m), in place, at all its positions"
     if pick('', model): raise ValueError('proxpropify converts the layers inside a model; wrap a single '
                                          'layer in nn.Sequential')
-    targets = [(name, m) for name, m in model.named_modules() if name and pick(name, m)]
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name and pick(name, m)]
+    made = {}  # id(module) -> its replacement: one for all of its positions, so the sharing stays
     for name, m in targets:
+        if id(m) not in made: made[id(m)] = make(m)
         parent, _, attr = name.rpartition('.')
-        setattr(model.get_submodule(parent) if parent else model, attr, make(m))
+        setattr(model.get_submodule(parent) if parent else model, attr, made[id(m)])
     return targets
+
+# %% ../nbs/02_layers.ipynb #ad7ffac5
+# containers whose forward uses a child's parameters without calling the child -> those children
+_USED_THROUGH_WEIGHTS = {nn.MultiheadAttention: ('out_proj',)}
+
+def _uncalled(positions:list, classes:tuple, excluded:set) -> set:
+    "ids of the convertible children that a known container never calls; each is named in a warning"
+    found = set()
+    for name, m in positions:
+        for child_name in next((c for k, c in _USED_THROUGH_WEIGHTS.items() if isinstance(m, k)), ()):
+            child = getattr(m, child_name, None)
+            if type(child) not in classes or id(child) in excluded | found: continue
+            found.add(id(child))
+            where = f'{name}.{child_name}'.lstrip('.')
+            warnings.warn(f"proxpropify leaves {where!r} ({type(child).__name__}) plain: "
+                          f"{type(m).__name__} uses its parameters in its own forward and never calls it, so "
+                          "a ProxProp twin would never take a step; exclude it to silence this warning",
+                          UserWarning, stacklevel=4)
+    return found
 
 # %% ../nbs/02_layers.ipynb #26bc2127
 def _conversion_picker(model, types, exclude, last_explicit):
     "pick(name, module): whether `proxpropify` converts that submodule of `model`"
     classes = ((nn.Linear, nn.Conv2d) if types is None else (types,) if isinstance(types, type)
                else tuple(types))
+    positions = list(model.named_modules(remove_duplicate=False))
     excluded_names = {e for e in exclude if isinstance(e, str)}
-    unknown = excluded_names - {n for n, _ in model.named_modules()}
+    unknown = excluded_names - {n for n, _ in positions}
     if unknown: raise ValueError(f'exclude names no module of this model: {sorted(unknown)}')
-    excluded_ids = {id(e) for e in exclude if not isinstance(e, str)}
-    pick = lambda n, m: type(m) in classes and n not in excluded_names and id(m) not in excluded_ids
-    eligible = [n for n, m in model.named_modules() if n and pick(n, m)]
-    if last_explicit and eligible: excluded_names.add(eligible[-1])
-    return pick
+    # modules, not positions: one excluded under any of its names stays plain under all
+    excluded = {id(e) for e in exclude if not isinstance(e, str)} | {id(m) for n, m in positions
+                                                                     if n in excluded_names}
+    excluded |= _uncalled(positions, classes, excluded)
+    eligible = [m for n, m in positions if n and type(m) in classes and id(m) not in excluded]
+    if last_explicit and eligible: excluded.add(id(eligible[-1]))
+    return lambda n, m: type(m) in classes and id(m) not in excluded
 
 # %% ../nbs/02_layers.ipynb #c044
 def proxpropify(model:nn.Module, # the model to convert in place
@@ -578,6 +807,8 @@ def proxpropify(model:nn.Module, # the model to convert in place
     check_prox_args(**prox)
     check_distributed(distributed)
     pick = _conversion_picker(model, types, exclude, last_explicit)
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and pick(name, m): _check_real(m, f'{name!r} ({type(m).__name__})')
     def convert(m):
         twin = _sharing_copy(m, proxprop_module(type(m)), **prox)
         if distributed != 'auto': twin.distributed = distributed
