@@ -125,14 +125,14 @@ def test_python_m_experiments_runs():
     "`python -m proxprop_nb.lab.experiments` (as torchrun starts it) runs the experiments alone: it knows no campaign"
     p = subprocess.run([sys.executable, '-m', 'proxprop_nb.lab.experiments', '--help'], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0 and '{fig2,table1,fig3,demo}' in p.stdout and 'campaign' not in p.stdout
+    assert p.returncode == 0 and '{fig2,table1,fig3,demo,plot}' in p.stdout and 'campaign' not in p.stdout
 
 
 def test_proxprop_experiment_sends_campaign_to_the_campaign(capsys):
     "`proxprop-experiment` is `experiment_command`: the campaign among the experiments in its help, `campaign ARGS` to `main`"
     assert 'proxprop-experiment=proxprop_nb.lab.campaign:experiment_command' in (ROOT/'settings.ini').read_text()
     with pytest.raises(SystemExit) as e: C.experiment_command(['--help'])
-    assert e.value.code == 0 and '{fig2,table1,fig3,demo,campaign}' in capsys.readouterr().out
+    assert e.value.code == 0 and '{fig2,table1,fig3,demo,plot,campaign}' in capsys.readouterr().out
     with pytest.raises(SystemExit): C.experiment_command(['campaign', '--out', 'x', '--budget-minutes', '0.1'])
     assert 'proxprop-experiment campaign: error: --budget-minutes 0.1' in capsys.readouterr().err
     with pytest.raises(SystemExit): C.experiment_command(['fig4'])

@@ -9,7 +9,9 @@ import hashlib
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
+import textwrap
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, FIRST_COMPLETED, wait
@@ -19,9 +21,10 @@ import torch
 
 from .sources import cache_folder
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthetic_cifar10,
-                                   default_device, finished_results, data_key)
+                                   default_device, finished_results, data_key, device_problem)
 from .runfiles import write_json, read_json, environment
-from .experiments import experiment_configs, protocol, main as experiments_main
+from .experiments import (EXPERIMENTS, experiment_configs, protocol, results_folder_problem,
+                                         interrupted, main as experiments_main)
 from .bench import make_step, bench_model
 from .stages import (start_tests, finish_tests, run_bench, bench_step_seconds, summary_text,
                                     pack, run_compare_stage)
@@ -129,7 +132,9 @@ _WORKER = {}  # a worker process's state: its device, the data, and the data pre
 
 def _worker_init(data, # a CIFAR-10 source path, or 'synthetic'
                  device:str, threads:int, fp32:bool):
-    "Pool initializer: threads, strict float32 on CUDA, and the data, loaded once per worker"
+    "Pool initializer: threads, strict float32 on CUDA, the data (loaded once per worker); Ctrl-C ignored"
+    if mp.parent_process() is not None:  # a worker process: the parent stops it (`_stop_pool`) and says so
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     if fp32: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     _WORKER.update(device=device, prepared={}, data=_load_data(data))
@@ -310,6 +315,30 @@ def _work_default(out:Path) -> Path:
 def _levels(max_workers:int) -> tuple:
     "The numbers of runs at once to try"
     return tuple(k for k in (1, 2, 4, 6, 8) if k <= max_workers)
+
+# %% ../../nbs/07_campaign.ipynb #95b6ae93
+def _cores() -> int:
+    "The CPU cores this process may run on"
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+def _n_to_train(plan:list, work:Path) -> int:
+    "How many runs of the plan are not done in `work`"
+    n = 0
+    for exp, cfg, _ in plan:
+        try: n += finished_results(run_paths(Path(work)/exp, cfg)[0], cfg) is None
+        except Exception: pass  # a file that is not this run's: `schedule_runs` reports it and trains nothing
+    return n
+
+
+# %% ../../nbs/07_campaign.ipynb #905e5356
+def _capped_workers(campaign, workers:int|None, max_workers:int, n_todo:int) -> tuple:
+    "(workers, max_workers), each at most the runs to do and the CPU cores; a capped --workers is logged"
+    cap = max(1, min(n_todo, _cores()))
+    if workers is not None and workers > cap:
+        runs = f'{n_todo} run{"s" if n_todo != 1 else ""} to do'
+        campaign.say(f'--workers {workers}: capped at {cap} ({runs}, {_cores()} CPU cores)')
+    return (None if workers is None else min(workers, cap)), min(max_workers, cap)
+
 
 # %% ../../nbs/07_campaign.ipynb #a49ab704
 def _warm_task(barrier) -> int:
@@ -505,6 +534,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
     tests = None if skip_tests else (time.time(), start_tests(device, campaign.out/'tests.log', quick))
     _record_data_source(campaign, data)
     plan = campaign_plan(quick, experiments)[:max_runs]
+    workers, max_workers = _capped_workers(campaign, workers, max_workers, _n_to_train(plan, campaign.work))
     n_pool = workers or max(_levels(max_workers))
     pool, manager = _start_workers(n_pool, data, device, fp32)
     try:
@@ -521,12 +551,34 @@ def run_campaign(out, # the folder for the (at most 8) result files
     _final_reports(campaign)  # 5. the reports
     return campaign.rec
 
+# %% ../../nbs/07_campaign.ipynb #91b17a62
+def _plan_text() -> str:
+    "The campaign's stages, and its runs in priority order, as its help lists them"
+    order = [f"{exp} {'/'.join(o.get('methods') or EXPERIMENTS[exp].methods)} with {o['cg_variant']} CG "
+             f"({len(experiment_configs(exp, **o))})" for exp, o in PRIORITY]
+    stages = ['tests: tests/test_cuda.py on --device, in a subprocess while the data loads '
+              '(--skip-tests: none)',
+              'benchmark: a training step of every mode for the MLP and the ConvNet, and the solver routes '
+              '(--skip-bench: none)',
+              "runs: the paper's full protocols (50 epochs, 45,000 training images; --quick: a smoke test), "
+              f"{len(campaign_plan())} runs in priority order, each only if it fits: {'; '.join(order)} "
+              f"(BackProp at tau=0.05 is in fig2 and table1: trained once)",
+              "compare: the optimizer comparison (proxprop-compare's full setting) with the time left "
+              '(--no-compare: none)']
+    fill = lambda i, s: textwrap.fill(s, 100, initial_indent=f'  {i}. ', subsequent_indent=' ' * 5,
+                                      break_on_hyphens=False)
+    return '\n'.join(['In this order, each within what is left of --budget-minutes:'] +
+                     [fill(i, s) for i, s in enumerate(stages, 1)])
+
+
 # %% ../../nbs/07_campaign.ipynb #c029
 def _parser() -> argparse.ArgumentParser:
     "The options of `proxprop-experiment campaign`"
     what = ("Run the GPU campaign: the CUDA tests, the benchmark and the paper's full protocols in priority "
             "order, within a time budget, into at most 8 files in --out.")
-    p = argparse.ArgumentParser(prog='proxprop-experiment campaign', description=what)
+    described = '\n'.join(textwrap.wrap(what, 100) + ['', _plan_text()])
+    p = argparse.ArgumentParser(prog='proxprop-experiment campaign', description=described,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add('--out', type=Path, required=True,
         help='folder for summary.txt, campaign.json, campaign.log, tests.log, bench.json and results.tar.gz')
@@ -537,7 +589,7 @@ def _parser() -> argparse.ArgumentParser:
     add('--quick', action='store_true', help='smoke test: reduced protocol, tiny benchmark, some tests')
     add('--work', type=Path,
         help='folder of the runs and their checkpoints (default: in the cache, named after --out)')
-    add('--workers', type=int, help='runs at once (default: measured)')
+    add('--workers', type=int, help='runs at once (default: measured; at most the runs to do and the cores)')
     add('--max-workers', type=int, default=4, help='the most runs at once tried (default 4)')
     add('--experiments', nargs='+', choices=list(PAPER), help="a subset of the paper's experiments")
     add('--max-runs', type=int, help='at most this many runs of the plan')
@@ -545,37 +597,49 @@ def _parser() -> argparse.ArgumentParser:
     add('--no-compare', action='store_true', help="leave out the optimizer comparison after the paper's runs")
     return p
 
+
 # %% ../../nbs/07_campaign.ipynb #dabd94db
 def _check_args(p:argparse.ArgumentParser, a:argparse.Namespace):
     "Usage errors argparse cannot see: the budget, counts below 1, a device that is not there, no data found"
-    if not a.budget_minutes > 0.5:
-        p.error(f'--budget-minutes {a.budget_minutes}: use more than half a minute')
+    if not (math.isfinite(a.budget_minutes) and a.budget_minutes > 0.5):
+        p.error(f'--budget-minutes {a.budget_minutes:g}: use a finite number of minutes, more than half a '
+                'minute')
     for k in ('workers', 'max_workers', 'max_runs'):
         if getattr(a, k) is not None and getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1")
-    if a.device is not None:
-        try: dev = torch.device(a.device)
-        except RuntimeError: p.error(f'--device {a.device}: not a torch device (e.g. cpu, cuda)')
-        if dev.type == 'cuda' and not torch.cuda.is_available():
-            p.error(f'--device {a.device}: no GPU is available')
+    if a.device is not None and (why := device_problem(a.device)) is not None:
+        p.error(f'--device {a.device}: {why}')
     if a.data == 'synthetic': return
     from proxprop_nb.lab.data import find_cifar10
     try: found = find_cifar10(a.data)
-    except (FileNotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment campaign: error: {e}\n')
+    except (OSError, ValueError) as e: p.exit(1, f'proxprop-experiment campaign: error: {e}\n')
     if found is None: p.exit(1, 'proxprop-experiment campaign: error: no CIFAR-10 source found; '
                                 'give --data PATH (the campaign does not download)\n')
 
+
 # %% ../../nbs/07_campaign.ipynb #312b9fe7
+def _exit_status(rec:dict, out:Path) -> int:
+    "1 if the campaign stopped on an error or a run ended in one (said on stderr), else 0"
+    failed = [r for r in rec.get('runs', []) if r.get('outcome') == 'error']
+    if failed: print(f"proxprop-experiment campaign: {len(failed)} of {len(rec['runs'])} runs ended in an "
+                     f"error; see {out/'summary.txt'} and {out/'campaign.log'}", file=sys.stderr)
+    return 1 if rec.get('error') or failed else 0
+
 def main(argv:list|None=None # arguments after 'campaign'; None: sys.argv[1:]
         ) -> int:
     "The `proxprop-experiment campaign` command"
     p = _parser()
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     _check_args(p, a)
-    rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers, a.max_workers,
-                       a.experiments, a.max_runs, a.skip_tests, a.skip_bench, not a.no_compare)
+    if (why := results_folder_problem(a.out, 'campaign')) is not None: p.exit(1, f'{p.prog}: error: {why}\n')
+    try: rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers,
+                            a.max_workers, a.experiments, a.max_runs, a.skip_tests, a.skip_bench,
+                            not a.no_compare)
+    except KeyboardInterrupt: return interrupted(p.prog)
+    except (OSError, ValueError) as e: p.exit(1, f'{p.prog}: error: {e}\n')  # the data, before any stage
     print('\n' + (a.out/'summary.txt').read_text())
-    return 1 if rec.get('error') else 0
+    return _exit_status(rec, a.out)
+
 
 # %% ../../nbs/07_campaign.ipynb #3ad934ea
 def experiment_command(argv:list|None=None # command-line arguments; None: sys.argv[1:]

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from .data import Cifar10, load_cifar10
 from .runfiles import environment, write_json, read_json, utc_timestamp
-from .train import synthetic_cifar10, default_device
+from .train import synthetic_cifar10, default_device, device_problem
+from .experiments import results_folder_problem, removed_if_left_empty, interrupted
 from .compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, CompareRun, build_network,
                                      prox_layers, muon_layers, make_method, stdlib_text, compare_plan)
 
@@ -343,7 +344,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--setting', choices=tuple(SETTINGS), default='reduced',
                         help='quick (smoke test), reduced (CPU, about an hour of CPU time) or full (GPU)')
     parser.add_argument('--data', help='CIFAR-10 source for load_cifar10 (default: the usual places)')
-    parser.add_argument('--out', type=Path, help='results folder (default results/compare-SETTING)')
+    parser.add_argument('--out', type=Path, help="results folder (default proxprop-results/compare-SETTING, "
+                        "next to the experiments'; for results/compare-SETTING of earlier versions, give it)")
     parser.add_argument('--networks', nargs='+', choices=NETWORKS, help='a subset of the networks')
     parser.add_argument('--methods', nargs='+', choices=tuple(METHODS), help='a subset of the methods')
     parser.add_argument('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
@@ -355,17 +357,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--plan', action='store_true', help='print the runs known so far and exit')
     return parser
 
-# %% ../../nbs/13a_compare_run.ipynb #c028
-def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
-        ) -> int:
-    "The `proxprop-compare` command: run a setting into a results folder, then print the summary table"
-    parser = _parser()
-    args = parser.parse_args(argv)
+# %% ../../nbs/13a_compare_run.ipynb #8f31c632
+def _checked_out(parser:argparse.ArgumentParser, args:argparse.Namespace) -> Path:
+    "The results folder; usage errors for what argparse cannot see: counts, the budget, the device"
     if args.workers < 1 or args.threads < 1: parser.error('--workers and --threads must be >= 1')
-    out = args.out or Path('results')/f'compare-{args.setting}'
-    if args.plan:
-        for r in compare_plan(args.setting, load_records(out), args.networks, args.methods): print(r.name)
-        return 0
+    minutes = args.budget_minutes
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        parser.error(f'--budget-minutes {minutes}: use a finite number of minutes > 0')
+    if args.device is not None and (why := device_problem(args.device)) is not None:
+        parser.error(f'--device {args.device}: {why}')
+    return args.out or Path('proxprop-results')/f'compare-{args.setting}'
+
+
+# %% ../../nbs/13a_compare_run.ipynb #c028
+def _run_command(parser:argparse.ArgumentParser, args:argparse.Namespace, out:Path) -> int:
+    "Prepare `out` before any training, run the setting into it and print the summary table"
+    if (why := results_folder_problem(out, 'proxprop-compare')) is not None:
+        parser.exit(1, f'proxprop-compare: error: {why}\n')
     torch.set_num_threads(args.threads)
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
     records = run_setting(args.setting, out, args.data, args.networks, args.methods, args.device,
@@ -373,6 +381,20 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     from proxprop_nb.lab.compare_report import summarize, format_summary
     print(f'\nresults in {out.resolve()}\n' + format_summary(summarize(records.values())))
     return 0
+
+def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
+        ) -> int:
+    "The `proxprop-compare` command: run a setting into a results folder, then print the summary table"
+    parser = _parser()
+    args = parser.parse_args(argv)
+    out = _checked_out(parser, args)
+    if args.plan:
+        for r in compare_plan(args.setting, load_records(out), args.networks, args.methods): print(r.name)
+        return 0
+    try:
+        with removed_if_left_empty(out): return _run_command(parser, args, out)
+    except KeyboardInterrupt: return interrupted('proxprop-compare')
+
 
 # %% ../../nbs/13a_compare_run.ipynb #c032
 # python -m proxprop_nb.lab.compare_run

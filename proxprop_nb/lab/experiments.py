@@ -6,24 +6,30 @@
 from __future__ import annotations
 import argparse
 import math
+import os
+import statistics
 import sys
+import textwrap
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
-from .data import Cifar10, Cifar10NotFoundError, load_cifar10
+from .data import Cifar10, load_cifar10
 from .runfiles import read_json, prepare_out_dir
 from ..distributed import data_parallel, exit_process_group
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device,
                                    data_key, finished_results, device_problem)
 
 # %% auto #0
-__all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'Experiment',
-           'experiment_configs', 'protocol', 'run_experiment', 'load_results', 'describe_runs', 'format_runs',
-           'table1_grid', 'format_table1', 'plot_curves', 'demo_summary', 'main']
+__all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'DEMO_SWEEP', 'DEMO_BEST_TAU', 'DEMO_BASELINE', 'TAU_NAMES',
+           'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'PLOT_WHAT', 'Experiment', 'experiment_configs', 'protocol',
+           'run_experiment', 'load_results', 'describe_runs', 'format_runs', 'table1_grid', 'format_table1',
+           'plot_curves', 'plot_table1', 'write_plots', 'plot_command', 'results_folder_problem',
+           'removed_if_left_empty', 'interrupted', 'demo_summary', 'main']
 
 # %% ../../nbs/05_experiments.ipynb #c006
 METHODS = dict(backprop='gradient', exact='prox_exact', cg1='prox_cg1', cg3='prox_cg3', cg5='prox_cg5',
@@ -31,6 +37,13 @@ METHODS = dict(backprop='gradient', exact='prox_exact', cg1='prox_cg1', cg3='pro
 TABLE1_TAUS = (50, 10, 5, 1, 0.5, 0.1, 0.05, 5e-3, 5e-4)
 QUICK = dict(n_train=300, n_eval=500, epochs=2)  # the smoke-test setting of --quick
 CG_VARIANTS = ('textbook', 'official', 'both')
+DEMO_SWEEP = 'nbs/results/demo_sweep'  # the measured sweep that chose the demo's BackProp step size
+DEMO_BEST_TAU = 0.1
+DEMO_BASELINE = (f'BackProp at its best step size for this protocol, tau = {DEMO_BEST_TAU:g} '
+                 f'(a 3-seed sweep: {DEMO_SWEEP})')
+TAU_NAMES = ("tau: the optimizer's step size ('lr' in run names); tau_theta: ProxProp's proximal step size "
+             "(tau_prox in RunConfig; 'tauprox' in run names)")
+
 
 # %% ../../nbs/05_experiments.ipynb #fb29c671
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class Experiment:
     optimizer:str # 'sgd' or 'adam'
     methods:tuple # method names, keys of METHODS
     lr:dict # step size tau (or a tuple of them) per method ('backprop' and 'prox'); None: the tau grid
-    tau_prox:float # tau_theta of the ProxProp methods
+    tau_prox:float # tau_theta of the ProxProp methods (tau_prox in RunConfig; 'tauprox' in run names)
     cg_variant:str # default CG iteration: 'textbook', 'official' or 'both'
     taus:tuple=() # the tau grid (table1)
     protocol:dict=field(default_factory=dict) # a reduced protocol of its own (demo): n_train, n_eval, epochs
@@ -59,11 +72,11 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment('fig3', 'Fig. 3: ConvNet, Adam (tau=1e-3); BackProp vs ProxProp cg3/cg10 (tau_theta=1)',
                'convnet', 'adam', ('backprop', 'cg3', 'cg10'), dict(backprop=1e-3, prox=1e-3), 1.0, 'both'),
     Experiment('demo', "Demo, a reduced protocol (2,500 training images, 4 epochs): the paper's MLP, "
-               'Nesterov SGD; BackProp at tau=1 and at its best tau=0.05, ProxProp cg3 at tau=1 '
-               '(tau_theta=1)',
-               'mlp', 'sgd', ('backprop', 'cg3'), dict(backprop=(1.0, 0.05), prox=(1.0,)), 1.0, 'textbook',
-               protocol=dict(n_train=2500, n_eval=500, epochs=4)),
+               f'Nesterov SGD; BackProp at tau=1 and {DEMO_BASELINE}; ProxProp cg3 at tau=1 (tau_theta=1)',
+               'mlp', 'sgd', ('backprop', 'cg3'), dict(backprop=(1.0, DEMO_BEST_TAU), prox=(1.0,)), 1.0,
+               'textbook', protocol=dict(n_train=2500, n_eval=500, epochs=4)),
 )}
+
 
 # %% ../../nbs/05_experiments.ipynb #c009
 def _variants(method, cg_variant):
@@ -93,6 +106,24 @@ def _step_sizes(e:Experiment, method:str, taus=None) -> list:
     lr = e.lr['backprop' if method == 'backprop' else 'prox']
     return [float(t) for t in (lr if isinstance(lr, tuple) else (lr,))]
 
+# %% ../../nbs/05_experiments.ipynb #57d4c9bb
+def _float32(t:float) -> float: return torch.tensor(t, dtype=torch.float64).float().item()
+
+def _distinct_taus(taus) -> list:
+    "`taus` without repeats; ValueError for one that float32 cannot hold, or two that share a run name"
+    taus = list(dict.fromkeys(float(t) for t in taus))
+    for t in [t for t in taus if t > 0 and not 0 < _float32(t) < math.inf]:  # t <= 0: RunConfig says why
+        why = 'is not finite in float32' if _float32(t) == math.inf else 'is 0 in float32'
+        raise ValueError(f'taus: {t!r} {why}, the precision training runs in: use a step size between '
+                         'about 1e-45 and 3e38')
+    by_name = {}  # {run-name part: the step sizes spelled so}
+    for t in taus: by_name.setdefault(f'lr{t:g}', []).append(t)
+    if clash := next((ts for ts in by_name.values() if len(ts) > 1), None):
+        raise ValueError(f"taus: {' and '.join(map(repr, clash))} are different step sizes with one run name "
+                         f"('lr{clash[0]:g}'): give step sizes that differ in their first 6 digits")
+    return taus
+
+
 # %% ../../nbs/05_experiments.ipynb #c010
 def experiment_configs(experiment:str, # 'fig2', 'table1' or 'fig3'
                        quick:bool=False, # the smoke-test setting: 300 training, 500 val/test images, 2 epochs
@@ -111,6 +142,7 @@ def experiment_configs(experiment:str, # 'fig2', 'table1' or 'fig3'
     e = EXPERIMENTS[experiment]
     methods, cg_variant = tuple(methods or e.methods), cg_variant or e.cg_variant
     _check_options(e, methods, taus, cg_variant, arch)
+    taus = None if taus is None else _distinct_taus(taus)
     given = {k: v for k, v in dict(epochs=epochs, n_train=n_train).items() if v is not None}
     proto = dict(QUICK if quick else e.protocol, **given)
     common = dict(model=e.model, optimizer=e.optimizer, seed=seed, arch=arch, sizes=sizes, **proto)
@@ -282,22 +314,32 @@ def _num(v, diverged=False) -> str:
 # %% ../../nbs/05_experiments.ipynb #0adbdc34
 def _pct(v): return '' if v is None else f'{100 * v:.1f}%'
 
+def _run_labels(rows:list) -> list:
+    "Each row's label, with its tau where rows of one label differ in tau (the demo's two BackProp runs)"
+    taus = {}  # {label: the step sizes of its rows}
+    for r in rows: taus.setdefault(r['label'], set()).add(r['lr'])
+    return [r['label'] + (f", tau={r['lr']:g}" if len(taus[r['label']]) > 1 else '') for r in rows]
+
+
 # %% ../../nbs/05_experiments.ipynb #c030
 def format_runs(rows:list, # rows from `load_results`
                 experiment:str|None=None # 'fig2' or 'fig3': add the paper's accuracies
                ) -> str:
     "A text table of the final numbers of each run, with the paper's accuracies where it reports them"
-    lines = [f"{'run':32s} {'status':9s} {'epochs':>6s} {'train loss':>10s} {'best val':>8s} "
+    labels = _run_labels(rows)
+    w = max([32] + [len(l) + 1 for l in labels])  # the label column
+    lines = [f"{'run':{w}s} {'status':9s} {'epochs':>6s} {'train loss':>10s} {'best val':>8s} "
              f"{'test acc':>8s} {'train time':>10s}"]
-    for r in rows:
+    for r, label in zip(rows, labels):
         t = '' if r['train_time'] is None else f"{r['train_time']:.0f} s"
         loss = _num(r['final_train_loss'], r['status'] == 'diverged')
-        lines.append(f"{r['label']:32s} {r['status']:9s} {r['epochs_done']:>6} {loss:>10s} "
+        lines.append(f"{label:{w}s} {r['status']:9s} {r['epochs_done']:>6} {loss:>10s} "
                      f"{_pct(r['best_val_acc']):>8s} {_pct(r['test_acc']):>8s} {t:>10s}")
     for who, acc in PAPER_ACCURACY.get(experiment, {}).items():
-        lines.append(f"{who + ' (paper)':32s} {'':9s} {50:>6} {'':>10s} {_pct(acc.get('best_val_acc')):>8s} "
+        lines.append(f"{who + ' (paper)':{w}s} {'':9s} {50:>6} {'':>10s} {_pct(acc.get('best_val_acc')):>8s} "
                      f"{_pct(acc.get('test_acc')):>8s}")
     return '\n'.join(lines)
+
 
 # %% ../../nbs/05_experiments.ipynb #c031
 def table1_grid(rows:list, # rows from `load_results`
@@ -334,22 +376,119 @@ def format_table1(rows:list, # rows from `load_results`
 # %% ../../nbs/05_experiments.ipynb #c036
 def _series(h, k): return [math.nan if v is None else v for v in h[k]]
 
+def _curve_styles(rows:list) -> list:
+    "The line of each run: labelled each, or in a sweep (over 12 runs) a colour per method, labelled once"
+    if len(rows) <= 12:
+        return [dict(label=l + (' (diverged)' if r['status'] == 'diverged' else ''))
+                for r, l in zip(rows, _run_labels(rows))]
+    methods = list(dict.fromkeys(r['label'] for r in rows))
+    runs = {m: sum(r['label'] == m for r in rows) for m in methods}
+    first = {m: next(i for i, r in enumerate(rows) if r['label'] == m) for m in methods}
+    label = lambda i, m: f'{m} ({runs[m]} runs)' if i == first[m] else '_nolegend_'
+    return [dict(color=f"C{methods.index(r['label']) % 10}", lw=1, label=label(i, r['label']))
+            for i, r in enumerate(rows)]
+
+
+# %% ../../nbs/05_experiments.ipynb #9685f020
 def plot_curves(rows:list, # rows from `load_results`
                 title:str='' # the figure's title
                ):
     "Full-batch training loss against epochs and time, validation accuracy against epochs; a line per run"
     fig, axs = plt.subplots(1, 3, figsize=(13, 3.6))
-    for r in rows:
-        h, lbl = r['history'], r['label'] + (' (diverged)' if r['status'] == 'diverged' else '')
-        axs[0].semilogy(h['epoch'], _series(h, 'train_loss'), label=lbl)
-        axs[1].semilogy(h['time'], _series(h, 'train_loss'), label=lbl)
-        axs[2].plot(h['epoch'], [100 * v for v in _series(h, 'val_acc')], label=lbl)
+    for r, style in zip(rows, _curve_styles(rows)):
+        h = r['history']
+        axs[0].semilogy(h['epoch'], _series(h, 'train_loss'), **style)
+        axs[1].semilogy(h['time'], _series(h, 'train_loss'), **style)
+        axs[2].plot(h['epoch'], [100 * v for v in _series(h, 'val_acc')], **style)
     loss = 'full-batch training loss'
     labels = [('epochs', loss), ('training time [s]', loss), ('epochs', 'validation accuracy [%]')]
     for ax, (xl, yl) in zip(axs, labels): ax.set_xlabel(xl); ax.set_ylabel(yl); ax.grid(alpha=0.3)
     axs[2].legend(fontsize=8)
     fig.suptitle(title); fig.tight_layout()
     return fig
+
+
+# %% ../../nbs/05_experiments.ipynb #5e0916a5
+def _table1_points(rows:list) -> dict:
+    "{label: {tau: the mean final loss of its finished runs, or None if every run at tau diverged}}"
+    losses = {}  # {label: {tau: [final loss, or None for a diverged run]}}
+    for r in [r for r in rows if r['status'] in ('finished', 'diverged')]:
+        loss = None if r['status'] == 'diverged' else r['final_train_loss']
+        losses.setdefault(r['label'], {}).setdefault(r['lr'], []).append(loss)
+    mean = lambda vs: None if all(v is None for v in vs) else statistics.fmean(v for v in vs if v is not None)
+    return {lbl: {t: mean(vs) for t, vs in sorted(by_tau.items())} for lbl, by_tau in losses.items()}
+
+
+# %% ../../nbs/05_experiments.ipynb #b01fbaac
+def _line(ax, points:dict, top:float, color:str, label:str, style:str='o-'):
+    "One method's final losses over tau, its diverged step sizes as x at the height `top`"
+    ok = [(t, v) for t, v in points.items() if v is not None]
+    ax.plot([t for t, _ in ok], [v for _, v in ok], style, color=color, label=label, ms=4)
+    diverged = [t for t, v in points.items() if v is None]
+    ax.scatter(diverged, [top] * len(diverged), marker='x', color=color, s=40, zorder=3)
+
+def _paper_points(method:str) -> dict:
+    "The paper's Table 1 row of `method` as {tau: loss, or None where it diverged}"
+    return dict(zip(TABLE1_TAUS, PAPER_TABLE1[method]))
+
+
+# %% ../../nbs/05_experiments.ipynb #bb11aecc
+def plot_table1(rows:list, # rows from `load_results` of a step-size sweep (table1)
+                title:str='', # the figure's title
+                paper:bool=False # the paper's Table 1 beside ours, in dashed lines
+               ):
+    "Final full-batch training loss against the step size tau on log axes, a line per method; x: diverged"
+    points, fig = _table1_points(rows), plt.figure(figsize=(7.5, 4.6))
+    ref = {('BackProp' if m == 'backprop' else f'ProxProp ({m}, official CG)'): _paper_points(m)
+           for m in PAPER_TABLE1} if paper else {}
+    ax, colors = fig.gca(), {label: f'C{i}' for i, label in enumerate(dict.fromkeys([*points, *ref]))}
+    losses = [v for p in [*points.values(), *ref.values()] for v in p.values() if v is not None]
+    top = 3 * max(losses, default=1.0)  # the height of the diverged marks
+    for label, p in points.items(): _line(ax, p, top, colors[label], label)
+    for label, p in ref.items(): _line(ax, p, top, colors[label], f'{label}, paper', 'o--')
+    ax.scatter([], [], marker='x', color='k', label='diverged')
+    ax.set_xscale('log'); ax.set_yscale('log'); ax.grid(alpha=0.3, which='both')
+    ax.set_xlabel('step size tau'); ax.set_ylabel('final full-batch training loss')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1)); ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# %% ../../nbs/05_experiments.ipynb #c775d6f5
+def write_plots(folder # a results folder of `run_experiment`
+               ) -> list: # the PNG files written
+    "curves.png (loss and accuracy curves) of the runs in `folder`, and table1.png if they are Table 1's"
+    folder, rows = Path(folder), [r for r in load_results(folder) if r['status'] in ('finished', 'diverged')]
+    if not rows: return []
+    names = sorted({r['experiment'] for r in rows if r['experiment']}) or [folder.name]
+    title = f"{', '.join(names)}: {rows[0]['protocol']}"
+    figs = dict(curves=plot_curves(rows, title))
+    if 'table1' in names: figs['table1'] = plot_table1(rows, title, paper=True)
+    for name, fig in figs.items():
+        fig.savefig(folder/f'{name}.png', dpi=100, bbox_inches='tight'); plt.close(fig)
+    return [folder/f'{name}.png' for name in figs]
+
+
+# %% ../../nbs/05_experiments.ipynb #bdc3fab5
+PLOT_WHAT = ('PNG files of your runs: curves.png (loss, accuracy) in each results folder, table1.png for '
+             'Table 1')
+
+def plot_command(argv:list|None=None # the arguments after 'plot'
+                ) -> int:
+    "`proxprop-experiment plot`: PNG files of the runs in --out, or in each experiment's folder in it"
+    p = argparse.ArgumentParser(prog='proxprop-experiment plot', description=PLOT_WHAT + '.')
+    p.add_argument('--out', type=Path, default=Path('proxprop-results'),
+                   help='a results folder, or a folder of them (default: proxprop-results)')
+    a = p.parse_args(argv)
+    folders = [a.out] + (sorted(d for d in a.out.iterdir() if d.is_dir()) if a.out.is_dir() else [])
+    try: written = [f for d in folders for f in write_plots(d)]
+    except OSError as e:
+        p.exit(1, f'proxprop-experiment plot: error: cannot write {e.filename}: {e.strerror}\n')
+    if not written: p.exit(1, f'proxprop-experiment plot: error: no results files in {a.out} or its folders: '
+                              'give the --out of a proxprop-experiment run\n')
+    print('\n'.join(map(str, written)))
+    return 0
+
 
 # %% ../../nbs/05_experiments.ipynb #c040
 def _pos_int(s):
@@ -368,23 +507,50 @@ def _tau(s):
         raise argparse.ArgumentTypeError(f'invalid step size tau {s!r}: use a finite number > 0')
     return v
 
+# %% ../../nbs/05_experiments.ipynb #84722a89
+def results_folder_problem(out:Path, # the results folder: --out or its default
+                           prog:str # the command: its probe file in `out` is named after it
+                          ) -> str|None:
+    "Make `out` ready for results files, before any training; why it cannot take them, in words, or None"
+    for p in [Path(out), *Path(out).parents]:
+        if p.is_symlink() and not p.exists():
+            return (f'{p} is a symbolic link to {os.readlink(p)}, which does not exist: create the folder it '
+                    'points to, or give another --out')
+    try: prepare_out_dir(out, prog)
+    except OSError as e: return e.strerror or str(e)
+    return None
+
+
+# %% ../../nbs/05_experiments.ipynb #cb882d10
+@contextmanager
+def removed_if_left_empty(folder:Path # a results folder that the block may create
+                         ):
+    "Remove `folder`, and the parents made for it, if the block leaves them empty (a failed start)"
+    made = [p for p in [Path(folder), *Path(folder).parents] if not os.path.lexists(p)]  # deepest first
+    try: yield
+    finally:
+        for p in made:
+            try: p.rmdir()
+            except OSError: break  # not empty, or gone: leave it and its parents
+
+def interrupted(prog:str # the command, as its messages name it
+               ) -> int:
+    "Say that `prog` was interrupted (Ctrl-C) and how to go on; the exit status of an interrupted command"
+    print(f'\n{prog}: interrupted; rerun the same command to resume', file=sys.stderr)
+    return 130
+
+
 # %% ../../nbs/05_experiments.ipynb #c041
-def _parser(commands:dict) -> argparse.ArgumentParser:
-    "The options of `proxprop-experiment`; `commands` are listed with the experiments"
-    what = ('Run the experiments of section 5 of the ProxProp paper (fig2, table1, fig3); finished runs in '
-            '--out are skipped, interrupted ones resume.')
-    p = argparse.ArgumentParser(prog='proxprop-experiment', description=what)
-    titles = [e.title for e in EXPERIMENTS.values()]
-    more = [f'{k}: {what} (`proxprop-experiment {k} --help`)' for k, (what, _) in commands.items()]
+def _add_options(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "The options of every experiment"
     add = p.add_argument
-    add('experiment', choices=[*EXPERIMENTS, *commands], help='; '.join(titles + more))
     quick = ('smoke test: %(n_train)d training images, %(n_eval)d validation/test images, '
              '%(epochs)d epochs' % QUICK)
     add('--quick', action='store_true', help=quick)
     add('--data', help='CIFAR-10 source: cifar-10-batches-py folder, ImageFolder tree or .tar.gz of either '
                        '(default: the usual places, else a torchvision download)')
     add('--device', help="torch device (default: 'cuda' if available, else 'cpu')")
-    add('--epochs', type=_pos_int, help='epochs per run (default 50; 2 with --quick)')
+    add('--epochs', type=_pos_int, help='epochs per run (default 50; demo: 4; 2 with --quick)')
     add('--seed', type=int, default=0, help='seed of initialisation and minibatch order (default 0)')
     add('--out', type=Path,
         help='results folder (default proxprop-results/EXPERIMENT[-quick] in the current folder)')
@@ -400,28 +566,70 @@ def _parser(commands:dict) -> argparse.ArgumentParser:
     add('--no-progress', action='store_true', help='no progress bars')
     return p
 
+
+# %% ../../nbs/05_experiments.ipynb #4c8bb43d
+def _parser(commands:dict) -> argparse.ArgumentParser:
+    "The options of `proxprop-experiment`; `commands` are listed with the experiments"
+    what = ('Run the experiments of section 5 of the ProxProp paper (fig2, table1, fig3) or the demo; '
+            'finished runs in --out are skipped, interrupted ones resume.')
+    items = [(k, f'{e.title} (`proxprop-experiment {k} --help`: its runs)') for k, e in EXPERIMENTS.items()]
+    items += [(k, f'{what} (`proxprop-experiment {k} --help`)') for k, (what, _) in commands.items()]
+    listed = [textwrap.fill(text, 100, initial_indent=f'  {k:9s} ', subsequent_indent=' ' * 12,
+                            break_on_hyphens=False) for k, text in items]
+    described = '\n'.join([*textwrap.wrap(what, 100), '', *listed])
+    p = argparse.ArgumentParser(prog='proxprop-experiment', description=described,
+                                epilog='\n'.join(textwrap.wrap(TAU_NAMES + '.', 100)),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('experiment', choices=[*EXPERIMENTS, *commands], help='an experiment or a command (above)')
+    return _add_options(p)
+
+
+# %% ../../nbs/05_experiments.ipynb #9ef99dd5
+def _runs_text(name:str) -> str:
+    "What experiment `name` runs by default: a line per method with its step sizes, and the protocol"
+    e, cfgs = EXPERIMENTS[name], experiment_configs(name)
+    taus = {}  # {(label, tau_theta; None for BackProp): [tau, ...]}
+    for c in cfgs: taus.setdefault((c.label, None if c.method == 'backprop' else c.tau_prox), []).append(c.lr)
+    c = cfgs[0]
+    proto = protocol(c).replace('full protocol', 'full protocol: 45,000 training images, 50 epochs')
+    lines = [f'  {label:30s} tau {", ".join(f"{t:g}" for t in ts)}' + (f'; tau_theta {tp:g}' if tp else '')
+             for (label, tp), ts in taus.items()]
+    head = f'{len(cfgs)} runs by default ({e.model}, {e.optimizer}; {proto}; batch {c.batch_size}, seed 0):'
+    return '\n'.join(textwrap.wrap(e.title, 100) + ['', *textwrap.wrap(head, 100), *lines])
+
+def _experiment_parser(name:str) -> argparse.ArgumentParser:
+    "The options of `proxprop-experiment NAME`, with what it runs in its help"
+    more = (f'--methods{", --taus" if EXPERIMENTS[name].taus else ""} and --cg-variant narrow the runs, '
+            f'--quick, --n-train and --epochs shorten them. {TAU_NAMES}.')
+    return _add_options(argparse.ArgumentParser(
+        prog=f'proxprop-experiment {name}', description=_runs_text(name),
+        epilog='\n'.join(textwrap.wrap(more, 100)), formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
 # %% ../../nbs/05_experiments.ipynb #c043
 def demo_summary(rows:list # rows from `load_results` of a `demo` run
                 ) -> str:
-    "What the demo shows, in words: BackProp at tau=1, at its best tau, and ProxProp at tau=1"
+    "What the demo shows, in words: BackProp at tau=1, at its best tau for the demo, and ProxProp at tau=1"
     get = lambda m, lr: next((r for r in rows if r['method'] == m and r['lr'] == lr), None)
-    bp1, bp, px = get('backprop', 1.0), get('backprop', 0.05), get('cg3', 1.0)
+    bp1, bp, px = get('backprop', 1.0), get('backprop', DEMO_BEST_TAU), get('cg3', 1.0)
     if None in (bp1, bp, px): return 'demo: not all three runs are there'
     loss = lambda r: ('diverged' if r['status'] == 'diverged'
                       else f"ends at a full-batch loss of {r['final_train_loss']:.3f}")
     where = lambda d: (f" (in epoch {d['epoch']}, " + (f"step {d['step']})" if d.get('step') is not None
                                                        else 'full-batch loss)') if d else '')
     at = where(bp1['diverged_at']) if bp1['status'] == 'diverged' else ''
-    lines = [f"BackProp, tau=1:         {loss(bp1)}{at}",
-             f"BackProp, tau=0.05:      {loss(bp)} (its best step size in Table 1)",
-             f"ProxProp cg3, tau=1:     {loss(px)}"]
+    best = f'BackProp, tau={DEMO_BEST_TAU:g}:'
+    lines = [f"{'BackProp, tau=1:':25s}{loss(bp1)}{at}", f"{best:25s}{loss(bp)}",
+             f"{'ProxProp cg3, tau=1:':25s}{loss(px)}"]
     if bp1['status'] == 'diverged' and px['status'] == 'finished' and bp['status'] == 'finished':
         verdict = ("lower than BackProp at its best step size: the paper's effect"
                    if px['final_train_loss'] < bp['final_train_loss']
                    else 'not lower than BackProp at its best step size in this short run')
         lines.append(f"ProxProp trains at a step size where BackProp diverges, and ends {verdict}.")
-    lines.append(f"({rows[0]['protocol']}; the paper's protocol is `proxprop-experiment table1`)")
+    lines += [f'The baseline is {DEMO_BASELINE}.',
+              f"({rows[0]['protocol']}; the paper's protocol is `proxprop-experiment table1`)"]
     return '\n'.join(lines)
+
 
 # %% ../../nbs/05_experiments.ipynb #4347377e
 def _summary(experiment, rows) -> str:
@@ -434,14 +642,17 @@ def _summary(experiment, rows) -> str:
 # %% ../../nbs/05_experiments.ipynb #2e58ac1c
 def _parse_args(argv:list, commands:dict) -> tuple:
     "(parser, arguments, options of `experiment_configs`, the runs); usage errors for a bad device or options"
-    p = _parser(commands)
-    a = p.parse_args(argv)
+    named = bool(argv) and argv[0] in EXPERIMENTS  # `NAME ...`: the experiment's own parser and help
+    p = _experiment_parser(argv[0]) if named else _parser(commands)
+    a = p.parse_args(argv[1:] if named else argv)
+    if named: a.experiment = argv[0]
     if a.device is not None and (why := device_problem(a.device)) is not None:
         p.error(f'--device {a.device}: {why}')
     kw = dict(quick=a.quick, epochs=a.epochs, seed=a.seed, n_train=a.n_train, methods=a.methods, taus=a.taus,
               cg_variant=a.cg_variant, arch=a.arch)
     try: return p, a, kw, experiment_configs(a.experiment, **kw)
     except ValueError as e: p.error(str(e))
+
 
 # %% ../../nbs/05_experiments.ipynb #b0eabf79
 def _header(a:argparse.Namespace, cfgs:list, out:Path, world:int) -> str:
@@ -457,7 +668,7 @@ def _load_once(p:argparse.ArgumentParser, data, cfgs:list, out:Path, dp) -> Cifa
     if all(_is_done(c, out) for c in cfgs): return None
     if not dp.main: dp.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
     try: return load_cifar10(data)
-    except (Cifar10NotFoundError, ValueError) as e: p.exit(1, f'proxprop-experiment: error: {e}\n')
+    except (OSError, ValueError) as e: p.exit(1, f'proxprop-experiment: error: {e}\n')  # the data's words
     finally:
         if dp.main: dp.barrier()
 
@@ -471,6 +682,26 @@ def _report(say, out:Path, experiment:str, rows:list) -> int:
         say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
     return 1 if any(r['status'] == 'error' for r in other) else 0
 
+# %% ../../nbs/05_experiments.ipynb #fbd2ced5
+def _run_and_report(p:argparse.ArgumentParser, a:argparse.Namespace, kw:dict, cfgs:list, out:Path) -> int:
+    "Prepare `out`, load the data if some run is to do, train, report; the exit status"
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    # under torchrun: one process per device, each its share of every minibatch; rank 0 reports
+    dp = data_parallel(a.device)
+    owned = owned and dp.world > 1  # a process group set up here is closed here
+    say = print if dp.main else (lambda *args, **kw: None)
+    say(_header(a, cfgs, out, dp.world), flush=True)
+    # a folder that cannot take files fails now, not after an epoch
+    if dp.main and (why := results_folder_problem(out, 'proxprop-experiment')) is not None:
+        p.exit(1, f'proxprop-experiment: error: {why}\n')
+    data = _load_once(p, a.data, cfgs, out, dp)
+    rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main,
+                          say if dp.main else None, **kw)
+    code = _report(say, out, a.experiment, rows)
+    if owned: exit_process_group(code)  # every process waits for the others first
+    return code
+
+
 # %% ../../nbs/05_experiments.ipynb #c044
 def main(argv:list|None=None, # command-line arguments; None: sys.argv[1:]
          commands:dict|None=None # {name: (what it does, its main)}: `NAME ARGS` calls that main(ARGS)
@@ -478,27 +709,16 @@ def main(argv:list|None=None, # command-line arguments; None: sys.argv[1:]
     "The `proxprop-experiment` command: run an experiment and print where its results are and a summary"
     # Under torchrun, where it sets up the process group itself, it closes the group and ends the process
     # with its exit status (`exit_process_group`) instead of returning.
-    argv, commands = sys.argv[1:] if argv is None else list(argv), commands or {}
-    if argv[:1] and argv[0] in commands: return commands[argv[0]][1](argv[1:])
-    p, a, kw, cfgs = _parse_args(argv, commands)
-    if a.threads: torch.set_num_threads(a.threads)
-    out = a.out or Path('proxprop-results')/(a.experiment + ('-quick' if a.quick else ''))
-    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    # under torchrun: one process per device, each its share of every minibatch; rank 0 reports
-    dp = data_parallel(a.device)
-    owned = owned and dp.world > 1  # a process group set up here is closed here
-    say = print if dp.main else (lambda *args, **kw: None)
-    say(_header(a, cfgs, out, dp.world), flush=True)
-    if dp.main:
-        # a folder that cannot take files fails now, not after an epoch
-        try: prepare_out_dir(out, 'proxprop-experiment')
-        except OSError as e: p.exit(1, f'proxprop-experiment: error: {e.strerror or e}\n')
-    data = _load_once(p, a.data, cfgs, out, dp)
-    rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main,
-                          say if dp.main else None, **kw)
-    code = _report(say, out, a.experiment, rows)
-    if owned: exit_process_group(code)  # every process waits for the others first
-    return code
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = dict(plot=(PLOT_WHAT, plot_command), **(commands or {}))
+    try:
+        if argv[:1] and argv[0] in commands: return commands[argv[0]][1](argv[1:])
+        p, a, kw, cfgs = _parse_args(argv, commands)
+        if a.threads: torch.set_num_threads(a.threads)
+        out = a.out or Path('proxprop-results')/(a.experiment + ('-quick' if a.quick else ''))
+        with removed_if_left_empty(out): return _run_and_report(p, a, kw, cfgs, out)
+    except KeyboardInterrupt: return interrupted('proxprop-experiment')
+
 
 # %% ../../nbs/05_experiments.ipynb #c045
 # python -m proxprop_nb.lab.experiments
