@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .data import Cifar10, load_cifar10
-from .runfiles import read_json, prepare_out_dir
+from .runfiles import read_json, prepare_out_dir, force_unlock
 from ..distributed import data_parallel, exit_process_group
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device,
                                    data_key, finished_results, device_problem)
@@ -564,6 +564,8 @@ def _add_options(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="ConvNet of fig3: the official code's (default) or the paper text's")
     add('--threads', type=_pos_int, help="torch CPU threads (default: torch's choice)")
     add('--no-progress', action='store_true', help='no progress bars')
+    add('--force-unlock', metavar='RUN', action='append', default=[],
+        help="remove the lock of run RUN in --out first (a run on another host that has ended); repeatable")
     return p
 
 
@@ -680,7 +682,7 @@ def _report(say, out:Path, experiment:str, rows:list) -> int:
     other = [r for r in rows if r['status'] not in ('finished', 'diverged')]
     for r in other:
         say(f"{r['name']}: {r['status']}" + (f": {r['error']}" if r.get('error') else ''), file=sys.stderr)
-    return 1 if any(r['status'] == 'error' for r in other) else 0
+    return 1 if any(r['status'] in ('error', 'running elsewhere') for r in other) else 0  # not all done
 
 # %% ../../nbs/05_experiments.ipynb #fbd2ced5
 def _run_and_report(p:argparse.ArgumentParser, a:argparse.Namespace, kw:dict, cfgs:list, out:Path) -> int:
@@ -694,6 +696,9 @@ def _run_and_report(p:argparse.ArgumentParser, a:argparse.Namespace, kw:dict, cf
     # a folder that cannot take files fails now, not after an epoch
     if dp.main and (why := results_folder_problem(out, 'proxprop-experiment')) is not None:
         p.exit(1, f'proxprop-experiment: error: {why}\n')
+    for name in a.force_unlock if dp.main else ():
+        held = force_unlock(out, name)
+        say(f'{name}: ' + ('no lock to remove' if held is None else f'lock removed (it was {held or "unreadable"})'))
     data = _load_once(p, a.data, cfgs, out, dp)
     rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main,
                           say if dp.main else None, **kw)

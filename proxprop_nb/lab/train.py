@@ -132,7 +132,7 @@ RunConfig.from_dict = classmethod(lambda cls, d: cls(**d))
 # %% ../../nbs/04_train.ipynb #c013
 def run_name(cfg:RunConfig # the run's configuration
             ) -> str:
-    "A file-name-safe name for `cfg`, e.g. 'mlp-sgd-lr0.05-cg3-official-tauprox1-ep50-seed0'"
+    "File-name-safe name of `cfg` ('lr': tau, 'tauprox': tau_theta), e.g. 'mlp-sgd-lr1-cg3-tauprox1-ep50-seed0'"
     defaults, m = RunConfig(), cfg.method
     model = cfg.model + ('-paperarch' if cfg.model == 'convnet' and cfg.arch == 'paper' else '')
     parts = [model, cfg.optimizer, f'lr{cfg.lr:g}', m]
