@@ -140,6 +140,7 @@ def _strips(x, xe, lines, e, K2, dil, dim):
     C = x.shape[1]
     return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).reshape(len(lines), C, C, K2, K2)
 
+# %% ../nbs/01b_conv.ipynb #2f2efc7a
 def _corners(x, xe, rows, cols, e, K2, d):
     "Correlations at single positions (r, q) of x, all shifts: (R, Q, C, C, K2, K2)"
     N, C = x.shape[:2]

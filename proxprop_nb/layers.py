@@ -223,6 +223,7 @@ class _CallGroup:
         if self.calls is None: self.calls = self.live
         return self.calls
 
+# %% ../nbs/02_layers.ipynb #b24a040d
 class _Call:
     "One forward call in its group, held by the call's autograd context: it leaves the group when that ends"
     __slots__ = ('group',)
@@ -270,6 +271,7 @@ def _add_to_grad(params:list, steps:list):
         if p.grad is None: p.grad = d.to(p.dtype)
         else: p.grad += d.to(p.grad.dtype)
 
+# %% ../nbs/02_layers.ipynb #ec11c695
 def _leftover_step(group, task, step, params):
     "End of a backward pass: the joint step of the calls it reached, if not all, added to .grad"
     items = group.queued.pop(task, None)
@@ -336,6 +338,7 @@ class _WeightOnly:
 
 _WEIGHT_ONLY = weakref.WeakKeyDictionary()  # layer -> its view: one per layer (DDP's step groups calls by it)
 
+# %% ../nbs/02_layers.ipynb #829f253e
 def _data_parallel_layer(ctx):
     "The layer that `defer_step` takes: the call's layer, or with a frozen bias its weight-only view"
     if not ctx.has_bias or ctx.needs_input_grad[2]: return ctx.layer
@@ -348,6 +351,7 @@ def _linear_joint_step(layer, trained:tuple, spec:ProxSpec, calls:list):
     x2, g2 = (torch.cat([call[i] for call in calls]) for i in (0, 1))
     return _linear_step(layer, trained, spec, x2, g2)
 
+# %% ../nbs/02_layers.ipynb #68cfc586
 def _linear_param_grads(ctx, x2, g2, shared:bool):
     "(weight, bias) gradients of a Linear call: its own step; one of several calls: the joint step, or None"
     if not shared: return _prox_linear_grads(ctx, x2, g2)

@@ -71,6 +71,7 @@ def _state(params, zs, as_):
     for l, (z, a) in enumerate(zip(zs, as_), 1): s[f'z{l}'], s[f'a{l}'] = z, a
     return s
 
+# %% ../nbs/00_penalty.ipynb #0d154893
 def _unstate(s, L):
     "(params, zs, as_) of an L-layer network from the dict of `_state`"
     return ([(s[f'W{l}'], s[f'b{l}']) for l in range(1, L)],

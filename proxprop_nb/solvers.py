@@ -25,6 +25,7 @@ __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'SUMMARIZED', 'ROUTE_POLICIES', 'p
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
 CG_VARIANTS = ('textbook', 'official')
 
+# %% ../nbs/01_solvers.ipynb #cb37c613
 def parse_mode(optimization_mode:str, # 'prox_exact', 'prox_cgN' or 'gradient'
               ) -> tuple: # (kind, n_iter) with kind in {'exact', 'cg', 'gradient'}
     "Split an optimization mode into its kind and number of CG iterations, or raise ValueError"

@@ -321,6 +321,7 @@ def _cores() -> int:
     "The CPU cores this process may run on"
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
+# %% ../../nbs/07_campaign.ipynb #1167f139
 def _n_to_train(plan:list, work:Path) -> int:
     "How many runs of the plan are not done in `work`"
     n = 0
@@ -545,9 +546,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
         if compare and time.time() < campaign.runs_deadline:  # 4. the optimizer comparison, with time left
             _compare_stage(campaign, pool, data, device, quick)
     except Exception as e: _record_error(campaign, e)
-    finally:
-        _stop_pool(pool)
-        manager.shutdown()
+    finally: _stop_pool(pool); manager.shutdown()
     _final_reports(campaign)  # 5. the reports
     return campaign.rec
 

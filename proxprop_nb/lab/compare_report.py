@@ -135,6 +135,7 @@ STYLES = {'bp-sgd': ('k', '--'), 'bp-adamw': ('0.5', '--'),
           'exact-sgd': ('tab:blue', '-'), 'exact-adamw': ('tab:cyan', '-'),
           'cg3-sgd': ('tab:red', '-'), 'cg3-adamw': ('tab:orange', '-')}
 
+# %% ../../nbs/14_compare_results.ipynb #d5ae0a14
 def _band(runs, key):
     "(times, means, lows, highs) over seeds, evaluation by evaluation, while any seed has the evaluation"
     hs = [r['history'] for r in runs]

@@ -235,6 +235,7 @@ def _stored(path:Path, run:CompareRun):
                          'use another results folder')
     return record if record.get('status') in ('finished', 'diverged') else None
 
+# %% ../../nbs/13a_compare_run.ipynb #4e32f4c9
 def estimate_s(run:CompareRun) -> float:
     "A generous estimate of a run's wall-clock seconds: its budget, evaluations, model and data setup"
     return 1.5 * run.budget_s + 30

@@ -146,6 +146,7 @@ def _as(x, device, dtype):
         raise ValueError(f"dtype={dtype}: use a floating dtype (pixels in [0, 1]) or None (keep {x.dtype})")
     return x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
 
+# %% ../../nbs/03_data.ipynb #59054138
 def _to(d, device, dtype):
     "`to`: images as `dtype` (uint8 ones divided by 255), labels as they are, all on `device`"
     xs = {k: _as(v, device, dtype) for k, v in vars(d).items() if k.startswith('x_')}

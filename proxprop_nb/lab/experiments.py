@@ -427,6 +427,7 @@ def _line(ax, points:dict, top:float, color:str, label:str, style:str='o-'):
     diverged = [t for t, v in points.items() if v is None]
     ax.scatter(diverged, [top] * len(diverged), marker='x', color=color, s=40, zorder=3)
 
+# %% ../../nbs/05_experiments.ipynb #ac9ccc72
 def _paper_points(method:str) -> dict:
     "The paper's Table 1 row of `method` as {tau: loss, or None where it diverged}"
     return dict(zip(TABLE1_TAUS, PAPER_TABLE1[method]))
@@ -533,6 +534,7 @@ def removed_if_left_empty(folder:Path # a results folder that the block may crea
             try: p.rmdir()
             except OSError: break  # not empty, or gone: leave it and its parents
 
+# %% ../../nbs/05_experiments.ipynb #6a72ed31
 def interrupted(prog:str # the command, as its messages name it
                ) -> int:
     "Say that `prog` was interrupted (Ctrl-C) and how to go on; the exit status of an interrupted command"

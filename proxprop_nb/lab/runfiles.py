@@ -47,6 +47,7 @@ _WHY = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota e
         errno.ENOMEM: 'out of memory while serialising it'}
 _WAY_OUT = {errno.ENOMEM: 'free memory; the file on disk is unchanged'}  # else the disk's or the folder's
 
+# %% ../../nbs/04a_runfiles.ipynb #811723ff
 def _write_error(path, e:OSError) -> OSError:
     "The OSError of a failed write, in plain words, naming the file and the way out"
     why = _WHY.get(e.errno, e.strerror or str(e))
@@ -122,6 +123,7 @@ def source_hash() -> str:
         h.update(f.relative_to(root).as_posix().encode() + b'\0' + f.read_bytes() + b'\0')
     return h.hexdigest()[:16]
 
+# %% ../../nbs/04a_runfiles.ipynb #8d66028c
 def _commit() -> tuple: # (commit, how it is known)
     "The commit of the code: $PROXPROP_GIT_COMMIT if set (a copy of a checkout), else git's"
     c = os.environ.get('PROXPROP_GIT_COMMIT')  # wins: a copy's .git may be stale or missing
@@ -184,6 +186,7 @@ class RunFileError(ValueError):
 
 _CKPT_KEYS = {'config', 'model', 'optimizer', 'epoch', 'history', 'rng', 'started', 'resumed_at_epochs'}
 
+# %% ../../nbs/04a_runfiles.ipynb #0cf75ede
 def save_checkpoint(path, # the checkpoint file
                     state:dict # tensors and plain Python values
                    ):
@@ -248,6 +251,7 @@ def _read_lock(f:Path) -> tuple: # (its first 4 KB or None if unreadable, when w
             return fh.read(4096), written
     except OSError: return None, written  # a link, a folder, no permission: not a lock that can be used
 
+# %% ../../nbs/04a_runfiles.ipynb #36b2811c
 def _lock_record(raw:bytes|None) -> dict|None:
     "The record in a lock file's bytes: a dict with a pid > 0 and a host; None if it holds none"
     try: r = json.loads(raw)
@@ -323,6 +327,7 @@ def release_run_lock(lock:Path # a lock file that `take_run_lock` took
     if holder is not None and (holder['pid'], holder['host']) == (os.getpid(), socket.gethostname()):
         lock.unlink(missing_ok=True)
 
+# %% ../../nbs/04a_runfiles.ipynb #bda663cd
 def force_unlock(out_dir, # the results folder
                  name:str # the run's name
                 ) -> dict|None: # the record of the lock removed ({} if it held none), None if there was none

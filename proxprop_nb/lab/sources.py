@@ -80,6 +80,7 @@ SOURCE_LAYOUTS = (  # what a source may be, in words: the messages that ask for 
     "(train/<class>/*, test/<class>/*), a .tar.gz/.tgz of either, or a folder containing one of "
     + ', '.join(_NAMES))
 
+# %% ../../nbs/03a_sources.ipynb #804a1022
 def _is_archive(p): return p.is_file() and p.name.endswith(('.tar.gz', '.tgz'))
 def _is_batches(p): return p.is_dir() and all((p/f).is_file() for f in _BATCHES)
 def _is_imagefolder(p):
@@ -316,6 +317,7 @@ def _too_much(archive) -> ValueError:
     return ValueError(f"{archive}: it unpacks to more than {_MAX_ARCHIVE_BYTES:,} bytes (members kept or "
                       "skipped); a CIFAR-10 archive unpacks to under 200 MB; not a CIFAR-10 archive")
 
+# %% ../../nbs/03a_sources.ipynb #dfce658a
 def _check_member(archive, m:tarfile.TarInfo, count:int):
     "ValueError unless `m`, the archive's member number `count`, fits a CIFAR-10 archive, from its header"
     if count > _MAX_MEMBERS:
@@ -429,6 +431,7 @@ def _content_names(src:Path) -> list:
     if _is_batches(src): return list(_BATCHES) + ['batches.meta']
     return [n for by_class in _folder_listing(src).values() for names in by_class.values() for n in names]
 
+# %% ../../nbs/03a_sources.ipynb #12dcef3a
 def source_sha256(src:Path # a source, as `resolve_source` finds it
                  ) -> str:
     "The sha256 of what `src` holds: the archive file's, or a folder's files' (names and bytes, in order)"

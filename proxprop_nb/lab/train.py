@@ -211,6 +211,7 @@ def _check_splits(d:Cifar10):
     _check(not empty, f"the data ({source}) has no {' and no '.join(empty)} images "
                       f"({', '.join(f'{n} {k}' for k, n in sizes.items())}): every split needs images")
 
+# %% ../../nbs/04_train.ipynb #abacbe47
 def _data_for(data, cfg, device):
     "`data` prepared for `cfg` on `device`: prepared here, or checked if `prepare_data` made it already"
     key = (data.source or {}).get('prepared_for')
@@ -278,6 +279,7 @@ def train_epoch(model:nn.Module, # the model, in training mode
 HISTORY_KEYS = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'minibatch_loss', 'train_time',
                 'eval_time', 'time', 'solves')
 
+# %% ../../nbs/04_train.ipynb #67537c2e
 def synchronize(device # a torch device, or its name
                ):
     "Wait until the work queued on `device` is done: CUDA runs asynchronously; a CPU has nothing to wait for"
@@ -426,6 +428,7 @@ def device_problem(device # 'cpu', 'cuda', 'cuda:1' or a torch.device; None: `de
     if dev.type == 'cuda' and not torch.cuda.is_available(): return 'no GPU is available'
     return None
 
+# %% ../../nbs/04_train.ipynb #95713495
 def _check_device(device) -> torch.device:
     "`device` as a torch.device if training can run there; ValueError naming it and what is allowed otherwise"
     if (why := device_problem(device)) is not None: raise ValueError(f"device={device!r}: {why}")
@@ -627,6 +630,7 @@ def _held_message(name:str, holder:dict) -> str:
             f"skipped; if that run has ended, delete {lock} or run proxprop-experiment with "
             f"--force-unlock {name}")
 
+# %% ../../nbs/04_train.ipynb #a55e4556
 def _skipped(cfg:RunConfig, holder:dict|None, log) -> dict:
     "The record of a run another process holds, said in one line: to `log`, else as a warning (rank 0 only)"
     why = _held_message(run_name(cfg), holder) if holder is not None else None
