@@ -239,8 +239,11 @@ def _machine_text(env:dict) -> str:
     commit = env.get('git_commit') or 'unknown'
     # sha256 of the package's sources
     sources = f", sources {env['source_hash'][:12]}" if env.get('source_hash') else ''
+    fp = env.get('float_path')  # what decides the floating-point path (records since issue 21)
+    path = (f"; float path {fp['cpu_capability']}, BLAS {fp['blas']}, LAPACK {fp['lapack']}, {fp['threads']} "
+            f"threads, deterministic {'on' if fp['deterministic'] else 'off'}") if fp else ''
     return (f"{gpu}; torch {env.get('torch')}, proxprop_nb {env.get('proxprop_nb')}, "
-            f"commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}{sources}")
+            f"commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}{sources}{path}")
 
 # %% ../../nbs/05_experiments.ipynb #c022
 def _row(r:dict) -> dict:
