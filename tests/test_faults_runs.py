@@ -317,3 +317,12 @@ def test_a_byte_identical_copy_of_the_data_at_another_path_resumes(tmp_path, mon
     train(replace(c, seed=1), here, tmp_path / 'out', 'cpu', progress=False, stop_after=1)
     with pytest.raises(RunFileError, match='written on other data'):
         train(replace(c, seed=1), other, tmp_path / 'out', 'cpu', progress=False)
+
+
+def test_a_folder_where_the_lock_belongs_is_named(tmp_path):
+    "A folder at the lock's path: a one-line error naming it and what to do (a raw OSError from the take-over before)"
+    from proxprop_nb.lab.runfiles import take_run_lock
+    (tmp_path / '.run.lock').mkdir()
+    with pytest.raises(IsADirectoryError, match=r"lock file .*\.run\.lock is a folder: move it away and rerun"):
+        take_run_lock(tmp_path, 'run')
+    assert (tmp_path / '.run.lock').is_dir()  # left as it was

@@ -308,6 +308,8 @@ def take_run_lock(out_dir:Path, # the results folder
                  ) -> Path|dict: # the lock file taken, or the record of the process that holds it
     "Take the run's lock file; the holder's record instead while it may run (a gone holder's is taken over)"
     f, until = Path(out_dir)/f'.{name}.lock', time.monotonic() + 10
+    if f.is_dir() and not f.is_symlink():  # not a lock any process took: a user's or a tool's folder
+        raise IsADirectoryError(errno.EISDIR, f"the run's lock file {f} is a folder: move it away and rerun")
     while time.monotonic() < until:
         if _new_lock(f): return f
         seen, written = _read_lock(f)
