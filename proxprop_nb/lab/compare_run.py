@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -297,7 +298,11 @@ def compare_task(run:dict, # `CompareRun.to_dict()`: picklable, for a process po
 
 # %% ../../nbs/13a_compare_run.ipynb #2edef157
 def _run_all(todo, data, out_dir, device, deadline, workers, threads, log) -> int:
-    "Run `todo`; return how many finished or diverged"
+    "Run `todo` in at most `workers` processes (at most one a run or core); how many finished or diverged"
+    cap = max(1, min(len(todo), os.cpu_count() or 1))
+    if workers > cap:
+        log(f'--workers {workers}: capped at {cap} ({len(todo)} runs to do, {os.cpu_count()} CPU cores)')
+        workers = cap
     task_args = (data, out_dir, device, deadline, threads)
     if workers == 1: results = (compare_task(r.to_dict(), *task_args) for r in todo)
     else:
