@@ -202,6 +202,10 @@ class _Pending:
 # %% ../nbs/02a_distributed.ipynb #6a556a2e
 def _layer_params(layer) -> list: return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
 
+def _bias_trained(layer) -> bool:
+    "Whether the layer's step includes a bias: one that exists and is trained (a frozen one is held fixed)"
+    return layer.bias is not None and layer.bias.requires_grad
+
 # %% ../nbs/02a_distributed.ipynb #46ac6745
 _PENDING = {}  # the running backward pass (its autograd graph task) -> its queued layer calls
 _task_id = getattr(torch._C, '_current_graph_task_id', lambda: 0)
@@ -265,7 +269,7 @@ _FLOP_MODEL = RouteChooser('model')
 
 def _linear_step(p:_Pending, x, g, avg, forced:str) -> tuple:
     "(route, (grad_weight, grad_bias, SolveInfo)) of a Linear call's global step; x and g in the work dtype"
-    collectives, bias = p.collectives, p.layer.bias is not None
+    collectives, bias = p.collectives, _bias_trained(p.layer)
     routes = linear_routes(x.shape[0], x.shape[1], g.shape[1], bias, p.spec, collectives.world,
                            x.element_size())
     route = choose_global_route(routes, forced)
@@ -278,7 +282,7 @@ def _linear_step(p:_Pending, x, g, avg, forced:str) -> tuple:
 # %% ../nbs/02a_distributed.ipynb #e9478c73
 def _conv_step(p:_Pending, x, g, avg, forced:str) -> tuple:
     "(route, (grad_weight, grad_bias, SolveInfo)) of a conv call's global step; x and g in the work dtype"
-    collectives, bias = p.collectives, p.layer.bias is not None
+    collectives, bias = p.collectives, _bias_trained(p.layer)
     weight = p.layer.weight.detach().to(x.dtype)
     routes = conv_routes(x.shape, weight.shape, g.shape, p.geo, bias, p.spec, collectives.world,
                          x.element_size())

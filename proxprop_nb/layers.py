@@ -324,26 +324,9 @@ def _prox_linear_grads(ctx, x2, g2):
     if not trained[0]: return None, _bias_step(ctx.layer, g2, spec, ctx.collectives.world)
     work = work_dtype(x2.dtype, g2.dtype)
     gw, gb = g2.to(work).T @ x2.to(work), (g2.to(work).sum(0) if ctx.has_bias else None)
-    defer_step(_data_parallel_layer(ctx), ctx.collectives, spec, x2, g2,
+    defer_step(ctx.layer, ctx.collectives, spec, x2, g2,
                solve=partial(_solve_recorded, ctx.layer))
     return gw, gb
-
-# %% ../nbs/02_layers.ipynb #567fa6ef
-class _WeightOnly:
-    "A layer with a frozen bias as the data-parallel step sees it: its weight alone, stepped by gathering"
-    bias = None
-    def __init__(self, layer): self.layer, self._distributed_route = weakref.ref(layer), 'gather'
-    @property
-    def weight(self): return self.layer().weight
-
-_WEIGHT_ONLY = weakref.WeakKeyDictionary()  # layer -> its view: one per layer (DDP's step groups calls by it)
-
-# %% ../nbs/02_layers.ipynb #829f253e
-def _data_parallel_layer(ctx):
-    "The layer that `defer_step` takes: the call's layer, or with a frozen bias its weight-only view"
-    if not ctx.has_bias or ctx.needs_input_grad[2]: return ctx.layer
-    if ctx.layer not in _WEIGHT_ONLY: _WEIGHT_ONLY[ctx.layer] = _WeightOnly(ctx.layer)
-    return _WEIGHT_ONLY[ctx.layer]
 
 # %% ../nbs/02_layers.ipynb #d6d0a784
 def _linear_joint_step(layer, trained:tuple, spec:ProxSpec, calls:list):
@@ -465,7 +448,7 @@ def _prox_conv_grads(ctx, x, g, weight, geo):
         step = partial(prox_conv, x, g, weight, train_bias, geo, spec, need_gx, chooser)
         return _solve_recorded(ctx.layer, step)[:3]
     gx, gw, gb = conv_grads(x, g, weight, geo, need_gx, ctx.has_bias, work_dtype(x.dtype, g.dtype))
-    defer_step(_data_parallel_layer(ctx), ctx.collectives, spec, x, g, geo,
+    defer_step(ctx.layer, ctx.collectives, spec, x, g, geo,
                solve=partial(_solve_recorded, ctx.layer))
     return gx, gw, gb
 
