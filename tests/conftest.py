@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from proxprop_nb.lab import data
 from proxprop_nb.lab.train import synthetic_cifar10
 
 
@@ -18,3 +19,14 @@ def one_thread():
 def toy():
     "A learnable random stand-in for CIFAR-10: 64 training images of 3x8x8, 32 validation and test images"
     return synthetic_cifar10(64, 32, 32)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    "No data but what a test writes: empty current folder, no PROXPROP_DATA, a private cache, the package elsewhere"
+    (tmp_path/'cwd').mkdir()
+    monkeypatch.chdir(tmp_path/'cwd')
+    monkeypatch.delenv('PROXPROP_DATA', raising=False)
+    monkeypatch.setenv('PROXPROP_CACHE', str(tmp_path/'cache'))
+    monkeypatch.setattr(data, '_pkg_dir', lambda: tmp_path/'site'/'proxprop_nb')
+    return tmp_path

@@ -22,17 +22,6 @@ def write_batches(d, n=4, seed=0):
     return xs[:5].reshape(-1, 3, 32, 32)
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    "No data anywhere: empty current folder, no PROXPROP_DATA, a private cache, the package 'installed' elsewhere"
-    (tmp_path/'cwd').mkdir()
-    monkeypatch.chdir(tmp_path/'cwd')
-    monkeypatch.delenv('PROXPROP_DATA', raising=False)
-    monkeypatch.setenv('PROXPROP_CACHE', str(tmp_path/'cache'))
-    monkeypatch.setattr(data, '_pkg_dir', lambda: tmp_path/'site'/'proxprop_nb')
-    return tmp_path
-
-
 def test_no_data_one_clear_error(isolated):
     assert data.find_cifar10() is None
     with pytest.raises(data.Cifar10NotFoundError) as e:

@@ -29,16 +29,6 @@ from proxprop_nb.lab.sources import fake_batches, fake_imagefolder, make_tar
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    "No data anywhere but what a test writes: empty current folder, no PROXPROP_DATA, a private cache"
-    (tmp_path/'cwd').mkdir()
-    monkeypatch.chdir(tmp_path/'cwd')
-    monkeypatch.delenv('PROXPROP_DATA', raising=False)
-    monkeypatch.setenv('PROXPROP_CACHE', str(tmp_path/'cache'))
-    return tmp_path
-
-
 def cache_file(src, cache):
     "The one cache file that `load_cifar10(src)` wrote into `cache`"
     files = [f for f in Path(cache).glob('cifar10-*.npz') if not f.is_symlink()]
