@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +99,8 @@ def _conv_matrix_free(x, weight, bias, geo, spec, grad, reducer=None):
 def _conv_dense(x, weight, bias, geo, spec, grad):
     "Exact step: the per-row operator formed densely, then one SPD solve for all rows"
     apply_M, to_rows, from_rows = _conv_operator(x, weight, bias, geo, spec.beta)
-    X, fallback = dense_solve(apply_M, to_rows(*grad), 'transposed convolution')
-    return (*from_rows(X), SolveInfo.of('dense>cg' if fallback else 'dense', fallback, x.dtype))
+    X, fallback, failed = dense_solve(apply_M, to_rows(*grad), 'transposed convolution', spec.sync_free)
+    return (*from_rows(X), SolveInfo.of('dense>cg' if fallback else 'dense', fallback, x.dtype, failed))
 
 # %% ../nbs/01b_conv.ipynb #c014
 def _wgrad(go, inp, ksize, stride, dilation, groups=1):
@@ -340,7 +340,7 @@ def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
     if reducer is not None: reducer.all_reduce_(G); G.diagonal(dim1=1, dim2=2).add_(spec.beta)
     out_channels, per_group = gw.shape[0], gw.shape[0] // geo.groups
     rhs = torch.cat([gw.reshape(out_channels, -1), gb[:, None]], 1) if bias else gw.reshape(out_channels, -1)
-    D, results = torch.empty_like(rhs), []
+    D, results, flags = torch.empty_like(rhs), [], []
     for gi in range(geo.groups):
         rows = slice(gi * per_group, (gi + 1) * per_group)
         if spec.kind == 'cg':
@@ -348,11 +348,12 @@ def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
                                     spec.cg_variant, spec.sync_free))
             D[rows] = results[-1].solution[0]
         else:
-            D[rows], fallback = exact_or_cg(G[gi], rhs[rows], 'convolution')
-            results.append(fallback)
+            D[rows], fallback, failed = exact_or_cg(G[gi], rhs[rows], 'convolution', spec.sync_free)
+            results.append(fallback); flags.append(failed)
     fell_back = spec.kind == 'exact' and any(r is not None for r in results)
     n = rhs.shape[1] - bias
     info = _combine('primal>cg' if fell_back else 'primal', results, x.dtype)
+    if spec.sync_free and spec.kind == 'exact': info = replace(info, failed=torch.stack(flags).any())
     return D[:, :n].reshape(gw.shape), (D[:, n] if bias else None), info
 
 # %% ../nbs/01b_conv.ipynb #85d065e9

@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_layers.ipynb #c002
 from __future__ import annotations
+import collections
 import contextlib
 import copy
 import math
@@ -25,9 +26,9 @@ from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, conv_gra
 from .distributed import check_distributed, global_context, defer_step
 
 # %% auto #0
-__all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choice', 'ElapsedTime', 'ProxPropMixin',
-           'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d', 'proxprop_module', 'proxpropify',
-           'unproxpropify']
+__all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choice', 'set_sync_free', 'ElapsedTime',
+           'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d', 'proxprop_module',
+           'proxpropify', 'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
@@ -66,12 +67,61 @@ def set_route_choice(policy:str, # 'model' (flop model) or 'measure' (time each 
     _CHOOSERS[device_type] = RouteChooser(policy, _device_sync(device_type))
     return _CHOOSERS[device_type]
 
+# %% ../nbs/02_layers.ipynb #253f291e
+def set_sync_free(enabled:bool, # True: no host read in a step; False: host reads, as on the CPU
+                  device_type:str='cuda', # the device type it applies to: 'cuda', 'cpu', ...
+                 ) -> bool: # the setting before
+    "Set whether ProxProp steps on a device type run without host reads (the GPU default)"
+    if not isinstance(enabled, bool): raise TypeError(f"enabled={enabled!r}: use True or False")
+    before = _DEVICE_POLICY.get(device_type, {}).get('sync_free', False)
+    _DEVICE_POLICY[device_type] = {**_DEVICE_POLICY.get(device_type, {}), 'sync_free': enabled}
+    _DEVICE_SPECS.clear()
+    return before
+
+# %% ../nbs/02_layers.ipynb #bae65130
+class _HostCopy:
+    "A device bool copied to the host without waiting: `read()` is None until the copy has arrived"
+    def __init__(self, flag):
+        if flag.device.type == 'cuda':
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.done = torch.cuda.Event(); self.done.record()
+        else: self.host, self.done = flag, None  # on the CPU the value is there already
+
+    def read(self) -> bool|None:
+        "The value once the copy has arrived (never waits), else None"
+        if self.done is not None and not self.done.query(): return None
+        return bool(self.host.numpy())  # a read of host memory: no device operation
+
+# layer -> deque of _HostCopy of its sync-free steps' failure flags not read yet
+_PENDING = weakref.WeakKeyDictionary()
+
+def _read_failures(layer):
+    "Read the arrived failure flags of a layer's earlier steps; after a failure, check on the host from now on"
+    pending = _PENDING.get(layer)
+    while pending:
+        failed = pending[0].read()
+        if failed is None: return
+        pending.popleft()
+        if failed:
+            pending.clear(); object.__setattr__(layer, '_host_checked', True)
+            warnings.warn(f"ProxProp: {type(layer).__name__}: a Cholesky factorization failed on the device "
+                          "(tau_prox too large for this data in float32?); that step left the layer's "
+                          "parameters unchanged. From now on this layer checks each factorization on the host "
+                          "(one synchronization per step), retries in float64 and falls back to CG.",
+                          RuntimeWarning, stacklevel=2)
+
 # %% ../nbs/02_layers.ipynb #390920a7
-def _on_device(spec:ProxSpec, device) -> tuple: # (the spec with the device's CG stop, its RouteChooser)
+def _on_device(spec:ProxSpec, # the layer's settings
+               device, # where the step runs
+               layer=None, # the layer: one whose factorization failed on the device reads on the host
+              ) -> tuple: # (the spec with the device's sync_free, its RouteChooser)
     "A layer step's settings as the device policy completes them"
-    key = (spec, device.type)
+    if layer is not None: _read_failures(layer)  # at the start of the step: a failure seen applies to it
+    host_checked = layer is not None and layer.__dict__.get('_host_checked', False)
+    key = (spec, device.type, host_checked)
     if key not in _DEVICE_SPECS:
-        sync_free = _DEVICE_POLICY.get(device.type, {}).get('sync_free', False)
+        sync_free = _DEVICE_POLICY.get(device.type, {}).get('sync_free', False) and not host_checked
         _DEVICE_SPECS[key] = replace(spec, sync_free=sync_free)
     return _DEVICE_SPECS[key], route_chooser(device)
 
@@ -105,6 +155,8 @@ def _solve_recorded(layer, # the ProxProp layer whose step this is
     clock = _Clock(next(layer.parameters()).device)
     out = solve()
     object.__setattr__(layer, '_last_solve', replace(out[-1], seconds=clock.elapsed()))
+    if out[-1].failed is not None:  # read at a later step, once it has arrived
+        _PENDING.setdefault(layer, collections.deque()).append(_HostCopy(out[-1].failed))
     return out
 
 # %% ../nbs/02_layers.ipynb #2f75420a
@@ -312,7 +364,7 @@ def _to_dtype(t:torch.Tensor|None, dtype): return None if t is None else t.to(dt
 # %% ../nbs/02_layers.ipynb #21c9c0db
 def _linear_step(layer, trained:tuple, spec:ProxSpec, x2, g2):
     "(weight, bias) steps of a Linear layer from input and output-gradient rows: the trained ones' system"
-    spec, chooser = _on_device(spec, g2.device)
+    spec, chooser = _on_device(spec, g2.device, layer)
     if not trained[0]: return None, _bias_step(layer, g2, spec)
     return _solve_recorded(layer, partial(prox_linear, x2, g2, trained[1], spec, chooser))[:2]
 
@@ -320,7 +372,7 @@ def _prox_linear_grads(ctx, x2, g2):
     "(weight, bias) gradients of a Linear call: its ProxProp step, or under DDP the plain local gradient"
     trained = _ProxFn.trained(ctx)
     if ctx.collectives is None: return _linear_step(ctx.layer, trained, ctx.spec, x2, g2)
-    spec = _on_device(ctx.spec, g2.device)[0]
+    spec = _on_device(ctx.spec, g2.device, ctx.layer)[0]
     if not trained[0]: return None, _bias_step(ctx.layer, g2, spec, ctx.collectives.world)
     work = work_dtype(x2.dtype, g2.dtype)
     gw, gb = g2.to(work).T @ x2.to(work), (g2.to(work).sum(0) if ctx.has_bias else None)
@@ -439,7 +491,7 @@ def _conv_input_grad(ctx, x, g, weight, geo):
 
 def _prox_conv_grads(ctx, x, g, weight, geo):
     "(input, weight, bias) gradients of a conv call: its ProxProp step, or under DDP the plain local ones"
-    spec, chooser, g = *_on_device(ctx.spec, g.device), g.contiguous()
+    spec, chooser, g = *_on_device(ctx.spec, g.device, ctx.layer), g.contiguous()
     (train_weight, train_bias), need_gx = _ProxFn.trained(ctx), ctx.needs_input_grad[0]
     if not train_weight:  # the bias alone (under DDP: this process's share of its step)
         world = 1 if ctx.collectives is None else ctx.collectives.world
@@ -463,7 +515,7 @@ def _conv_joint_step(layer, trained:tuple, spec:ProxSpec, weight, geo, calls:lis
                                   "stacks the calls' batches, which needs one shape. Use one input shape, "
                                   "separate layers, or optimization_mode='gradient' for this layer")
     x, g = (torch.cat([call[i] for call in calls]) for i in (0, 1))
-    spec, chooser = _on_device(spec, g.device)
+    spec, chooser = _on_device(spec, g.device, layer)
     if not trained[0]: return None, _bias_step(layer, g, spec)
     step = partial(prox_conv, x, g, weight, trained[1], geo, spec, False, chooser)
     return _solve_recorded(layer, step)[1:3]
@@ -599,6 +651,7 @@ def _prox_generic_grads(layer, spec, calls:list, trained:tuple) -> list:
         _solve_recorded(layer, lambda: (SolveInfo('gradient', dtype=calls[0][4].dtype),))
         return calls[0][3]
     full = [_full_precision(layer, *call) for call in calls]
+    spec = _on_device(spec, calls[0][4].device, layer)[0]
     return _solve_recorded(layer, partial(layer._prox_generic, full, spec, trained))[0]
 
 # %% ../nbs/02_layers.ipynb #4efb305f
@@ -674,11 +727,11 @@ def _generic_step(self, calls:list, spec, trained:tuple):
     apply_M = _generic_operator(self, calls, trained, spec.beta)
     rhs = [sum(call[3][i] for call in calls).reshape(1, -1) for i in live]
     if spec.kind == 'cg':
-        cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant)
+        cg = block_cg(apply_M, rhs, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
         X, info = cg.solution, SolveInfo.of('matrix_free', cg, rhs[0].dtype)
     else:
-        X, fallback = dense_solve(apply_M, rhs, type(self).__name__)
-        info = SolveInfo.of('dense>cg' if fallback else 'dense', fallback, rhs[0].dtype)
+        X, fallback, failed = dense_solve(apply_M, rhs, type(self).__name__, spec.sync_free)
+        info = SolveInfo.of('dense>cg' if fallback else 'dense', fallback, rhs[0].dtype, failed)
     steps, p_ = dict(zip(live, X)), calls[0][2]
     return [steps[i].view(p.shape).to(p.dtype) if i in steps else None for i, p in enumerate(p_)], info
 

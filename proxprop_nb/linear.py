@@ -9,7 +9,7 @@ import functools
 import torch
 
 from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, work_dtype,
-                                 spd_inverse, choose_route, exact_or_cg, pick_route,
+                                 spd_inverse, spd_inverse_on_device, choose_route, exact_or_cg, pick_route,
                                  _safe_div, _early_stop, _relative_residual)
 
 # %% auto #0
@@ -116,8 +116,8 @@ def _linear_primal(x, g, bias, spec, reducer=None, grad=None):
         cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
         D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
     else:
-        D, fallback = exact_or_cg(G, rhs, 'primal')
-        info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype)
+        D, fallback, failed = exact_or_cg(G, rhs, 'primal', spec.sync_free)
+        info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype, failed)
     return (*_split(D, x.shape[1], bias), info)
 
 # %% ../nbs/01a_linear.ipynb #dcce3547
@@ -129,11 +129,11 @@ def _linear_dual(x, g, bias, spec):
         y, info = cg.solution, SolveInfo.of('dual', cg, x.dtype)
     else:
         K.diagonal().add_(spec.beta)
-        Kinv = spd_inverse(K)
+        Kinv, failed = spd_inverse_on_device(K) if spec.sync_free else (spd_inverse(K), None)
         if Kinv is None:  # the primal system, which falls back to CG if it fails too
             W, b, info = _linear_primal(x, g, bias, spec)
             return W, b, SolveInfo.of('dual>' + info.route, info, x.dtype)
-        info = SolveInfo('dual', dtype=x.dtype)
+        info = SolveInfo('dual', dtype=x.dtype, failed=failed)
         if x.shape[1] + bias < g.shape[1]:  # D^T = g^T (Kinv A): the cheaper order
             return g.T @ (Kinv @ x), (g.T @ Kinv.sum(1) if bias else None), info
         y = Kinv @ g

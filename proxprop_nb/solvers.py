@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'SUMMARIZED', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args',
-           'rowdot', 'rowscale', 'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse', 'exact_or_cg',
-           'dense_solve', 'choose_route', 'warm_timer', 'RouteChooser', 'pick_route']
+           'rowdot', 'rowscale', 'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse',
+           'spd_inverse_on_device', 'exact_or_cg', 'dense_solve', 'choose_route', 'warm_timer', 'RouteChooser',
+           'pick_route']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -116,11 +117,15 @@ class SolveInfo:
     # the step's wall-clock time in seconds: a float, or a value read with float() (on a GPU, once per epoch)
     seconds:float|None = field(default=None, metadata=dict(record='solve_seconds', summary=('mean', 'sum'),
                                                            varies=True))
+    # a factorization that failed on the device (a sync-free exact step): a device bool, read like `seconds`
+    failed:torch.Tensor|None = field(default=None,
+                                     metadata=dict(record='factorization_failed', summary=('sum',)))
 
     @classmethod
-    def of(cls, route:str, cg:CGResult|None, dtype) -> SolveInfo:
+    def of(cls, route:str, cg:CGResult|None, dtype, failed=None) -> SolveInfo:
         "The record of a step by `route` whose CG (None: an exact solve) returned `cg`"
-        return cls(route, dtype=dtype) if cg is None else cls(route, cg.iterations, cg.residual, dtype)
+        if cg is None: return cls(route, dtype=dtype, failed=failed)
+        return cls(route, cg.iterations, cg.residual, dtype, failed=failed)
 
     def record(self) -> dict:
         "As plain numbers, one host read per value: route, dtype and each summarised field by its record name"
@@ -195,6 +200,19 @@ def spd_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch o
         if not bool((info != 0).any()): return torch.cholesky_inverse(L).to(A.dtype)
     return None
 
+# %% ../nbs/01_solvers.ipynb #30f87665
+def spd_inverse_on_device(A:torch.Tensor, # symmetric positive definite matrix (or batch of them)
+                         ) -> tuple: # (inverse: 0 where the factorization failed, NaN where A is not finite;
+                                     #  failed: a device bool, True if any factorization failed)
+    "Inverse of an SPD matrix via Cholesky with no host read: a zero inverse and a device flag where it fails"
+    L, info = torch.linalg.cholesky_ex(A)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    finite = torch.isfinite(A).all(-1).all(-1)
+    failed = (info != 0) & finite
+    inverse = torch.where(failed[..., None, None], 0., Linv.mT @ Linv)
+    return torch.where(finite[..., None, None], inverse, float('nan')), failed.any()
+
 # %% ../nbs/01_solvers.ipynb #c028
 def _fallback_warning(what, n):
     warnings.warn(f"ProxProp: the Cholesky factorization of the {what} Gram matrix failed in float32 and "
@@ -204,15 +222,19 @@ def _fallback_warning(what, n):
 def exact_or_cg(G:torch.Tensor, # SPD matrix (n, n)
                 rhs_rows:torch.Tensor, # right-hand sides as rows (m, n)
                 what:str, # names the system in the fallback's warning
-               ) -> tuple: # (solution rows, CGResult of the CG fallback or None after an exact solve)
+                sync_free:bool=False, # no host read: `spd_inverse_on_device`; its flag, not a fallback
+               ) -> tuple: # (solution rows, CGResult of the CG fallback or None, the device flag or None)
     "Rows of rhs_rows times G^-1 for an SPD G, or CG on G if the factorization fails; NaN if G is not finite"
+    if sync_free:
+        Ginv, failed = spd_inverse_on_device(G)
+        return rhs_rows @ Ginv, None, failed
     Ginv = spd_inverse(G)
-    if Ginv is not None: return rhs_rows @ Ginv, None
-    if not bool(torch.isfinite(G).all()): return torch.full_like(rhs_rows, float('nan')), None
+    if Ginv is not None: return rhs_rows @ Ginv, None, None
+    if not bool(torch.isfinite(G).all()): return torch.full_like(rhs_rows, float('nan')), None, None
     n = min(G.shape[0], 200)
     _fallback_warning(what, n)
     cg = block_cg(lambda P: [P[0] @ G], [rhs_rows], n, tol=1e-7)
-    return cg.solution[0], cg
+    return cg.solution[0], cg, None
 
 # %% ../nbs/01_solvers.ipynb #c030
 def _dense_operator(apply_M, # maps a list of tensors (rows in dim 0) to the same operator applied to each row
@@ -235,12 +257,13 @@ def _dense_operator(apply_M, # maps a list of tensors (rows in dim 0) to the sam
 def dense_solve(apply_M, # maps a list of tensors (rows in dim 0) to the same SPD operator applied to each row
                 rhs:list, # right-hand sides, rows in dimension 0
                 what:str, # the layer, for the warning if the factorization fails
-               ) -> tuple: # (the solutions, shaped like rhs; the CGResult of a CG fallback, or None)
+                sync_free:bool=False, # no host read (see `exact_or_cg`)
+               ) -> tuple: # (the solutions, shaped like rhs; CGResult of a CG fallback or None; the flag)
     "Exact solve of M X = rhs for an operator given only as products: M formed one column per row and product"
     n_rows, sizes = rhs[0].shape[0], [t[0].numel() for t in rhs]
     rhs_rows = torch.cat([t.reshape(n_rows, -1) for t in rhs], 1)
-    X, fallback = exact_or_cg(_dense_operator(apply_M, rhs), rhs_rows, what)
-    return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)], fallback
+    X, fallback, failed = exact_or_cg(_dense_operator(apply_M, rhs), rhs_rows, what, sync_free)
+    return [d.reshape(t.shape) for d, t in zip(X.split(sizes, 1), rhs)], fallback, failed
 
 # %% ../nbs/01_solvers.ipynb #c032
 def choose_route(flops:dict, # route -> flops, as from `linear_flops`
