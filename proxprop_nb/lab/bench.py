@@ -18,14 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import proxprop_nb
-from ..layers import ProxPropMixin, proxpropify, unproxpropify
+from ..layers import ProxPropMixin, proxpropify, unproxpropify, set_sync_free
+from ..batched import BatchedRuns
 from .models import mlp, convnet, MLP_SIZES, make_optimizer
 from .train import MODELS, default_device, synchronize, device_problem
 from .runfiles import environment, write_json, read_json
 
 # %% auto #0
 __all__ = ['MODES', 'HOST_READ_OP', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'profile_step',
-           'machine_info', 'benchmark', 'route_times', 'exact_solve_times', 'format_table', 'run', 'main']
+           'machine_info', 'benchmark', 'route_times', 'exact_solve_times', 'bench_batch_runs', 'format_table',
+           'format_batch_table', 'run', 'main']
 
 # %% ../../nbs/06_bench.ipynb #c005
 def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3, the official code's net)
@@ -119,7 +121,8 @@ def step_peak_memory(step, # a step function from `make_step`
     return peak + held
 
 # %% ../../nbs/06_bench.ipynb #9124add1
-HOST_READ_OP = 'aten::_local_scalar_dense'  # what .item(), bool(t) and float(t) run: a synchronisation on a GPU
+# what .item(), bool(t) and float(t) run: a synchronisation on a GPU
+HOST_READ_OP = 'aten::_local_scalar_dense'
 
 def profile_step(step, # a step function from `make_step`, run once before (routes chosen, caches filled)
                  device='cpu', # synchronised around the profiled step on CUDA
@@ -279,14 +282,52 @@ def exact_solve_times(N:int, # batch size: the dual system is N x N
     res['max_rel_diff'] = diff.item()
     return res
 
+# %% ../../nbs/06_bench.ipynb #6ed629ac
+def bench_batch_runs(model:str='mlp', # 'mlp' or 'convnet'
+                     batch_size:int=500, # samples per step
+                     modes=MODES, # 'plain' and ProxProp optimization modes
+                     runs:int=4, # runs in the batch
+                     widths:tuple|None=None, # MLP hidden widths (default the paper's)
+                     device='cpu', # where to run
+                     repeats:int=7, # timed interleaved rounds (the median is reported)
+                     warmup:int=2, # untimed rounds
+                     tau_prox:float|None=None, # default: 0.05 for the MLP (Fig. 2), 1 for the ConvNet
+                     seed:int=0, # for the model and the batch
+                     **prox # further ProxProp settings (cg_tol, cg_variant, solver)
+                    ) -> dict: # machine, settings, and per mode the alone and batched times
+    "Time one step of `runs` runs as one batch against the same runs stepped one after another"
+    torch.manual_seed(seed)
+    plain, shape, optimizer = bench_model(model, widths)
+    plain = plain.to(device)
+    x, y = torch.rand(batch_size, *shape, device=device), torch.randint(0, 10, (batch_size,), device=device)
+    tau_prox = tau_prox if tau_prox is not None else (0.05 if model == 'mlp' else 1.0)
+    out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths, runs=runs,
+               optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox, modes={})
+    for m in modes:
+        alone = [make_step(plain, m, optimizer, x, y, tau_prox, **prox) for _ in range(runs)]
+        together = [make_step(plain, m, optimizer, x, y, tau_prox, **prox) for _ in range(runs)]
+        batch = BatchedRuns([s.model for s in together], [s.opt for s in together])
+        steps = {'alone': lambda: [s() for s in alone], 'batched': lambda: batch.train_step(x, y)}
+        times = {k: [t * 1e3 for t in v] for k, v in time_steps(steps, repeats, warmup, device).items()}
+        a, b = statistics.median(times['alone']), statistics.median(times['batched'])
+        out['modes'][m] = dict(alone_ms=a, batched_ms=b, speedup=a / b, alone_times_ms=times['alone'],
+                               batched_times_ms=times['batched'])
+        del alone, together, batch, steps
+    return out
+
 # %% ../../nbs/06_bench.ipynb #c027
+def _setting_line(res:dict, what:str, unit:str) -> str:
+    "The first line of a result's table: model, batch, optimizer, `what`, machine, repeats of `unit`"
+    w, machine = f" widths={res['widths']}" if res['widths'] else '', res['machine']
+    return (f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']}{what} on "
+            f"{machine['device_name']} "
+            f"({machine['threads']} threads), torch {machine['torch']}, median of {res['repeats']} "
+            f"interleaved {unit}")
+
 def format_table(res:dict # a `benchmark` result
                 ) -> str:
     "The result as a text table: time per step and peak memory of each mode, relative to plain backprop"
-    w, machine = f" widths={res['widths']}" if res['widths'] else '', res['machine']
-    lines = [f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']} tau_prox={res['tau_prox']} "
-             f"on {machine['device_name']} ({machine['threads']} threads), torch {machine['torch']}, "
-             f"median of {res['repeats']} interleaved steps",
+    lines = [_setting_line(res, f" tau_prox={res['tau_prox']}", 'steps'),
              f"{'mode':<12}{'median ms':>10}{'min':>8}{'max':>8}{'ratio':>7}{'peak MB':>9}{'mem':>6}"
              f"{'ops':>7}{'reads':>6}  routes"]
     for m, r in res['modes'].items():
@@ -294,6 +335,16 @@ def format_table(res:dict # a `benchmark` result
         lines.append(f"{m:<12}{r['median_ms']:>10.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}"
                      f"{r['ratio']:>6.2f}x{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x"
                      f"{prof['ops']:>7}{prof['host_reads']:>6}  {','.join(r['routes'])}")
+    return '\n'.join(lines)
+
+# %% ../../nbs/06_bench.ipynb #32c64cbc
+def format_batch_table(res:dict # a `bench_batch_runs` result
+                      ) -> str:
+    "The result as a text table: per mode, the runs' steps alone and as one batch, and the speedup"
+    lines = [_setting_line(res, f", {res['runs']} runs,", 'rounds'),
+             f"{'mode':<12}{'alone ms':>10}{'batched ms':>12}{'speedup':>9}"]
+    for m, r in res['modes'].items():
+        lines.append(f"{m:<12}{r['alone_ms']:>10.1f}{r['batched_ms']:>12.1f}{r['speedup']:>8.2f}x")
     return '\n'.join(lines)
 
 # %% ../../nbs/06_bench.ipynb #c030
@@ -340,6 +391,10 @@ def _options() -> argparse.ArgumentParser:
         help="CG's early-stopping tolerance (default: the layers' 1e-2; 0: every iteration)")
     add('--json', default=None,
         help='append the results to this JSON file (a list); checked before the benchmark runs')
+    add('--batch-runs', type=int, default=None, metavar='R',
+        help='time R runs trained as one batch against the same runs one after another (bench_batch_runs)')
+    add('--sync-free', action='store_true',
+        help="run the steps without host reads, as on a GPU (set_sync_free), e.g. to count reads on a CPU")
     add('--quick', action='store_true',
         help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
              'explicit options win')
@@ -359,6 +414,7 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
     "Usage errors for counts and sizes that cannot run; --widths parsed into tuples"
     if a.repeats < 1 or a.warmup < 0 or any(b < 1 for b in a.batch_size):
         p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
+    if a.batch_runs is not None and a.batch_runs < 1: p.error(f'--batch-runs {a.batch_runs}: use R >= 1')
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
@@ -391,12 +447,19 @@ def run(argv=None) -> list:
     "Run `proxprop-bench` with command line arguments `argv`; return the results"
     a = _parse(argv)
     if a.threads: torch.set_num_threads(a.threads)
+    if a.sync_free: set_sync_free(True, torch.device(a.device).type)
     results = []
     for model in a.model:
         for bs in a.batch_size:
             for w in (a.widths if model == 'mlp' else [None]):
-                r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox, **a.prox)
-                print(format_table(r), end='\n\n', flush=True)
+                if a.batch_runs:
+                    r = bench_batch_runs(model, bs, a.modes, a.batch_runs, w, a.device, a.repeats, a.warmup,
+                                         a.tau_prox, **a.prox)
+                    print(format_batch_table(r), end='\n\n', flush=True)
+                else:
+                    r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox, **a.prox)
+                    r['sync_free'] = a.sync_free
+                    print(format_table(r), end='\n\n', flush=True)
                 results.append(r)
     if a.json:
         path = Path(a.json)

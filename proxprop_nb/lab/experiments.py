@@ -22,13 +22,14 @@ from .data import Cifar10, load_cifar10
 from .runfiles import read_json, prepare_out_dir, force_unlock
 from ..distributed import data_parallel, exit_process_group
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device,
-                                   data_key, finished_results, device_problem)
+                                   data_key, finished_results, device_problem, build_model)
+from .batch_train import plan_batches, train_batch
 
 # %% auto #0
 __all__ = ['METHODS', 'TABLE1_TAUS', 'QUICK', 'CG_VARIANTS', 'DEMO_SWEEP', 'DEMO_BEST_TAU', 'DEMO_BASELINE', 'TAU_NAMES',
            'EXPERIMENTS', 'PAPER_TABLE1', 'PAPER_ACCURACY', 'PLOT_WHAT', 'Experiment', 'experiment_configs', 'protocol',
-           'run_experiment', 'load_results', 'describe_runs', 'format_runs', 'table1_grid', 'format_table1',
-           'plot_curves', 'plot_table1', 'write_plots', 'plot_command', 'results_folder_problem',
+           'fitting_batch_runs', 'run_experiment', 'load_results', 'describe_runs', 'format_runs', 'table1_grid',
+           'format_table1', 'plot_curves', 'plot_table1', 'write_plots', 'plot_command', 'results_folder_problem',
            'removed_if_left_empty', 'interrupted', 'demo_summary', 'main']
 
 # %% ../../nbs/05_experiments.ipynb #c006
@@ -179,6 +180,23 @@ def _runs_to_do(cfgs:list, out_dir) -> tuple:
         except ValueError as e: errors[c] = e  # a file of another configuration under this run's name
     return todo, errors
 
+# %% ../../nbs/05_experiments.ipynb #4b1d198b
+def fitting_batch_runs(cfgs:list, # the runs to train
+                       device, # where they train
+                       batch_runs:int|None, # what was asked: a number, or None for as many as fit
+                      ) -> int: # the most runs in a batch
+    "`batch_runs`, or for None as many runs as fit in half the device's free memory (params, grads, 2 states)"
+    if batch_runs is not None: return batch_runs
+    if not cfgs: return 1
+    n_params = max(sum(p.numel() for p in build_model(c).parameters())
+                   for c in {c.model: c for c in cfgs}.values())
+    # float32 parameters, gradients and two optimizer states; activations
+    per_run = 16 * n_params + (64 << 20)
+    dev = torch.device(device)
+    if dev.type == 'cuda': free = torch.cuda.mem_get_info(dev)[0]
+    else: free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    return max(1, int(free / 2 // per_run))
+
 # %% ../../nbs/05_experiments.ipynb #c016
 def _run_or_read(cfg:RunConfig, cifar, prepared:dict, out_dir, device, progress:bool, log, meta:dict,
                  to_train:bool) -> dict:
@@ -193,6 +211,18 @@ def _run_or_read(cfg:RunConfig, cifar, prepared:dict, out_dir, device, progress:
         log(f"{run_name(cfg)}: failed, the sweep goes on: {row['error']}")
         return row
 
+# %% ../../nbs/05_experiments.ipynb #6a539a68
+def _run_batch(batch:list, cifar, prepared:dict, out_dir, device, progress:bool, log, meta:dict) -> list:
+    "Train a batch of a sweep's runs as one (`train_batch`); errors as a row per run"
+    key = str(data_key(batch[0]))
+    try:
+        if key not in prepared: prepared[key] = prepare_data(cifar, batch[0], device)
+        return train_batch(batch, prepared[key], out_dir, device, progress, log, meta)
+    except (ValueError, OSError) as e:
+        rows = [_run_error(cfg, e) for cfg in batch]
+        log(f"{', '.join(run_name(c) for c in batch)}: failed, the sweep goes on: {rows[0]['error']}")
+        return rows
+
 # %% ../../nbs/05_experiments.ipynb #78f0456a
 def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
                    out_dir, # the results folder
@@ -200,6 +230,7 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
                    device=None, # torch device; None: 'cuda' if available, else 'cpu'
                    progress:bool=True, # text progress bars on stderr
                    log=print, # called with progress lines; None: silent
+                   batch_runs:int|None=1, # runs trained together (`train_batch`); None: as many as fit
                    **kw # options of `experiment_configs`: quick, epochs, seed, n_train, methods, taus, ...
                   ) -> list: # the results record of every run; status 'error' (and why) if it could not run
     "Run, resume or skip every run of an experiment into `out_dir`; a run that fails does not stop the others"
@@ -209,14 +240,20 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
     done = len(cfgs) - len(todo) - len(errors)
     log(f'{experiment}: {len(cfgs)} runs ({done} done already) -> {Path(out_dir)}')
     cifar = data if isinstance(data, Cifar10) or not todo else load_cifar10(data)
-    prepared, rows = {}, []  # prepared: the data on the device, per data setting (`data_key`)
+    prepared, rows = {}, {}  # prepared: the data on the device, per data setting (`data_key`)
+    batches = {b[0]: b for b in plan_batches(todo, fitting_batch_runs(todo, device, batch_runs))}
     for i, cfg in enumerate(cfgs, 1):
-        if cfg in errors:
-            rows.append(_run_error(cfg, errors[cfg])); log(f"{run_name(cfg)}: {rows[-1]['error']}"); continue
-        if cfg in todo: log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
         meta = dict(experiment=experiment, protocol=protocol(cfg), quick=bool(kw.get('quick')))
-        rows.append(_run_or_read(cfg, cifar, prepared, out_dir, device, progress, log, meta, cfg in todo))
-    return rows
+        if cfg in rows: continue  # trained in an earlier batch
+        if cfg in errors:
+            rows[cfg] = _run_error(cfg, errors[cfg]); log(f"{run_name(cfg)}: {rows[cfg]['error']}"); continue
+        if len(batch := batches.get(cfg, ())) > 1:
+            log(f'[{i}/{len(cfgs)}] a batch of {len(batch)} runs: {", ".join(run_name(c) for c in batch)}')
+            rows.update(zip(batch, _run_batch(batch, cifar, prepared, out_dir, device, progress, log, meta)))
+            continue
+        if cfg in todo: log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
+        rows[cfg] = _run_or_read(cfg, cifar, prepared, out_dir, device, progress, log, meta, cfg in todo)
+    return [rows[c] for c in cfgs]
 
 # %% ../../nbs/05_experiments.ipynb #c021
 def _data_text(src:dict) -> str:
@@ -568,6 +605,9 @@ def _add_options(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     add('--arch', choices=('official', 'paper'), default='official',
         help="ConvNet of fig3: the official code's (default) or the paper text's")
     add('--threads', type=_pos_int, help="torch CPU threads (default: torch's choice)")
+    add('--batch-runs', type=_pos_int, metavar='K',
+        help='train up to K runs that differ only in step size, tau_prox or seed as one batched model '
+             '(default: as many as fit in half the free memory; 1: each run alone, as before)')
     add('--no-progress', action='store_true', help='no progress bars')
     add('--force-unlock', metavar='RUN', action='append', default=[],
         help="remove the lock of run RUN in --out first (a run on another host that has ended); repeatable")
@@ -703,10 +743,13 @@ def _run_and_report(p:argparse.ArgumentParser, a:argparse.Namespace, kw:dict, cf
         p.exit(1, f'proxprop-experiment: error: {why}\n')
     for name in a.force_unlock if dp.main else ():
         held = force_unlock(out, name)
-        say(f'{name}: ' + ('no lock to remove' if held is None else f'lock removed (it was {held or "unreadable"})'))
+        say(f'{name}: ' + ('no lock to remove' if held is None
+                           else f'lock removed (it was {held or "unreadable"})'))
     data = _load_once(p, a.data, cfgs, out, dp)
+    # under torchrun each run takes the data-parallel step alone
+    batch_runs = a.batch_runs if dp.world == 1 else 1
     rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main,
-                          say if dp.main else None, **kw)
+                          say if dp.main else None, batch_runs, **kw)
     code = _report(say, out, a.experiment, rows)
     if owned: exit_process_group(code)  # every process waits for the others first
     return code
