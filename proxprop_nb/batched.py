@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .conv import ConvGeometry, conv_forward, conv_backward
-from .layers import ProxPropMixin, _linear_joint_step, _conv_joint_step, _amp_off
+from .layers import ProxPropMixin, _linear_step, _conv_joint_step, _amp_off
 
 # %% auto #0
 __all__ = ['SHARED', 'ROWS', 'CHANNELS', 'ELEMENTWISE', 'POOLS', 'BatchedRuns']
@@ -38,16 +38,13 @@ def _stack(params:list, shared:bool):
     "The runs' weights (or biases) as one tensor: concatenated (a shared input's product), else stacked"
     return None if params[0] is None else (torch.cat(params) if shared else torch.stack(params))
 
-def _linear_forward(h, layout, weights, biases):
-    "(R, N, out): each run's Linear layer on its input"
-    R, out = len(weights), weights[0].shape[0]
-    if layout == SHARED:
-        y = F.linear(h, _stack(weights, True), _stack(biases, True))
-        return y.reshape(*h.shape[:-1], R, out).movedim(-2, 0)
-    W, b = _stack(weights, False), _stack(biases, False)
-    y = torch.bmm(h.flatten(1, -2), W.mT) if h.dim() > 3 else torch.bmm(h, W.mT)
-    y = y.view(*h.shape[:-1], out)
-    return y if b is None else y + b.view(R, *[1] * (h.dim() - 2), out)
+def _linear_forward(h, layout, W, b):
+    "(R, N, out), contiguous: each run's Linear layer, from the stacked weights (R, out, in), biases (R, out)"
+    R, out = W.shape[:2]
+    h = h.expand(R, *h.shape) if layout == SHARED else h  # a shared input: read by every run, not copied
+    h3 = h.reshape(R, -1, h.shape[-1])
+    y = torch.bmm(h3, W.mT) if b is None else torch.baddbmm(b.unsqueeze(1), h3, W.mT)
+    return y.view(*h.shape[:-1], out)
 
 # %% ../nbs/02b_batched.ipynb #032fa6d1
 def _run_steps(layers:list, step) -> tuple:
@@ -69,43 +66,51 @@ class _BatchedProx(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, layout, layers, kind, *params):
         R = len(layers)
-        weights, biases = list(params[:R]), (list(params[R:]) if len(params) > R else [None] * R)
+        # the runs' weights joined once a step, for the forward and the input gradient
+        W, b = kind.join(params[:R]), (kind.join(params[R:]) if len(params) > R else None)
         ctx.layout, ctx.layers, ctx.kind, ctx.has_bias = layout, layers, kind, len(params) > R
-        ctx.save_for_backward(h, *weights)
-        return kind.forward(h, layout, weights, biases, layers[0])
+        ctx.save_for_backward(h, W)
+        return kind.forward(h, layout, W, b, layers[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, *weights = ctx.saved_tensors
-        layout, layers, kind = ctx.layout, ctx.layers, ctx.kind
+        h, W = ctx.saved_tensors
+        layout, layers, kind, R = ctx.layout, ctx.layers, ctx.kind, len(ctx.layers)
         with _amp_off(g):
-            gh = kind.input_grad(g, h, weights, layout, layers[0]) if ctx.needs_input_grad[0] else None
+            gh = kind.input_grad(g, h, W, layout, layers[0]) if ctx.needs_input_grad[0] else None
             def step(r, layer):
                 if not any(_trained(layer)): return None, None
-                return kind.run_step(layer, _per_run(h, layout, len(layers), r), g, weights[r], r,
-                                     len(layers))
+                return kind.run_step(layer, _per_run(h, layout, R, r), g, W, r, R)
             gw, gb = _run_steps(layers, step)
         return gh, None, None, None, *gw, *(gb if ctx.has_bias else [])
 
 # %% ../nbs/02b_batched.ipynb #b7c1a0e2
 @dataclass(frozen=True)
 class _Kind:
-    "What a kind of layer does in `_BatchedProx`: its batched forward, input gradient and one run's step"
-    forward: object # (h, layout, weights, biases, first layer) -> the runs' outputs
-    input_grad: object # (g, h, weights, layout, first layer) -> the gradient of h
-    run_step: object # (layer, run's input, g, run's weight, r, R) -> that run's (weight, bias) steps
+    "What a kind of layer does in `_BatchedProx`: join the runs' parameters, forward, input gradient, a step"
+    join: object # the runs' weights (or biases) -> one tensor
+    forward: object # (h, layout, joined weights, joined biases, first layer) -> the runs' outputs
+    input_grad: object # (g, h, joined weights, layout, first layer) -> the gradient of h
+    run_step: object # (layer, run's input, g, joined weights, r, R) -> that run's (weight, bias) steps
 
-def _linear_input_grad(g, h, weights, layout, layer):
-    if layout == SHARED: return torch.einsum('r...o,roi->...i', g, torch.stack(weights).to(g.dtype))
-    return (g.flatten(1, -2) @ torch.stack(weights).to(g.dtype)).view(*h.shape[:-1], -1)
+def _linear_input_grad(g, h, W, layout, layer):
+    if layout == SHARED: return torch.einsum('r...o,roi->...i', g, W.to(g.dtype))
+    return (g.flatten(1, -2) @ W.to(g.dtype)).view(*h.shape[:-1], -1)
 
-def _linear_run_step(layer, x, g, weight, r, R):
-    return _linear_joint_step(layer, _trained(layer), layer._spec,
-                              [(x.reshape(-1, x.shape[-1]), g[r].reshape(-1, g.shape[-1]))])
+def _linear_run_step(layer, x, g, W, r, R):
+    "A ProxProp layer's step: the layer's own, on the run's rows"
+    return _linear_step(layer, _trained(layer), layer._spec, x.reshape(-1, x.shape[-1]),
+                        g[r].reshape(-1, g.shape[-1]))
 
-_LINEAR = _Kind(lambda h, layout, w, b, layer: _linear_forward(h, layout, w, b), _linear_input_grad,
-                _linear_run_step)
+def _plain_linear_step(layer, x, g, W, r, R):
+    "A plain layer's gradient, as autograd forms it alone (one product per run, in the layer's layout)"
+    x2, g2 = x.reshape(-1, x.shape[-1]).to(g.dtype), g[r].reshape(-1, g.shape[-1])
+    return g2.T @ x2, (g2.sum(0) if layer.bias is not None else None)
+
+_linear = lambda h, layout, W, b, layer: _linear_forward(h, layout, W, b)
+_LINEAR = _Kind(torch.stack, _linear, _linear_input_grad, _linear_run_step)
+_PLAIN_LINEAR = _Kind(torch.stack, _linear, _linear_input_grad, _plain_linear_step)
 
 # %% ../nbs/02b_batched.ipynb #2b6a0bad
 def _conv_geometry(layer, layout:str, R:int) -> ConvGeometry:
@@ -113,19 +118,27 @@ def _conv_geometry(layer, layout:str, R:int) -> ConvGeometry:
     geo = ConvGeometry.of(layer)
     return geo if layout == SHARED else replace(geo, groups=R)
 
-def _conv_forward(h, layout, weights, biases, layer):
-    return conv_forward(h, torch.cat(weights), _stack(biases, True),
-                        _conv_geometry(layer, layout, len(weights)))
+def _conv_forward(h, layout, W, b, layer):
+    return conv_forward(h, W, b, _conv_geometry(layer, layout, W.shape[0] // layer.out_channels))
 
-def _conv_input_grad(g, h, weights, layout, layer):
-    geo = _conv_geometry(layer, layout, len(weights))
-    return conv_backward(g, h.to(g.dtype), torch.cat(weights).to(g.dtype), geo, (True, False, False))[0]
+def _conv_input_grad(g, h, W, layout, layer):
+    geo = _conv_geometry(layer, layout, W.shape[0] // layer.out_channels)
+    return conv_backward(g, h.to(g.dtype), W.to(g.dtype), geo, (True, False, False))[0]
 
-def _conv_run_step(layer, x, g, weight, r, R):
-    return _conv_joint_step(layer, _trained(layer), layer._spec, weight.detach(), ConvGeometry.of(layer),
-                            [(x, _per_run(g, CHANNELS, R, r).contiguous())])
+def _conv_run_step(layer, x, g, W, r, R):
+    out = layer.out_channels
+    return _conv_joint_step(layer, _trained(layer), layer._spec, W[r * out:(r + 1) * out].detach(),
+                            ConvGeometry.of(layer), [(x, _per_run(g, CHANNELS, R, r).contiguous())])
 
-_CONV = _Kind(_conv_forward, _conv_input_grad, _conv_run_step)
+def _plain_conv_step(layer, x, g, W, r, R):
+    "A plain convolution's weight and bias gradients, as autograd forms them alone"
+    out, gr = layer.out_channels, _per_run(g, CHANNELS, R, r)
+    w = W[r * out:(r + 1) * out].to(g.dtype)
+    return conv_backward(gr, x.to(g.dtype), w, ConvGeometry.of(layer),
+                         (False, True, layer.bias is not None))[1:]
+
+_CONV = _Kind(torch.cat, _conv_forward, _conv_input_grad, _conv_run_step)
+_PLAIN_CONV = _Kind(torch.cat, _conv_forward, _conv_input_grad, _plain_conv_step)
 
 # %% ../nbs/02b_batched.ipynb #e5930a19
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Identity)
@@ -142,18 +155,16 @@ def _check_position(i:int, mods:list):
     if isinstance(m0, (nn.Linear, nn.Conv2d)):
         shapes = {tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad)
                         for n, p in m.named_parameters()) for m in mods}
-        if len(shapes) > 1: raise ValueError(f"{where}: the runs' parameters differ in shape, dtype, "
-                                             f"device or requires_grad")
+        if len(shapes) > 1:
+            raise ValueError(f"{where}: the runs' parameters differ in shape, dtype, device or requires_grad")
         if isinstance(m0, ProxPropMixin) and len({tuple(getattr(m, k) for k in _SAME_SETTINGS)
                                                   for m in mods}) > 1:
-            raise ValueError(f"{where}: the runs' ProxProp settings differ ({', '.join(_SAME_SETTINGS)} "
-                             f"must be "
-                             "equal; tau_prox may differ): put runs with other settings in another batch")
+            raise ValueError(f"{where}: the runs' ProxProp settings differ ({', '.join(_SAME_SETTINGS)} must "
+                             "be equal; tau_prox may differ): put runs with other settings in another batch")
         if isinstance(m0, nn.Conv2d) and (m0.groups != 1 or m0.padding_mode != 'zeros'
                                           or isinstance(m0.padding, str)):
             raise ValueError(f"{where}: only convolutions with groups=1, padding_mode='zeros' and numeric "
-                             f"padding "
-                             "are batched")
+                             "padding are batched")
         return
     flatten = isinstance(m0, nn.Flatten) and (m0.start_dim, m0.end_dim) == (1, -1)
     if isinstance(m0, ELEMENTWISE + POOLS) or flatten: return
@@ -167,18 +178,16 @@ def _batched_layer(mods:list, h, layout:str) -> tuple:
     if isinstance(m0, ELEMENTWISE): return m0(h), layout
     if isinstance(m0, POOLS):
         return (m0(h) if layout != ROWS else m0(h.flatten(0, 1)).unflatten(0, (R, -1))), layout
-    if isinstance(m0, nn.Flatten): return (m0(h) if layout == SHARED else _to_rows(h, layout, R)), \
-                                          (SHARED if layout == SHARED else ROWS)
+    if isinstance(m0, nn.Flatten):
+        return (m0(h), SHARED) if layout == SHARED else (_to_rows(h, layout, R), ROWS)
     params = [m.weight for m in mods] + ([m.bias for m in mods] if m0.bias is not None else [])
+    prox = isinstance(m0, ProxPropMixin)
     if isinstance(m0, nn.Linear):
-        if layout == CHANNELS: raise ValueError('BatchedRuns: a Linear layer after a convolution needs '
-                                                'Flatten()')
-        if isinstance(m0, ProxPropMixin): return _BatchedProx.apply(h, layout, mods, _LINEAR, *params), ROWS
-        return _linear_forward(h, layout, params[:R], params[R:] or [None] * R), ROWS
+        if layout == CHANNELS:
+            raise ValueError('BatchedRuns: a Linear layer after a convolution needs Flatten()')
+        return _BatchedProx.apply(h, layout, mods, _LINEAR if prox else _PLAIN_LINEAR, *params), ROWS
     if layout == ROWS: raise ValueError('BatchedRuns: a convolution after Flatten is not batched')
-    if isinstance(m0, ProxPropMixin): return _BatchedProx.apply(h, layout, mods, _CONV, *params), CHANNELS
-    bias = _stack(params[R:], True) if params[R:] else None
-    return conv_forward(h, torch.cat(params[:R]), bias, _conv_geometry(m0, layout, R)), CHANNELS
+    return _BatchedProx.apply(h, layout, mods, _CONV if prox else _PLAIN_CONV, *params), CHANNELS
 
 # %% ../nbs/02b_batched.ipynb #a3fab9d1
 def _from_per_run(x, layout_of_first:str):
@@ -194,12 +203,12 @@ class BatchedRuns:
         if not models: raise ValueError('BatchedRuns: no models given')
         if not all(isinstance(m, nn.Sequential) for m in models):
             raise TypeError('BatchedRuns takes nn.Sequential models (the runs of one architecture)')
-        if len({len(m) for m in models}) > 1: raise ValueError("BatchedRuns: the runs' models differ in "
-                                                               "length")
+        if len({len(m) for m in models}) > 1:
+            raise ValueError("BatchedRuns: the runs' models differ in length")
         for i, mods in enumerate(zip(*models)): _check_position(i, list(mods))
         if optimizers is not None and len(optimizers) != len(models):
-            raise ValueError(f'BatchedRuns: {len(optimizers)} optimizers for {len(models)} models: give '
-                             f'one per run')
+            raise ValueError(f'BatchedRuns: {len(optimizers)} optimizers for {len(models)} models: '
+                             'give one per run')
         self.models, self.optimizers = list(models), optimizers
         self.diverged = {}  # run index -> (step, loss) at which its loss was not finite
 
@@ -223,8 +232,8 @@ def _forward(self:BatchedRuns, x:torch.Tensor, # one input for all runs (N, ...)
     if per_run:
         layout = CHANNELS if isinstance(first, (nn.Conv2d,) + POOLS) else ROWS
         h = _from_per_run(x, layout)
-    for i in range(len(self.models[0])): h, layout = _batched_layer([self.models[r][i] for r in runs], h,
-                                                                    layout)
+    for i in range(len(self.models[0])):
+        h, layout = _batched_layer([self.models[r][i] for r in runs], h, layout)
     if layout == SHARED: h = h.expand(len(runs), *h.shape)
     return _to_rows(h, layout, len(runs)) if layout == CHANNELS else h
 
