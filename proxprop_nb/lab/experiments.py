@@ -183,19 +183,17 @@ def _runs_to_do(cfgs:list, out_dir) -> tuple:
 # %% ../../nbs/05_experiments.ipynb #4b1d198b
 def fitting_batch_runs(cfgs:list, # the runs to train
                        device, # where they train
-                       batch_runs:int|None, # what was asked: a number, or None for as many as fit
+                       batch_runs:int|None, # what was asked: a number, or None for the device's default
                       ) -> int: # the most runs in a batch
-    "`batch_runs`, or for None as many runs as fit in half the device's free memory (params, grads, 2 states)"
+    "`batch_runs`; for None: on a GPU as many runs as fit in half its free memory, else 1"
     if batch_runs is not None: return batch_runs
-    if not cfgs: return 1
+    # on a CPU a batch measured a little slower than its runs two at a time (the performance chapter)
+    if not cfgs or torch.device(device).type != 'cuda': return 1
     n_params = max(sum(p.numel() for p in build_model(c).parameters())
                    for c in {c.model: c for c in cfgs}.values())
     # float32 parameters, gradients and two optimizer states; activations
     per_run = 16 * n_params + (64 << 20)
-    dev = torch.device(device)
-    if dev.type == 'cuda': free = torch.cuda.mem_get_info(dev)[0]
-    else: free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    return max(1, int(free / 2 // per_run))
+    return max(1, int(torch.cuda.mem_get_info(torch.device(device))[0] / 2 // per_run))
 
 # %% ../../nbs/05_experiments.ipynb #c016
 def _run_or_read(cfg:RunConfig, cifar, prepared:dict, out_dir, device, progress:bool, log, meta:dict,
@@ -607,7 +605,7 @@ def _add_options(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     add('--threads', type=_pos_int, help="torch CPU threads (default: torch's choice)")
     add('--batch-runs', type=_pos_int, metavar='K',
         help='train up to K runs that differ only in step size, tau_prox or seed as one batched model '
-             '(default: as many as fit in half the free memory; 1: each run alone, as before)')
+             '(default: on a GPU as many as fit in half its free memory; on a CPU 1, each run alone)')
     add('--no-progress', action='store_true', help='no progress bars')
     add('--force-unlock', metavar='RUN', action='append', default=[],
         help="remove the lock of run RUN in --out first (a run on another host that has ended); repeatable")
