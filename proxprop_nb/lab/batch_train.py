@@ -20,7 +20,8 @@ from .data import minibatches
 from .runfiles import release_run_lock
 from .train import (RunConfig, prepare_data, run_paths, epoch_generator, synchronize,
                                    _check_device, _set_up,
-                    _record, _finish, _write_checkpoint, _finished_or_locked, _skipped, _epoch_line)
+                    _record, _finish, _write_checkpoint, _finished_or_locked, _skipped, _epoch_line,
+                                   _would_end_late)
 
 # %% auto #0
 __all__ = ['BATCH_VARIES', 'batch_key', 'plan_batches', 'train_batch']
@@ -68,8 +69,14 @@ def _batch_epoch(runs:list, epoch:int, bar) -> tuple:
     return means, batch.diverged, [s.summary() for s in stats]
 
 # %% ../../nbs/04c_batch_train.ipynb #71026987
-def _train_together(runs:list, paths:list, first:int, progress:bool, say, meta:dict|None) -> list:
-    "Train runs set up at the same first epoch as one batch to their last epoch; their results"
+def _stopped(r) -> dict:
+    "The record `train` returns for a run stopped before the deadline, its checkpoint kept"
+    return dict(name=r.name, status='stopped', epochs_done=r.history['epoch'][-1], history=r.history,
+                config=r.cfg.to_dict(), checkpoint=str(r.ckpt) if r.ckpt is not None else None)
+
+def _train_together(runs:list, paths:list, first:int, progress:bool, say, meta:dict|None,
+                    deadline:float|None=None) -> list:
+    "Train runs set up at one first epoch as a batch to their last epoch (or the deadline); their results"
     cfg, done = runs[0].cfg, {}
     meta = {**(meta or {}), 'batch': dict(runs=len(runs), first_epoch=first)}
     for j, r in enumerate(runs):  # a resumed run whose last record was not finite: diverged there
@@ -82,6 +89,10 @@ def _train_together(runs:list, paths:list, first:int, progress:bool, say, meta:d
         for epoch in range(first, cfg.epochs + 1):
             live = [j for j in range(len(runs)) if j not in done]
             if not live: break
+            if _would_end_late(runs[live[0]].history, deadline):  # one epoch time for the whole batch
+                say(f'a batch of {len(live)} runs: stopped before epoch {epoch}, which would end after the '
+                    'deadline; their checkpoints resume them')
+                done.update({j: _stopped(runs[j]) for j in live}); break
             synchronize(runs[0].device); t0 = time.perf_counter()
             means, diverged, solves = _batch_epoch([runs[j] for j in live], epoch, bar)
             synchronize(runs[0].device); train_time = time.perf_counter() - t0
@@ -113,6 +124,7 @@ def train_batch(cfgs:list, # the runs' configurations: one batch (see `plan_batc
                 log=None, # called with one line per run and epoch, e.g. print; None: silent
                 meta:dict|None=None, # extra JSON-safe information stored with each run's results
                 eval_batch_size:int=1000, # chunk size of the evaluations
+                deadline:float|None=None, # a time.time(): stop before an epoch that would end after it
                ) -> list: # each run's results record, as `train` returns it, in the order of `cfgs`
     "Train compatible runs as one batch, each resumed from its checkpoint and written to its own results file"
     if len({batch_key(c) for c in cfgs}) > 1:
@@ -140,7 +152,7 @@ def train_batch(cfgs:list, # the runs' configurations: one batch (see `plan_batc
         for first in sorted({s[3] for s in set_up}):
             group = [s for s in set_up if s[3] == first]
             records = _train_together([s[2] for s in group], [s[1] for s in group], first, progress, say,
-                                      meta)
+                                      meta, deadline)
             results.update({s[0]: rec for s, rec in zip(group, records)})
     finally:
         for lock in locks: release_run_lock(lock)
