@@ -137,3 +137,21 @@ def test_proxprop_experiment_sends_campaign_to_the_campaign(capsys):
     assert 'proxprop-experiment campaign: error: --budget-minutes 0.1' in capsys.readouterr().err
     with pytest.raises(SystemExit): C.experiment_command(['fig4'])
     assert "invalid choice: 'fig4'" in capsys.readouterr().err
+
+
+def test_batches_of_runs_are_scheduled_as_one_task_and_equal_the_runs_alone(thread_pool, tmp_path):
+    plan = small_plan(3)
+    est = C.RunEstimator({('mlp', 'plain'): 1e-4})
+    lines = []
+    recs = C.schedule_runs(plan, thread_pool, tmp_path/'b', est, time.time() + 600, 1, 200, 100, log=lines.append,
+                           batch_runs=2)
+    assert [(r['outcome'], r.get('batch')) for r in recs] == [('finished', 2), ('finished', 2), ('finished', None)]
+    assert 'a batch of 2 runs' in lines[0]
+    alone = C.schedule_runs(plan, thread_pool, tmp_path/'a', est, time.time() + 600, 1, 200, 100, log=lambda s: None)
+    assert [r['outcome'] for r in alone] == ['finished'] * 3
+    for _, cfg, _ in plan:
+        a, b = (read_json(run_paths(tmp_path/k/'table1', cfg)[0]) for k in ('a', 'b'))
+        assert b['final_train_loss'] == pytest.approx(a['final_train_loss'], rel=1e-4)
+    again = C.schedule_runs(plan, thread_pool, tmp_path/'b', est, time.time() + 600, 1, 200, 100, log=lambda s: None,
+                            batch_runs=2)
+    assert [r['outcome'] for r in again] == ['done before'] * 3

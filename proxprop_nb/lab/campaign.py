@@ -24,7 +24,8 @@ from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthet
                                    default_device, finished_results, data_key, device_problem)
 from .runfiles import write_json, read_json, environment
 from .experiments import (EXPERIMENTS, experiment_configs, protocol, results_folder_problem,
-                                         interrupted, main as experiments_main)
+                                         interrupted, main as experiments_main, fitting_batch_runs)
+from .batch_train import batch_key, train_batch
 from .bench import make_step, bench_model
 from .stages import (start_tests, finish_tests, run_bench, bench_step_seconds, summary_text,
                                     pack, run_compare_stage)
@@ -114,11 +115,13 @@ class RunEstimator:
         setup_epochs = (epochs_left is None) * 0.3  # a fresh run's first epoch is slower
         return self.safety * (self.setup_s + (epochs + setup_epochs) * self.epoch(cfg, n_train, n_eval))
 
-    def learn(self, cfg:RunConfig, history:dict):
+    def learn(self, cfg:RunConfig, history:dict,
+              share:int=1, # the runs of the batch it trained in: each run's share of the epoch is 1/share
+             ):
         "Take the measured epoch time (train + eval, mean over its epochs) of a run's history"
         h = history
         seconds = [a + b for e, a, b in zip(h['epoch'], h['train_time'], h['eval_time']) if e >= 1]
-        if seconds: self.epoch_s[_mode_key(cfg)] = sum(seconds) / len(seconds)
+        if seconds: self.epoch_s[_mode_key(cfg)] = sum(seconds) / len(seconds) / share
 
 # %% ../../nbs/07_campaign.ipynb #c014
 def _load_data(data):
@@ -155,6 +158,24 @@ def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict) -> di
         return dict(name=run_name(cfg) if isinstance(cfg, RunConfig) else None, status='error',
                     seconds=time.time() - started, pid=os.getpid(), error=f'{type(e).__name__}: {e}',
                     traceback=traceback.format_exc(limit=8))
+
+# %% ../../nbs/07_campaign.ipynb #6f7d33c8
+def _train_batch_task(exp:str, cfgs:list, out_dir:str, deadline:float, meta:dict) -> list:
+    "Worker task: train runs as one batch (`train_batch`) into `out_dir`; a summary per run (errors included)"
+    started = time.time()
+    try:
+        cfgs = [RunConfig.from_dict(c) for c in cfgs]
+        data_setting, dev = str(data_key(cfgs[0])), _WORKER['device']
+        prepared = _WORKER['prepared']
+        if data_setting not in prepared: prepared[data_setting] = prepare_data(_WORKER['data'], cfgs[0], dev)
+        results = train_batch(cfgs, prepared[data_setting], out_dir, dev, progress=False, meta=meta,
+                              deadline=deadline)
+        return [dict(name=r['name'], status=r['status'], epochs_done=r['epochs_done'], history=r['history'],
+                     seconds=time.time() - started, pid=os.getpid(), error=r.get('error')) for r in results]
+    except Exception as e:
+        error = f'{type(e).__name__}: {e}'
+        return [dict(name=None, status='error', seconds=time.time() - started, pid=os.getpid(), error=error,
+                     traceback=traceback.format_exc(limit=8)) for _ in cfgs]
 
 # %% ../../nbs/07_campaign.ipynb #c016
 def _throughput_task(barrier, model:str, mode:str, batch:int, steps:int) -> tuple:
@@ -231,14 +252,19 @@ def _runs_to_train(plan:list, work:Path, recs:list) -> list:
     return todo
 
 # %% ../../nbs/07_campaign.ipynb #83ac0c1a
+def _members(unit) -> tuple:
+    "The plan indices of a scheduling unit: a run (an index) or a batch (a tuple of indices)"
+    return unit if isinstance(unit, tuple) else (unit,)
+
 def _first_that_fits(todo:list, plan:list, recs:list, work:Path, estimator:RunEstimator,
-                     n_train:int, n_eval:int, deadline:float) -> int|None:
-    "The first run of `todo` predicted to end before `deadline`, or None; the predictions go into the records"
+                     n_train:int, n_eval:int, deadline:float) -> int|tuple|None:
+    "The first run or batch of `todo` predicted to end before `deadline`, or None; predictions in the records"
     now = time.time()
-    for i in todo:
-        exp, cfg, _ = plan[i]
-        recs[i]['predicted_s'] = p = estimator.run(cfg, n_train, n_eval, _pending_epochs(work, exp, cfg))
-        if now + p <= deadline: return i
+    for u in todo:  # a batch's time: the sum of its runs' shares
+        p = sum(estimator.run(plan[i][1], n_train, n_eval, _pending_epochs(work, plan[i][0], plan[i][1]))
+                for i in _members(u))
+        for i in _members(u): recs[i]['predicted_s'] = p
+        if now + p <= deadline: return u
     return None
 
 # %% ../../nbs/07_campaign.ipynb #5e1b2a4c
@@ -262,6 +288,28 @@ def _take_result(future, entry:tuple, rec:dict, work:Path, estimator:RunEstimato
     if res['status'] in ('finished', 'diverged'): _share(work, exp, cfg, also)
     return res
 
+# %% ../../nbs/07_campaign.ipynb #e5ebe13a
+def _start_batch(pool, entries:list, recs:list, work:Path, deadline:float, quick:bool):
+    "Submit a batch of plan entries (one experiment, compatible runs) to the workers as one task; its future"
+    exp, cfg, _ = entries[0]
+    meta = dict(experiment=exp, protocol=protocol(cfg), quick=quick, campaign=True)
+    cfgs = [c.to_dict() for _, c, _ in entries]
+    future = pool.submit(_train_batch_task, exp, cfgs, str(work/exp), deadline, meta)
+    for rec in recs: rec.update(outcome='running', started=time.time(), batch=len(entries))
+    return future
+
+def _take_batch_result(future, entries:list, recs:list, work:Path, estimator:RunEstimator) -> list:
+    "A finished batch's results, each taken into its run's record, the estimator and the runs' sharers"
+    try: results = future.result()
+    except Exception as e: results = [dict(status='error', seconds=None,
+                                           error=f'{type(e).__name__}: {e}')] * len(recs)
+    for (exp, cfg, also), rec, res in zip(entries, recs, results):
+        rec.update(outcome=res['status'], seconds=res.get('seconds'), epochs_done=res.get('epochs_done'),
+                   error=res.get('error'))
+        if res.get('history'): estimator.learn(cfg, res['history'], share=len(entries))
+        if res['status'] in ('finished', 'diverged'): _share(work, exp, cfg, also)
+    return results
+
 # %% ../../nbs/07_campaign.ipynb #3e1c8e73
 def _outcome_line(res:dict, exp:str, name:str) -> str:
     "The log line of a run that ended"
@@ -269,42 +317,62 @@ def _outcome_line(res:dict, exp:str, name:str) -> str:
             + (f" (epoch {res.get('epochs_done')})" if res['status'] != 'finished' else '')
             + (f": {res['error']}" if res.get('error') else ''))
 
+# %% ../../nbs/07_campaign.ipynb #9fbeaede
+def _units(todo:list, plan:list, batch_runs:int) -> list:
+    "The runs to do as scheduling units, in plan order: an index for a run alone, a tuple for a batch"
+    units, open_unit = [], {}  # {(experiment, batch_key): index in units of the batch being filled}
+    for i in todo:
+        key = (plan[i][0], batch_key(plan[i][1]))
+        j = open_unit.get(key)
+        if j is not None and len(units[j]) < batch_runs: units[j] += (i,)
+        else: open_unit[key] = len(units); units.append((i,))
+    return [u[0] if len(u) == 1 else u for u in units]
+
 # %% ../../nbs/07_campaign.ipynb #ae58a18a
 def schedule_runs(plan:list, # from `campaign_plan`
                   pool, # a process pool of initialised workers
                   work:Path, # the work folder: one results folder per experiment
                   estimator:RunEstimator, # predicts run times
                   deadline:float, # time.time() by which every run must have stopped
-                  workers:int, # runs in flight at most
+                  workers:int, # runs (or batches) in flight at most
                   n_train:int, n_eval:int, # training and evaluation images of a full-protocol run
                   quick:bool=False, log=print, on_change=None,
                   grace:float=10., # seconds to wait past the deadline for runs still in flight
+                  batch_runs:int=1, # compatible runs trained as one batch, at most (1: each run alone)
                  ) -> list: # a record per planned run: experiment, name, outcome, predicted and real seconds
     "Train the planned runs, in order, as many at once as `workers`, each only if it fits before `deadline`"
     recs = [dict(experiment=exp, name=run_name(cfg), also=also, outcome='not started', predicted_s=None,
                  seconds=None) for exp, cfg, also in plan]
-    todo, inflight = _runs_to_train(plan, work, recs), {}  # inflight: {future: index in the plan}
+    todo, inflight = _units(_runs_to_train(plan, work, recs), plan, batch_runs), {}  # {future: its unit}
     while todo or inflight:
         while todo and len(inflight) < workers:
-            i = _first_that_fits(todo, plan, recs, work, estimator, n_train, n_eval, deadline)
-            if i is None: break
-            todo.remove(i)
-            inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick)] = i
-            log(f'start  {plan[i][0]:7s} {recs[i]["name"]} (predicted {recs[i]["predicted_s"]:.0f} s, '
+            u = _first_that_fits(todo, plan, recs, work, estimator, n_train, n_eval, deadline)
+            if u is None: break
+            todo.remove(u)
+            i, R = _members(u)[0], len(_members(u))
+            if R == 1: inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick)] = u
+            else: inflight[_start_batch(pool, [plan[j] for j in u], [recs[j] for j in u], work, deadline,
+                                        quick)] = u
+            what = recs[i]['name'] if R == 1 else f'a batch of {R} runs from {recs[i]["name"]}'
+            log(f'start  {plan[i][0]:7s} {what} (predicted {recs[i]["predicted_s"]:.0f} s, '
                 f'{len(inflight)} in flight)')
         if not inflight: break
         timeout = max(1.0, deadline + grace - time.time())
         ended, _ = wait(inflight, timeout=timeout, return_when=FIRST_COMPLETED)
         if not ended:
             cut_off = 'cut off at the deadline (resumes from its checkpoint)'
-            for i in inflight.values(): recs[i]['outcome'] = cut_off
+            for u in inflight.values():
+                for i in _members(u): recs[i]['outcome'] = cut_off
             log(f'{len(inflight)} run(s) still in flight {grace:.0f} s after the deadline: cut off'); break
         for f in ended:
-            i = inflight.pop(f)
-            res = _take_result(f, plan[i], recs[i], work, estimator)
-            log(_outcome_line(res, plan[i][0], recs[i]['name']))
+            u = inflight.pop(f)
+            if isinstance(u, tuple):
+                results = _take_batch_result(f, [plan[j] for j in u], [recs[j] for j in u], work, estimator)
+            else: results = [_take_result(f, plan[u], recs[u], work, estimator)]
+            for i, res in zip(_members(u), results): log(_outcome_line(res, plan[i][0], recs[i]['name']))
         if on_change: on_change(recs)
-    for i in todo: recs[i]['outcome'] = 'not started: would not finish in the budget'
+    for u in todo:
+        for i in _members(u): recs[i]['outcome'] = 'not started: would not finish in the budget'
     return recs
 
 # %% ../../nbs/07_campaign.ipynb #c021
@@ -471,7 +539,8 @@ def _runs_at_once(campaign:_Campaign, pool, manager, workers:int|None, max_worke
     return m['best'], m['best'] / m['speedup'][m['best']]
 
 # %% ../../nbs/07_campaign.ipynb #2fdd337b
-def _runs_stage(campaign:_Campaign, plan:list, pool, workers:int, slowdown:float, quick:bool, grace:float):
+def _runs_stage(campaign:_Campaign, plan:list, pool, workers:int, slowdown:float, quick:bool, grace:float,
+                batch_runs:int=1):
     "Train the plan until the runs' deadline; the record, reports and archive are rewritten after every run"
     estimator = RunEstimator(_step_seconds(campaign.rec.get('bench', {})), slowdown=slowdown)
     n_train, n_eval = (300, 1000) if quick else (45000, 5000)
@@ -479,7 +548,8 @@ def _runs_stage(campaign:_Campaign, plan:list, pool, workers:int, slowdown:float
     def progress(recs):  # cheap, and on disk if the call is cut off
         campaign.rec['runs'] = recs; campaign.save(); campaign.pack_results()
     campaign.rec['runs'] = schedule_runs(plan, pool, campaign.work, estimator, campaign.runs_deadline,
-                                         workers, n_train, n_eval, quick, campaign.say, progress, grace=grace)
+                                         workers, n_train, n_eval, quick, campaign.say, progress, grace=grace,
+                                         batch_runs=batch_runs)
     epoch_seconds = {'/'.join(key): s for key, s in estimator.epoch_s.items()}
     campaign.rec['stages']['runs'] = dict(seconds=time.time() - start, planned=len(plan),
                                           epoch_seconds=epoch_seconds)
@@ -522,19 +592,21 @@ def run_campaign(out, # the folder for the (at most 8) result files
                  max_runs:int|None=None, # at most this many runs of the plan (rehearsals)
                  skip_tests:bool=False, skip_bench:bool=False,
                  compare:bool=True, # then the optimizer comparison (chapter 13) until the deadline
+                 batch_runs:int|None=None, # runs trained as one batch; None: as fit on a GPU, 1 on a CPU
                  reserve_s:float=20., # seconds kept at the end for the reports
                  log=print,
                 ) -> dict: # the campaign record, as written to campaign.json
     "Run the campaign into `out` within the budget; return its record"
     campaign, device = _Campaign(out, work, budget_minutes, reserve_s, log), device or default_device()
     fp32 = _strict_fp32(device)
+    plan = campaign_plan(quick, experiments)[:max_runs]
+    batch_runs = fitting_batch_runs([cfg for _, cfg, _ in plan], device, batch_runs)
     settings = dict(workers=workers, max_workers=max_workers, experiments=experiments, max_runs=max_runs,
-                    strict_fp32=fp32, reserve_s=reserve_s)
+                    strict_fp32=fp32, reserve_s=reserve_s, batch_runs=batch_runs)
     _start_record(campaign, device, data, quick, budget_minutes, settings)
     # 1. the tests start in a subprocess; meanwhile the data is decoded and the workers start
     tests = None if skip_tests else (time.time(), start_tests(device, campaign.out/'tests.log', quick))
     _record_data_source(campaign, data)
-    plan = campaign_plan(quick, experiments)[:max_runs]
     workers, max_workers = _capped_workers(campaign, workers, max_workers, _n_to_train(plan, campaign.work))
     n_pool = workers or max(_levels(max_workers))
     pool, manager = _start_workers(n_pool, data, device, fp32)
@@ -542,7 +614,8 @@ def run_campaign(out, # the folder for the (at most 8) result files
         _wait_for_tests_and_workers(campaign, tests, _warm_workers(pool, manager, n_pool))
         if not skip_bench: _bench_stage(campaign, device, quick)  # 2. the benchmark
         workers, slowdown = _runs_at_once(campaign, pool, manager, workers, max_workers, quick)  # 3. the runs
-        _runs_stage(campaign, plan, pool, workers, slowdown, quick, grace=reserve_s / 2)
+        _runs_stage(campaign, plan, pool, workers, slowdown, quick, grace=reserve_s / 2,
+                    batch_runs=batch_runs)
         if compare and time.time() < campaign.runs_deadline:  # 4. the optimizer comparison, with time left
             _compare_stage(campaign, pool, data, device, quick)
     except Exception as e: _record_error(campaign, e)
@@ -592,6 +665,9 @@ def _parser() -> argparse.ArgumentParser:
     add('--max-workers', type=int, default=4, help='the most runs at once tried (default 4)')
     add('--experiments', nargs='+', choices=list(PAPER), help="a subset of the paper's experiments")
     add('--max-runs', type=int, help='at most this many runs of the plan')
+    add('--batch-runs', type=int, metavar='K',
+        help='train up to K runs of an experiment that differ only in step size, tau_prox or seed as one '
+             'batch (default: as many as fit on a GPU; 1, each run alone, on a CPU)')
     add('--skip-tests', action='store_true'); add('--skip-bench', action='store_true')
     add('--no-compare', action='store_true', help="leave out the optimizer comparison after the paper's runs")
     return p
@@ -603,7 +679,7 @@ def _check_args(p:argparse.ArgumentParser, a:argparse.Namespace):
     if not (math.isfinite(a.budget_minutes) and a.budget_minutes > 0.5):
         p.error(f'--budget-minutes {a.budget_minutes:g}: use a finite number of minutes, more than half a '
                 'minute')
-    for k in ('workers', 'max_workers', 'max_runs'):
+    for k in ('workers', 'max_workers', 'max_runs', 'batch_runs'):
         if getattr(a, k) is not None and getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1")
     if a.device is not None and (why := device_problem(a.device)) is not None:
@@ -633,7 +709,7 @@ def main(argv:list|None=None # arguments after 'campaign'; None: sys.argv[1:]
     if (why := results_folder_problem(a.out, 'campaign')) is not None: p.exit(1, f'{p.prog}: error: {why}\n')
     try: rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers,
                             a.max_workers, a.experiments, a.max_runs, a.skip_tests, a.skip_bench,
-                            not a.no_compare)
+                            not a.no_compare, batch_runs=a.batch_runs)
     except KeyboardInterrupt: return interrupted(p.prog)
     except (OSError, ValueError) as e: p.exit(1, f'{p.prog}: error: {e}\n')  # the data, before any stage
     print('\n' + (a.out/'summary.txt').read_text())
