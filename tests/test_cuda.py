@@ -288,3 +288,44 @@ def test_training_steps_match_cpu_float64(model, mode, variant):
     cpu = train_steps(copy.deepcopy(net), 'cpu', 'sgd' if model == 'mlp' else 'adam')
     gpu = train_steps(net, DEV, 'sgd' if model == 'mlp' else 'adam')
     assert max(rel(a, b) for a, b in zip(gpu, cpu)) < 1e-8
+
+
+# ---- no host synchronisation in an exact step (the sync-free factorization) --------------------------------
+
+@pytest.mark.parametrize('model', ['mlp', 'convnet'])
+def test_exact_backward_makes_no_host_sync(model):
+    if DEV != 'cuda': pytest.skip("torch.cuda.set_sync_debug_mode needs CUDA (tests/test_sync_free.py counts reads on the CPU)")
+    torch.manual_seed(0)
+    net = (mlp((3072, 256, 128, 256, 10), optimization_mode='prox_exact') if model == 'mlp'
+           else convnet(optimization_mode='prox_exact')).to(DEV)
+    x = torch.randn(100, 3, 32, 32, device=DEV)
+    net(x).sum().backward()  # first step: routes measured (synchronising), caches filled
+    net(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try: net(x).sum().backward()
+    finally: torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(not bool(m.last_solve.failed) for m in net.modules() if isinstance(m, ProxPropMixin)
+               and m.last_solve.failed is not None)
+
+
+# ---- batched runs on the device against the CPU in float64 --------------------------------------------------
+
+@pytest.mark.parametrize('mode', ['gradient', 'prox_exact', 'prox_cg3'])
+@pytest.mark.parametrize('model', ['mlp', 'convnet'])
+def test_batched_runs_match_cpu_float64(model, mode):
+    from proxprop_nb.batched import BatchedRuns
+    def runs(device):
+        nets = []
+        for r, tau in enumerate((1.0, 0.1, 0.5)):
+            torch.manual_seed(r)
+            prox = dict(optimization_mode=mode, tau_prox=tau, cg_tol=0)
+            nets.append((mlp((3072, 64, 32, 10), **prox) if model == 'mlp' else convnet(**prox)).double().to(device))
+        opts = [torch.optim.SGD(n.parameters(), lr=lr, momentum=0.9, nesterov=True) for n, lr in zip(nets, (0.1, 0.3, 0.05))]
+        batch, gen = BatchedRuns(nets, opts), torch.Generator().manual_seed(1)
+        for step in range(3):
+            x, y = torch.rand(64, 3, 32, 32, generator=gen, dtype=f64), torch.randint(0, 10, (64,), generator=gen)
+            batch.train_step(x.to(device), y.to(device), step=step)
+        return [p.detach().cpu() for n in nets for p in n.parameters()]
+    assert max(rel(a, b) for a, b in zip(runs(DEV), runs('cpu'))) < 1e-8

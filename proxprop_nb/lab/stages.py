@@ -14,7 +14,7 @@ from pathlib import Path
 
 import proxprop_nb
 from .experiments import EXPERIMENTS, load_results, format_runs, format_table1, describe_runs
-from .bench import benchmark, route_times, format_table
+from .bench import benchmark, route_times, format_table, bench_batch_runs, format_batch_table
 
 # %% auto #0
 __all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'start_tests', 'finish_tests', 'run_bench', 'bench_step_seconds',
@@ -65,7 +65,7 @@ def _routes_line(layer:str, shape:tuple, mode:str, times:dict) -> str:
 # %% ../../nbs/07a_stages.ipynb #c0b5cac9
 def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) -> dict:
     "The benchmark stage: step costs of every mode for both networks and batch sizes, their layers' routes"
-    out = dict(steps=[], routes=[], skipped=[])
+    out = dict(steps=[], routes=[], batched=[], skipped=[])
     for model in ('mlp', 'convnet'):
         for bs in ((16,) if quick else BENCH_BATCHES):
             if time.time() > deadline: out['skipped'].append([model, bs]); continue
@@ -73,6 +73,12 @@ def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) 
             r = benchmark(model, bs, BENCH_MODES, widths, device, repeats=3 if quick else 7,
                           warmup=1 if quick else 2)
             out['steps'].append(r); log(format_table(r))
+    for model in ('mlp', 'convnet'):  # 4 runs as one batch against the same runs one after another
+        if time.time() > deadline: out['skipped'].append([model, 'batched']); continue
+        widths = (64, 32, 64) if quick and model == 'mlp' else None
+        r = bench_batch_runs(model, 16 if quick else 500, BENCH_MODES[:4], 4, widths, device,
+                             repeats=2 if quick else 5, warmup=1)
+        out['batched'].append(r); log(format_batch_table(r))
     for layer, shape in ROUTE_LAYERS[::3] if quick else ROUTE_LAYERS:
         if quick: shape = (16, *shape[1:]) if layer == 'conv2d' else (16, 64, 32)
         for mode in ('prox_exact', 'prox_cg3'):
