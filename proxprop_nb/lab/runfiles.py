@@ -141,6 +141,12 @@ def float_path() -> dict:
 
 
 # %% ../../nbs/04a_runfiles.ipynb #c013
+def _installed_version(dist:str) -> str|None:
+    "The installed version of the distribution `dist`, or None where it is not installed"
+    from importlib.metadata import version, PackageNotFoundError
+    try: return version(dist)
+    except PackageNotFoundError: return None
+
 def environment(device='cpu' # the device a run uses
                ) -> dict:
     "Where and with what a run ran: versions, device, CPU, floating-point path, GPU, commit, source hash"
@@ -149,7 +155,8 @@ def environment(device='cpu' # the device a run uses
     env = dict(proxprop_nb=proxprop_nb.__version__, torch=torch.__version__, python=platform.python_version(),
                platform=platform.platform(), device=str(device), cpu=_cpu_model(), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads(), gpu=None, cuda=torch.version.cuda, git_commit=commit,
-               commit_from=commit_from, source_hash=source_hash(), float_path=float_path())
+               commit_from=commit_from, source_hash=source_hash(), float_path=float_path(),
+               pytorch_optimizer=_installed_version('pytorch-optimizer'))  # Muon and SOAP's (the comparison)
     if device.type == 'cuda':
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gb=round(p.total_memory / 2**30, 1),
