@@ -21,8 +21,8 @@ from .models import mlp, convnet
 # %% auto #0
 __all__ = ['NETWORKS', 'METHODS', 'TAU_PROX', 'MUON_AUX_LR', 'LR_GRIDS', 'LR_GRIDS_NET', 'SETTINGS', 'BasicBlock', 'ResNetCifar',
            'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'build_network', 'prox_layers', 'muon_layers',
-           'Method', 'make_method', 'TextData', 'stdlib_text', 'lr_grid', 'NetSetting', 'Setting', 'CompareRun',
-           'make_run', 'select_key', 'choose_lr', 'compare_plan']
+           'Method', 'soap_max_dim', 'make_method', 'TextData', 'stdlib_text', 'lr_grid', 'NetSetting', 'Setting',
+           'CompareRun', 'make_run', 'select_key', 'choose_lr', 'compare_plan']
 
 # %% ../../nbs/13_compare.ipynb #117c1ec9
 def _shortcut(x, stride:int, pad:int):
@@ -196,6 +196,10 @@ def _peers():
     return pytorch_optimizer
 
 # %% ../../nbs/13_compare.ipynb #0e8f74da
+def soap_max_dim(device) -> int:
+    "SOAP's largest preconditioned dimension: every layer of the paper's networks on a GPU, 2048 on a CPU"
+    return 2048 if torch.device(device).type == 'cpu' else 10_000  # 10,000: pytorch-optimizer's default
+
 def _optimizer(model:nn.Module, network:str, name:str, lr:float) -> torch.optim.Optimizer:
     "The optimizer `name` ('sgd', 'adamw', 'soap' or 'muon') over the parameters of `model`"
     params = list(model.parameters())
@@ -204,7 +208,7 @@ def _optimizer(model:nn.Module, network:str, name:str, lr:float) -> torch.optim.
     pytorch_optimizer = _peers()
     if name == 'soap':
         return pytorch_optimizer.SOAP(params, lr=lr, weight_decay=0.01, precondition_frequency=10,
-                                      max_precondition_dim=2048)
+                                      max_precondition_dim=soap_max_dim(params[0].device))
     hidden = [model.get_submodule(n).weight for n in muon_layers(model, network)]
     rest = [p for p in params if all(p is not q for q in hidden)]
     groups = [dict(params=hidden, use_muon=True, lr=lr), dict(params=rest, use_muon=False, lr=MUON_AUX_LR)]
