@@ -1006,5 +1006,6 @@ d = { 'settings': { 'branch': 'main',
                                      'proxprop_nb.solvers.spd_inverse': ('solvers.html#spd_inverse', 'proxprop_nb/solvers.py'),
                                      'proxprop_nb.solvers.spd_inverse_on_device': ( 'solvers.html#spd_inverse_on_device',
                                                                                     'proxprop_nb/solvers.py'),
+                                     'proxprop_nb.solvers.step_inverse': ('solvers.html#step_inverse', 'proxprop_nb/solvers.py'),
                                      'proxprop_nb.solvers.warm_timer': ('solvers.html#warm_timer', 'proxprop_nb/solvers.py'),
                                      'proxprop_nb.solvers.work_dtype': ('solvers.html#work_dtype', 'proxprop_nb/solvers.py')}}}

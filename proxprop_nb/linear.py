@@ -9,7 +9,7 @@ import functools
 import torch
 
 from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, work_dtype,
-                                 spd_inverse, spd_inverse_on_device, choose_route, exact_or_cg, pick_route,
+                                 step_inverse, choose_route, exact_or_cg, pick_route,
                                  _safe_div, _early_stop, _relative_residual)
 
 # %% auto #0
@@ -129,7 +129,7 @@ def _linear_dual(x, g, bias, spec):
         y, info = cg.solution, SolveInfo.of('dual', cg, x.dtype)
     else:
         K.diagonal().add_(spec.beta)
-        Kinv, failed = spd_inverse_on_device(K) if spec.sync_free else (spd_inverse(K), None)
+        Kinv, failed = step_inverse(K, spec.sync_free)
         if Kinv is None:  # the primal system, which falls back to CG if it fails too
             W, b, info = _linear_primal(x, g, bias, spec)
             return W, b, SolveInfo.of('dual>' + info.route, info, x.dtype)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'SUMMARIZED', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args',
            'rowdot', 'rowscale', 'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse',
-           'spd_inverse_on_device', 'exact_or_cg', 'dense_solve', 'choose_route', 'warm_timer', 'RouteChooser',
-           'pick_route']
+           'spd_inverse_on_device', 'step_inverse', 'exact_or_cg', 'dense_solve', 'choose_route', 'warm_timer',
+           'RouteChooser', 'pick_route']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -209,9 +209,15 @@ def spd_inverse_on_device(A:torch.Tensor, # symmetric positive definite matrix (
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     finite = torch.isfinite(A).all(-1).all(-1)
-    failed = (info != 0) & finite
-    inverse = torch.where(failed[..., None, None], 0., Linv.mT @ Linv)
-    return torch.where(finite[..., None, None], inverse, float('nan')), failed.any()
+    fill = torch.where(finite, 0., float('nan'))[..., None, None]  # where no factor exists
+    return torch.where((info == 0)[..., None, None], Linv.mT @ Linv, fill), ((info != 0) & finite).any()
+
+# %% ../nbs/01_solvers.ipynb #951a2373
+def step_inverse(A:torch.Tensor, # symmetric positive definite matrix (or batch of them)
+                 sync_free:bool=False, # `spd_inverse_on_device`'s way, else `spd_inverse`'s
+                ) -> tuple: # (the inverse, or None where the host found no factor; the device flag or None)
+    "The inverse an exact step uses, by the host-checked or the sync-free path"
+    return spd_inverse_on_device(A) if sync_free else (spd_inverse(A), None)
 
 # %% ../nbs/01_solvers.ipynb #c028
 def _fallback_warning(what, n):
@@ -225,11 +231,8 @@ def exact_or_cg(G:torch.Tensor, # SPD matrix (n, n)
                 sync_free:bool=False, # no host read: `spd_inverse_on_device`; its flag, not a fallback
                ) -> tuple: # (solution rows, CGResult of the CG fallback or None, the device flag or None)
     "Rows of rhs_rows times G^-1 for an SPD G, or CG on G if the factorization fails; NaN if G is not finite"
-    if sync_free:
-        Ginv, failed = spd_inverse_on_device(G)
-        return rhs_rows @ Ginv, None, failed
-    Ginv = spd_inverse(G)
-    if Ginv is not None: return rhs_rows @ Ginv, None, None
+    Ginv, failed = step_inverse(G, sync_free)
+    if Ginv is not None: return rhs_rows @ Ginv, None, failed
     if not bool(torch.isfinite(G).all()): return torch.full_like(rhs_rows, float('nan')), None, None
     n = min(G.shape[0], 200)
     _fallback_warning(what, n)
