@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -322,15 +322,20 @@ def conv_grads(x:torch.Tensor, # the input as the convolution sees it
     return gx, gw, gb
 
 # %% ../nbs/01b_conv.ipynb #c029
-def _combine(route:str, results:list, dtype) -> SolveInfo:
-    "One record for a layer's per-group solves: the most iterations and the largest residual of any group"
+def _combine(route:str, results:list, dtype,
+             flags:list=(), # the groups' failure flags of sync-free exact solves (None: checked on the host)
+            ) -> SolveInfo:
+    "One record for a layer's per-group solves: most iterations, largest residual, any failed factorization"
+    flags = [f for f in flags if f is not None]
+    failed = torch.stack(flags).any() if flags else None
     cg = [r for r in results if r is not None]
-    if not cg: return SolveInfo(route, dtype=dtype)
+    if not cg: return SolveInfo(route, dtype=dtype, failed=failed)
     def largest(values):
         if any(v is None for v in values): return None
         if all(isinstance(v, int) for v in values): return max(values)
         return torch.stack([torch.as_tensor(v) for v in values]).max()
-    return SolveInfo(route, largest([r.iterations for r in cg]), largest([r.residual for r in cg]), dtype)
+    return SolveInfo(route, largest([r.iterations for r in cg]), largest([r.residual for r in cg]), dtype,
+                     failed=failed)
 
 # %% ../nbs/01b_conv.ipynb #f4c51520
 def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
@@ -352,8 +357,7 @@ def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
             results.append(fallback); flags.append(failed)
     fell_back = spec.kind == 'exact' and any(r is not None for r in results)
     n = rhs.shape[1] - bias
-    info = _combine('primal>cg' if fell_back else 'primal', results, x.dtype)
-    if spec.sync_free and spec.kind == 'exact': info = replace(info, failed=torch.stack(flags).any())
+    info = _combine('primal>cg' if fell_back else 'primal', results, x.dtype, flags)
     return D[:, :n].reshape(gw.shape), (D[:, n] if bias else None), info
 
 # %% ../nbs/01b_conv.ipynb #85d065e9
