@@ -251,10 +251,11 @@ def _train_step(self:BatchedRuns, x:torch.Tensor,
     if self.optimizers is None: raise ValueError('BatchedRuns: a training step needs the optimizers')
     live = self.live
     if not live: return [math.nan] * len(self.models)
-    keep = torch.tensor(live, device=x.device)
-    xs, ys = (x[keep], y[keep]) if per_run else (x, y)
-    out = self.forward(xs, per_run, live)
-    losses = torch.stack([loss_fn(out[i], ys[i] if per_run else ys) for i in range(len(live))])
+    if per_run:  # the live runs' minibatches
+        keep = torch.tensor(live, device=x.device)
+        x, y = x[keep], y[keep]
+    out = self.forward(x, per_run, live)
+    losses = torch.stack([loss_fn(out[i], y[i] if per_run else y) for i in range(len(live))])
     values = losses.tolist()  # one host read for every run
     stepped = [(i, r) for i, r in enumerate(live) if math.isfinite(values[i])]
     for i, r in enumerate(live):

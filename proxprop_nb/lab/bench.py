@@ -171,6 +171,15 @@ def _add_ratios(modes:dict):
         r['ratio'] = r['median_ms'] / base['median_ms']
         r['memory_ratio'] = r['peak_bytes'] / base['peak_bytes']
 
+# %% ../../nbs/06_bench.ipynb #3b487fef
+def _bench_setup(model, batch_size, widths, device, tau_prox, seed) -> tuple:
+    "(plain model on `device`, optimizer name, batch x and y, tau_prox): where a timed step starts"
+    torch.manual_seed(seed)
+    plain, shape, optimizer = bench_model(model, widths)
+    x, y = torch.rand(batch_size, *shape, device=device), torch.randint(0, 10, (batch_size,), device=device)
+    tau_prox = tau_prox if tau_prox is not None else (0.05 if model == 'mlp' else 1.0)
+    return plain.to(device), optimizer, x, y, tau_prox
+
 # %% ../../nbs/06_bench.ipynb #7d79c1fe
 def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               batch_size:int=500, # samples per step
@@ -185,11 +194,7 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
              ) -> dict: # machine, settings and per-mode statistics
     "Time and measure one training step of each mode against plain backprop"
     if 'plain' not in modes: modes = ('plain', *modes)
-    torch.manual_seed(seed)
-    plain, shape, optimizer = bench_model(model, widths)
-    plain = plain.to(device)
-    x, y = torch.rand(batch_size, *shape, device=device), torch.randint(0, 10, (batch_size,), device=device)
-    tau_prox = tau_prox if tau_prox is not None else (0.05 if model == 'mlp' else 1.0)
+    plain, optimizer, x, y, tau_prox = _bench_setup(model, batch_size, widths, device, tau_prox, seed)
     steps = {m: make_step(plain, m, optimizer, x, y, tau_prox, **prox) for m in modes}
     times = time_steps(steps, repeats, warmup, device)
     out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths,
@@ -296,11 +301,7 @@ def bench_batch_runs(model:str='mlp', # 'mlp' or 'convnet'
                      **prox # further ProxProp settings (cg_tol, cg_variant, solver)
                     ) -> dict: # machine, settings, and per mode the alone and batched times
     "Time one step of `runs` runs as one batch against the same runs stepped one after another"
-    torch.manual_seed(seed)
-    plain, shape, optimizer = bench_model(model, widths)
-    plain = plain.to(device)
-    x, y = torch.rand(batch_size, *shape, device=device), torch.randint(0, 10, (batch_size,), device=device)
-    tau_prox = tau_prox if tau_prox is not None else (0.05 if model == 'mlp' else 1.0)
+    plain, optimizer, x, y, tau_prox = _bench_setup(model, batch_size, widths, device, tau_prox, seed)
     out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths, runs=runs,
                optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox, modes={})
     for m in modes:
