@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proxprop_nb.lab.compare import (NETWORKS, METHODS, SETTINGS, TAU_PROX, ResNetCifar, TransformerLM, build_network, prox_layers,
-                                 muon_layers, make_method, stdlib_text, lr_grid, make_run, CompareRun, choose_lr, compare_plan)
+                                 muon_layers, make_method, stdlib_text, lr_grid, make_run, CompareRun, choose_lr, compare_plan, sweep)
 from proxprop_nb.lab.compare_run import run_compare, load_records, compare_data, evaluate_lm_or_images, run_setting, main, estimate_s
 from proxprop_nb.lab.compare_report import chosen_runs, time_to_target, summarize, format_summary, targets, describe_records
 from proxprop_nb.layers import ProxPropMixin
@@ -169,7 +169,11 @@ def test_lr_grids_and_runs():
 
 
 def _fake(run, val, status='finished'):
-    return dict(name=run.name, status=status, final=dict(val_acc=val, val_loss=val))
+    "A made-up record of `run` whose final validation accuracy and loss are `val`"
+    return dict(name=run.name, status=status, final=dict(val_acc=val, val_loss=val, train_loss=1.0), run=run.to_dict(),
+                setting=run.setting, network=run.network, method=run.method, seed=run.seed, steps=10,
+                history=dict(time=[0.0, 1.0], train_loss=[2.0, 1.0], val_acc=[0.1, val], val_loss=[2.0, val]),
+                test_acc=val, test_loss=val)
 
 
 def test_choose_lr_and_plan_growth():
@@ -183,17 +187,96 @@ def test_choose_lr_and_plan_growth():
     assert choose_lr(img, 'reduced', 'mlp', 'soap') == 1e-3  # images: the highest validation accuracy
     del img[make_run('reduced', 'mlp', 'soap', 1e-2).name]
     assert choose_lr(img, 'reduced', 'mlp', 'soap') is None and len(compare_plan('reduced', img, ['mlp'], ['soap'])) == 3
-    full = compare_plan('full', networks=['mlp'], methods=['bp-sgd'])
-    assert len(full) == 9 and [r.seed for r in full] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    full = compare_plan('full', networks=['mlp'], methods=['bp-sgd'])  # the held-out protocol: seed 0 sweeps 5 rates
+    assert [(r.lr, r.seed) for r in full] == [(lr, 0) for lr in (0.003, 0.01, 0.03, 0.1, 0.3)]
 
 
-def test_choose_lr_in_full_setting_averages_over_seeds():
+def test_choose_lr_averages_over_sweep_seeds(monkeypatch):
+    # a setting whose sweep runs on 3 seeds (no built-in one does now): the mean over them decides
+    monkeypatch.setitem(SETTINGS, 'three', dataclasses.replace(SETTINGS['reduced'], name='three', sweep_seeds=(0, 1, 2)))
+    plan = compare_plan('three', networks=['convnet'], methods=['bp-adamw'])
+    assert [r.seed for r in plan] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # seed by seed
+    recs = {r.name: _fake(r, {3e-4: [0.5, 0.1, 0.1], 1e-3: [0.3, 0.3, 0.3], 3e-3: [0.2, 0.2, 0.2]}[r.lr][r.seed]) for r in plan}
+    assert choose_lr(recs, 'three', 'convnet', 'bp-adamw') == 1e-3  # mean 0.3 beats 0.233 although 3e-4 has the best seed
+    recs[make_run('three', 'convnet', 'bp-adamw', 1e-3, 1).name]['status'] = 'diverged'
+    assert choose_lr(recs, 'three', 'convnet', 'bp-adamw') == 3e-4  # a diverged seed sinks its learning rate
+
+
+def _ladder(lo, n):
+    "n rungs of the 1-3 ladder from lo up, computed independently of ladder_step"
+    out, x = [], lo
+    for _ in range(n):
+        out.append(x)
+        m = round(x / 10 ** math.floor(math.log10(x) + 1e-9))
+        x = float(f'{3 if m == 1 else 1}e{math.floor(math.log10(x) + 1e-9) + (m == 3)}')
+    return out
+
+
+def _grow(setting, network, method, score, rounds=12):
+    "Records from the plan until it stops growing: every run finished, val_acc = score(run)"
     recs = {}
-    for r in compare_plan('full', networks=['convnet'], methods=['bp-adamw']):
-        recs[r.name] = _fake(r, {3e-4: [0.5, 0.1, 0.1], 1e-3: [0.3, 0.3, 0.3], 3e-3: [0.2, 0.2, 0.2]}[r.lr][r.seed])
-    assert choose_lr(recs, 'full', 'convnet', 'bp-adamw') == 1e-3  # mean 0.3 beats 0.233 although 3e-4 has the best seed
-    recs[make_run('full', 'convnet', 'bp-adamw', 1e-3, 1).name]['status'] = 'diverged'
-    assert choose_lr(recs, 'full', 'convnet', 'bp-adamw') == 3e-4  # a diverged seed sinks its learning rate
+    for _ in range(rounds):
+        recs.update({r.name: _fake(r, score(r)) for r in compare_plan(setting, recs, [network], [method]) if r.name not in recs})
+    return recs
+
+
+@pytest.mark.parametrize('peak', [1e-6, 1e-4, 5e-4, 2e-3, 7e-3, 0.05, 0.2, 30.0])
+def test_widened_sweep_finds_the_peak_within_reach(peak):
+    # SOAP on the MLP: 5 rates 3e-4..3e-2, widened by up to 2 rungs each side: 3e-5..0.3 in reach
+    reach = _ladder(3e-5, 9)
+    assert reach[0] == 3e-5 and reach[-1] == 0.3 and reach[2:7] == list(lr_grid('mlp', 'soap', width=5))
+    score = lambda r: -abs(math.log(r.lr / peak))  # unimodal in log(lr), best at the peak
+    recs = _grow('heldout', 'mlp', 'soap', score)
+    s = sweep(recs, 'heldout', 'mlp', 'soap')
+    best = max(reach, key=lambda lr: -abs(math.log(lr / peak)))  # the brute-force answer over everything in reach
+    assert s.chosen == (best, None)
+    assert s.at_edge == (best in (reach[0], reach[-1]))  # chosen at the edge of the widest grid: marked
+    swept = [lr for lr, _ in s.rates]
+    assert sorted(swept) == swept and set(lr_grid('mlp', 'soap', width=5)) <= set(swept) and len(swept) <= 9
+    held = [r for r in compare_plan('heldout', recs, ['mlp'], ['soap']) if r.seed != 0]
+    assert [(r.lr, r.seed) for r in held] == [(best, 1), (best, 2), (best, 3)]
+
+
+def test_a_diverged_rate_beyond_the_edge_ends_the_widening():
+    # the larger the better, but 1.0 (the first rung above the grid) diverges: 0.3 is interior
+    recs = {}
+    for _ in range(4):
+        for r in compare_plan('heldout', recs, ['mlp'], ['bp-sgd']):
+            if r.name not in recs: recs[r.name] = _fake(r, r.lr, 'diverged' if r.lr >= 1.0 else 'finished')
+    s = sweep(recs, 'heldout', 'mlp', 'bp-sgd')
+    assert s.chosen == (0.3, None) and not s.at_edge and [lr for lr, _ in s.rates][-1] == 1.0
+
+
+def test_muon_sweeps_its_adamw_side_rate_at_its_chosen_rate():
+    score = lambda r: -abs(math.log(r.lr / 0.03)) - abs(math.log(r.aux_lr / 1e-4))  # AdamW side best at 1e-4
+    recs = _grow('heldout', 'mlp', 'muon', score)  # the MLP: the larger the validation accuracy, the better
+    s = sweep(recs, 'heldout', 'mlp', 'muon')
+    assert s.chosen == (0.03, 1e-4) and not s.at_edge  # 1e-4 is interior once 3e-5 has run
+    assert sorted(a for lr, a in s.rates if lr == 0.03) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
+    assert {a for lr, a in s.rates if lr != 0.03} == {1e-3}  # the first stage runs at MUON_AUX_LR
+    held = [r.name for r in compare_plan('heldout', recs, ['mlp'], ['muon']) if r.seed != 0]
+    assert held == [f'heldout-mlp-muon-lr0.03-aux0.0001-seed{s}' for s in (1, 2, 3)]
+    # the run is trained with that AdamW-side rate
+    from proxprop_nb.lab import compare_run
+    seen = []
+    def spy(model, network, method, lr, aux_lr=None):
+        seen.append((method, lr, aux_lr)); return make_method(model, network, method, lr, aux_lr)
+    run = dataclasses.replace(make_run('heldout', 'lm', 'muon', 0.03, 1, 1e-4), budget_s=0.05, n_evals=1,
+                              sizes=(32, 1, 2, 32), n_eval=8, n_test=8, batch_size=4, text_bytes=50_000)
+    import unittest.mock
+    with unittest.mock.patch.object(compare_run, 'make_method', spy): r = run_compare(run, device='cpu')
+    assert seen == [('muon', 0.03, 1e-4)] and r['run']['aux_lr'] == 1e-4
+
+
+def test_held_out_seeds_are_reported_and_the_sweep_seed_is_not():
+    recs = _grow('heldout', 'mlp', 'bp-sgd', lambda r: 0.5 - abs(math.log(r.lr / 0.1)))
+    assert sorted(r['seed'] for r in recs.values() if r['run']['lr'] == 0.1) == [0, 1, 2, 3]
+    (lr, runs), = chosen_runs(recs.values()).values()
+    assert lr == 0.1 and [r['seed'] for r in runs] == [1, 2, 3]  # seed 0 chose the rate and is not reported
+    row, = summarize(recs.values())
+    assert (row['seeds'], row['at_edge'], row['aux_lr']) == ([1, 2, 3], False, None)
+    reduced = _grow('reduced', 'mlp', 'bp-sgd', lambda r: 0.5 - abs(math.log(r.lr / 0.03)))
+    assert [r['seed'] for r in chosen_runs(reduced.values())['reduced', 'mlp', 'bp-sgd'][1]] == [0, 1, 2]  # every seed
 
 
 # --- the run --------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from .models import mlp, convnet
 # %% auto #0
 __all__ = ['NETWORKS', 'METHODS', 'TAU_PROX', 'MUON_AUX_LR', 'LR_GRIDS', 'LR_GRIDS_NET', 'SETTINGS', 'BasicBlock', 'ResNetCifar',
            'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'build_network', 'prox_layers', 'muon_layers',
-           'Method', 'soap_max_dim', 'make_method', 'TextData', 'stdlib_text', 'lr_grid', 'NetSetting', 'Setting',
-           'CompareRun', 'make_run', 'select_key', 'choose_lr', 'compare_plan']
+           'Method', 'soap_max_dim', 'make_method', 'TextData', 'stdlib_text', 'ladder_step', 'lr_grid', 'NetSetting',
+           'Setting', 'CompareRun', 'make_run', 'select_key', 'Sweep', 'sweep', 'choose_lr', 'compare_plan']
 
 # %% ../../nbs/13_compare.ipynb #117c1ec9
 def _shortcut(x, stride:int, pad:int):
@@ -178,7 +178,8 @@ METHODS = {m.name: m for m in (
     Method('cg3-adamw', 'ProxProp cg3 + AdamW', 'prox_cg3', 'adamw'),
 )}
 TAU_PROX = 1.0  # tau_theta of every ProxProp method
-# the rate of Muon's AdamW group (input layer, head, embeddings, biases, norms): the middle of AdamW's grid
+# the rate of Muon's AdamW group (input layer, head, embeddings, biases, norms) where a setting does not
+# sweep it, and where a sweep of it starts: the middle of AdamW's grid
 MUON_AUX_LR = 1e-3
 
 # %% ../../nbs/13_compare.ipynb #c024
@@ -200,8 +201,9 @@ def soap_max_dim(device) -> int:
     "SOAP's largest preconditioned dimension: every layer of the paper's networks on a GPU, 2048 on a CPU"
     return 2048 if torch.device(device).type == 'cpu' else 10_000  # 10,000: pytorch-optimizer's default
 
-def _optimizer(model:nn.Module, network:str, name:str, lr:float) -> torch.optim.Optimizer:
-    "The optimizer `name` ('sgd', 'adamw', 'soap' or 'muon') over the parameters of `model`"
+def _optimizer(model:nn.Module, network:str, name:str, lr:float,
+               aux_lr:float|None=None) -> torch.optim.Optimizer:
+    "The optimizer `name` ('sgd', 'adamw', 'soap' or 'muon'; Muon's AdamW group at `aux_lr`) over `model`"
     params = list(model.parameters())
     if name == 'sgd': return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     if name == 'adamw': return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -211,24 +213,34 @@ def _optimizer(model:nn.Module, network:str, name:str, lr:float) -> torch.optim.
                                       max_precondition_dim=soap_max_dim(params[0].device))
     hidden = [model.get_submodule(n).weight for n in muon_layers(model, network)]
     rest = [p for p in params if all(p is not q for q in hidden)]
-    groups = [dict(params=hidden, use_muon=True, lr=lr), dict(params=rest, use_muon=False, lr=MUON_AUX_LR)]
+    groups = [dict(params=hidden, use_muon=True, lr=lr),
+              dict(params=rest, use_muon=False, lr=aux_lr or MUON_AUX_LR)]
     return pytorch_optimizer.Muon(groups, weight_decay=0.01, adamw_wd=0.01)
 
 # %% ../../nbs/13_compare.ipynb #c025
+def _check_rate(name, v):
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise ValueError(f'{name}={v!r} is not valid: use a finite {name} > 0')
+
 def make_method(model:nn.Module, # a network from `build_network`, converted in place for ProxProp methods
                 network:str, # its name
                 method:str, # one of METHODS
-                lr:float # the learning rate (Muon: of its orthogonalised group)
+                lr:float, # the learning rate (Muon: of its orthogonalised group)
+                aux_lr:float|None=None # Muon only: the rate of its AdamW group; None: `MUON_AUX_LR`
                ) -> torch.optim.Optimizer:
     "Set up `model` for `method` (ProxProp layers where the method has them) and return its optimizer"
     m = _method(method)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f'lr={lr!r} is not valid: use a finite lr > 0')
+    _check_rate('lr', lr)
+    if aux_lr is not None:
+        if m.optimizer != 'muon':
+            raise ValueError(f"aux_lr is Muon's AdamW-side rate: method {method!r} has none")
+        _check_rate('aux_lr', aux_lr)
     if m.mode != 'gradient':
         keep = set(prox_layers(model, network))
         explicit = [n for n, _ in model.named_modules() if n and n not in keep]
         proxpropify(model, TAU_PROX, m.mode, exclude=explicit)
-    return _optimizer(model, network, m.optimizer, lr)
+    return _optimizer(model, network, m.optimizer, lr, aux_lr)
+
 
 # %% ../../nbs/13_compare.ipynb #c031
 @dataclass(repr=False)
@@ -302,15 +314,37 @@ LR_GRIDS = dict(sgd=(0.01, 0.03, 0.1), adamw=(3e-4, 1e-3, 3e-3), muon=(0.01, 0.0
 LR_GRIDS_NET = dict(resnet20=dict(sgd=(0.03, 0.1, 0.3), prox_sgd=(0.1, 0.3, 1.0)),
                     lm=dict(sgd=(0.1, 0.3, 1.0)))
 
+def ladder_step(lr:float, # a learning rate > 0
+                up:bool # True: the next rate above `lr`; False: the next below
+               ) -> float:
+    "The next rate above or below `lr` on the ladder ..., 0.01, 0.03, 0.1, 0.3, 1, ...: a factor of about 3"
+    k = math.floor(math.log10(lr))
+    rungs = [float(f'{m}e{e}') for e in range(k - 1, k + 2) for m in (1, 3)]
+    if up: return min(r for r in rungs if r > lr * (1 + 1e-9))
+    return max(r for r in rungs if r < lr * (1 - 1e-9))
+
+
 # %% ../../nbs/13_compare.ipynb #f6731dc1
 def lr_grid(network:str, # one of NETWORKS
-            method:str # one of METHODS
+            method:str, # one of METHODS
+            width:int=3 # 3: the method's grid; 5 (any odd number): that many rates a factor of about 3 apart
            ) -> tuple:
-    "The 3 learning rates swept for `method` on `network`"
+    "The rates swept for `method` on `network`: its 3-rate grid, or `width` ladder rates around its middle"
     m = _method(method)
     key = 'prox_sgd' if m.mode != 'gradient' and m.optimizer == 'sgd' else m.optimizer
     if network not in NETWORKS: raise ValueError(f'network={network!r} is not valid: use one of {NETWORKS}')
-    return LR_GRIDS_NET.get(network, {}).get(key, LR_GRIDS[key])
+    if not (isinstance(width, int) and width >= 1 and width % 2):
+        raise ValueError(f'width={width!r} is not valid: use an odd number of rates >= 1')
+    grid = LR_GRIDS_NET.get(network, {}).get(key, LR_GRIDS[key])
+    if width == 3: return grid
+    mid = grid[1]  # the middle rate, on the ladder (Muon's 0.02 snaps to the nearer rung, 0.03)
+    lo, hi = ladder_step(mid, False), ladder_step(mid, True)
+    if ladder_step(lo, True) != mid: mid = min((lo, hi), key=lambda r: abs(math.log(r / mid)))
+    below, above = [mid], [mid]
+    for _ in range(width // 2):
+        below.insert(0, ladder_step(below[0], False)); above.append(ladder_step(above[-1], True))
+    return tuple(below[:-1] + above)
+
 
 # %% ../../nbs/13_compare.ipynb #c039
 @dataclass(frozen=True)
@@ -326,14 +360,23 @@ class NetSetting:
 @dataclass(frozen=True)
 class Setting:
     "A protocol of the comparison: per-network settings, learning-rate grids, seeds, data, evaluations"
-    name:str # 'quick', 'reduced' or 'full'
+    name:str # 'quick', 'reduced', 'heldout' or 'full'
     nets:dict # network -> NetSetting
     n_evals:int # evaluations after the start, evenly spaced in training time
     sweep_seeds:tuple # seeds on which every learning rate of the grid runs
     seeds:tuple # all seeds; the others run at the chosen learning rate
-    grid:str # 'grid': the 3 learning rates; 'middle': only the middle one (quick)
+    grid:str # 'grid': the 3 learning rates; 'wide': 5 (`lr_grid(..., width=5)`); 'middle': the 3's middle one
     images:str # 'cifar10' or 'synthetic'
     text_bytes:int|None # bytes of standard-library text; None: every file
+    widen:int=0 # rates a sweep may add on each side, one at a time, while its best rate is at that edge
+    aux_sweep:bool=False # sweep Muon's AdamW-side rate at Muon's chosen rate (else `MUON_AUX_LR`)
+    held_out:bool=False # report only the seeds that did not choose the rate (else every seed)
+
+
+# %% ../../nbs/13_compare.ipynb #b010f738
+_REDUCED = dict(mlp=NetSetting(20, 500, 400, 1000), convnet=NetSetting(20, 500, 400, 1000),
+                resnet20=NetSetting(20, 128, 400, 1000), lm=NetSetting(20, 32, 32, 64, (128, 2, 4, 128)))
+
 
 # %% ../../nbs/13_compare.ipynb #c040
 SETTINGS = {s.name: s for s in (
@@ -342,15 +385,15 @@ SETTINGS = {s.name: s for s in (
                           resnet20=NetSetting(0.2, 16, 64, 64, (4, 1)),
                           lm=NetSetting(0.2, 8, 8, 8, (32, 1, 2, 32))),
             2, (0,), (0, 1), 'middle', 'synthetic', 50_000),
-    Setting('reduced', dict(mlp=NetSetting(20, 500, 400, 1000), convnet=NetSetting(20, 500, 400, 1000),
-                            resnet20=NetSetting(20, 128, 400, 1000),
-                            lm=NetSetting(20, 32, 32, 64, (128, 2, 4, 128))),
-            5, (0,), (0, 1, 2), 'grid', 'cifar10', 1_000_000),
+    Setting('reduced', _REDUCED, 5, (0,), (0, 1, 2), 'grid', 'cifar10', 1_000_000),
+    Setting('heldout', _REDUCED, 5, (0,), (0, 1, 2, 3), 'wide', 'cifar10', 1_000_000,
+            widen=2, aux_sweep=True, held_out=True),
     Setting('full', dict(mlp=NetSetting(15, 500, 5000, 10000), convnet=NetSetting(20, 500, 5000, 10000),
                          resnet20=NetSetting(60, 128, 5000, 10000),
                          lm=NetSetting(60, 64, 256, 512, (256, 4, 8, 256))),
-            20, (0, 1, 2), (0, 1, 2), 'grid', 'cifar10', None),
+            20, (0,), (0, 1, 2, 3), 'wide', 'cifar10', None, widen=2, aux_sweep=True, held_out=True),
 )}
+
 
 # %% ../../nbs/13_compare.ipynb #798c1809
 def _setting(name):
@@ -361,7 +404,7 @@ def _setting(name):
 @dataclass(frozen=True)
 class CompareRun:
     "One run of the comparison: a network, a method, a learning rate and a seed, in a setting"
-    setting:str # 'quick', 'reduced' or 'full'
+    setting:str # one of SETTINGS
     network:str # one of NETWORKS
     method:str # one of METHODS
     lr:float # learning rate
@@ -374,9 +417,12 @@ class CompareRun:
     sizes:tuple|None # model sizes; None: the standard network
     images:str # 'cifar10' or 'synthetic' (image networks)
     text_bytes:int|None # bytes of text (lm)
+    aux_lr:float|None=None # Muon's AdamW-side rate where a setting sweeps it; None: `MUON_AUX_LR`
 
     @property
-    def name(self) -> str: return f'{self.setting}-{self.network}-{self.method}-lr{self.lr:g}-seed{self.seed}'
+    def name(self) -> str:
+        aux = '' if self.aux_lr is None else f'-aux{self.aux_lr:g}'
+        return f'{self.setting}-{self.network}-{self.method}-lr{self.lr:g}{aux}-seed{self.seed}'
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
     @classmethod
@@ -388,14 +434,21 @@ def make_run(setting:str, # one of SETTINGS
              network:str, # one of NETWORKS
              method:str, # one of METHODS
              lr:float, # learning rate
-             seed:int=0 # seed
+             seed:int=0, # seed
+             aux_lr:float|None=None # Muon where a setting sweeps it: its AdamW-side rate (None: the default)
             ) -> CompareRun:
-    "The run of `method` on `network` at `lr` and `seed` in `setting`"
-    s, _ = _setting(setting), _method(method)
+    "The run of `method` on `network` at `lr` (and Muon's `aux_lr`) and `seed` in `setting`"
+    s, m = _setting(setting), _method(method)
     if network not in NETWORKS: raise ValueError(f'network={network!r} is not valid: use one of {NETWORKS}')
+    swept = s.aux_sweep and m.optimizer == 'muon'
+    if aux_lr is not None and not swept:
+        raise ValueError(f'aux_lr={aux_lr!r}: only Muon in a setting that sweeps its AdamW-side rate has one '
+                         f'(settings {tuple(n for n, x in SETTINGS.items() if x.aux_sweep)})')
+    if swept: aux_lr = float(aux_lr or MUON_AUX_LR)
     net = s.nets[network]
     return CompareRun(setting, network, method, float(lr), seed, net.budget_s, net.batch_size, s.n_evals,
-                      net.n_eval, net.n_test, net.sizes, s.images, s.text_bytes)
+                      net.n_eval, net.n_test, net.sizes, s.images, s.text_bytes, aux_lr)
+
 
 # %% ../../nbs/13_compare.ipynb #c046
 def select_key(network:str) -> tuple: # (history key, True if larger is better)
@@ -408,25 +461,65 @@ def _final(r:dict, key:str):
 
 # %% ../../nbs/13_compare.ipynb #2a36000b
 def _grid(s:Setting, network:str, method:str) -> tuple:
-    "The learning rates of `method` that setting `s` sweeps: the whole grid, or only its middle rate"
-    rates = lr_grid(network, method)
-    return rates if s.grid == 'grid' else rates[len(rates) // 2:len(rates) // 2 + 1]
+    "The learning rates of `method` that setting `s` sweeps first: its grid of 3 or 5, or only the middle one"
+    if s.grid == 'middle': return lr_grid(network, method)[1:2]
+    return lr_grid(network, method, width=5 if s.grid == 'wide' else 3)
+
+def _aux_grid() -> tuple:
+    "The AdamW-side rates of Muon's sweep: `MUON_AUX_LR` and a ladder rung either side"
+    return ladder_step(MUON_AUX_LR, False), MUON_AUX_LR, ladder_step(MUON_AUX_LR, True)
+
 
 # %% ../../nbs/13_compare.ipynb #c047
+def _widened(rates, score, widen:int) -> tuple:
+    "(rates, best, at edge): `rates` widened by up to `widen` rungs a side while the best is at that side"
+    rates, added = list(rates), {False: 0, True: 0}  # rungs added below, above
+    while True:
+        scores = [score(r) for r in rates]
+        if None in scores: return rates, None, False  # not every rate has ended yet
+        i = max(range(len(rates)), key=scores.__getitem__)  # the first of equals, from the smallest rate
+        if 0 < i < len(rates) - 1: return rates, rates[i], False
+        up = i == len(rates) - 1
+        if added[up] == widen or len(rates) == 1: return rates, rates[i], True
+        added[up] += 1
+        rates = rates + [ladder_step(rates[-1], True)] if up else [ladder_step(rates[0], False)] + rates
+
+@dataclass(frozen=True)
+class Sweep:
+    "A method's learning-rate sweep on a network in a setting, as far as the records go"
+    rates:tuple # the (lr, aux_lr) pairs swept so far, in sweep order (aux_lr None: no AdamW-side rate swept)
+    chosen:tuple|None # the chosen (lr, aux_lr); None until every swept run has ended
+    at_edge:bool # the chosen rate (or Muon's AdamW-side rate) is at an edge of the widest grid swept
+
+def sweep(records:dict, # run name -> results record (e.g. from `load_records`)
+          setting:str, # one of SETTINGS
+          network:str, # one of NETWORKS
+          method:str # one of METHODS
+         ) -> Sweep:
+    "The rates swept so far and the one chosen by mean final validation metric on the sweep seeds"
+    s, (key, larger) = _setting(setting), select_key(network)
+    aux0 = make_run(setting, network, method, 1.0).aux_lr
+    def score(lr, aux):
+        runs = [records.get(make_run(setting, network, method, lr, seed, aux).name) for seed in s.sweep_seeds]
+        if any(r is None or r.get('status') not in ('finished', 'diverged') for r in runs): return None
+        finals = [_final(r, key) for r in runs]
+        return -math.inf if None in finals else (1 if larger else -1) * sum(finals) / len(finals)
+    lrs, lr, edge = _widened(_grid(s, network, method), lambda x: score(x, aux0), s.widen)
+    rates = [(x, aux0) for x in lrs]
+    if lr is None or aux0 is None: return Sweep(tuple(rates), None if lr is None else (lr, aux0), edge)
+    auxs, aux, aux_edge = _widened(_aux_grid(), lambda a: score(lr, a), s.widen)  # at Muon's chosen rate
+    rates += [(lr, a) for a in auxs if a != aux0]
+    return Sweep(tuple(rates), None if aux is None else (lr, aux), edge or aux_edge)
+
 def choose_lr(records:dict, # run name -> results record (e.g. from `load_records`)
               setting:str, # one of SETTINGS
               network:str, # one of NETWORKS
               method:str # one of METHODS
              ) -> float|None:
-    "The grid's best learning rate by mean final validation metric on the sweep seeds; None until swept"
-    s, (key, larger) = _setting(setting), select_key(network)
-    score = {}
-    for lr in _grid(s, network, method):
-        sweep = [records.get(make_run(setting, network, method, lr, seed).name) for seed in s.sweep_seeds]
-        if any(r is None or r.get('status') not in ('finished', 'diverged') for r in sweep): return None
-        finals = [_final(r, key) for r in sweep]
-        score[lr] = -math.inf if None in finals else (1 if larger else -1) * sum(finals) / len(finals)
-    return max(score, key=score.get)  # the first of equals, in grid order
+    "The learning rate `sweep` chooses; None until the sweep has ended"
+    chosen = sweep(records, setting, network, method).chosen
+    return None if chosen is None else chosen[0]
+
 
 # %% ../../nbs/13_compare.ipynb #9309fe9b
 def _subsets(networks, methods) -> tuple:
@@ -442,14 +535,14 @@ def compare_plan(setting:str='reduced', # one of SETTINGS
                  networks=None, # a subset of NETWORKS; None: all
                  methods=None # a subset of METHODS; None: all
                 ) -> list:
-    "The runs of a setting known so far: the sweep, then every seed at the chosen rate of each method swept"
+    "The runs of a setting known so far: the sweeps, then every other seed at each method's chosen rate"
     s, records = _setting(setting), records or {}
     networks, methods = _subsets(networks, methods)
-    runs = [make_run(setting, n, m, lr, seed) for seed in s.sweep_seeds for n in networks for m in methods
-            for lr in _grid(s, n, m)]
+    sweeps = {(n, m): sweep(records, setting, n, m) for n in networks for m in methods}
+    runs = [make_run(setting, n, m, lr, seed, aux) for seed in s.sweep_seeds for n in networks
+            for m in methods for lr, aux in sweeps[n, m].rates]
     for seed in (x for x in s.seeds if x not in s.sweep_seeds):
-        for n in networks:
-            for m in methods:
-                lr = choose_lr(records, setting, n, m)
-                if lr is not None: runs.append(make_run(setting, n, m, lr, seed))
+        runs += [make_run(setting, n, m, lr, seed, aux) for n in networks for m in methods
+                 if sweeps[n, m].chosen is not None for lr, aux in [sweeps[n, m].chosen]]
     return runs
+

@@ -10,27 +10,33 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from .compare import METHODS, NETWORKS, SETTINGS, choose_lr, make_run, select_key
+from .compare import METHODS, NETWORKS, SETTINGS, make_run, select_key, sweep
 
 # %% auto #0
 __all__ = ['STYLES', 'chosen_runs', 'time_to_target', 'targets', 'summarize', 'format_summary', 'winners', 'plot_compare',
            'describe_records']
 
 # %% ../../nbs/14_compare_results.ipynb #c012
+def _reported_seeds(s) -> tuple:
+    "The seeds a setting reports: those that did not choose the rate where it holds seeds out, else all"
+    return tuple(x for x in s.seeds if not (s.held_out and x in s.sweep_seeds))
+
 def chosen_runs(records # results records (e.g. `load_records(folder).values()`)
                ) -> dict: # (setting, network, method) -> (chosen lr, [records at that lr, by seed])
-    "The runs at the chosen learning rate of every method, network and setting in `records`"
+    "The reported runs at the chosen learning rate of every method, network and setting in `records`"
     by_name = {r['name']: r for r in records}
     groups = sorted({(r['setting'], r['network'], r['method']) for r in by_name.values()},
                     key=lambda k: (k[0], NETWORKS.index(k[1]), list(METHODS).index(k[2])))
     out = {}
     for s, n, m in groups:
-        lr = choose_lr(by_name, s, n, m)
-        if lr is None: continue
-        runs = [by_name[name] for seed in SETTINGS[s].seeds
-                if (name := make_run(s, n, m, lr, seed).name) in by_name]
-        out[(s, n, m)] = lr, runs
+        chosen = sweep(by_name, s, n, m).chosen
+        if chosen is None: continue
+        lr, aux = chosen
+        runs = [by_name[name] for seed in _reported_seeds(SETTINGS[s])
+                if (name := make_run(s, n, m, lr, seed, aux).name) in by_name]
+        if runs: out[(s, n, m)] = lr, runs
     return out
+
 
 # %% ../../nbs/14_compare_results.ipynb #c014
 def time_to_target(history:dict, # a run's history
@@ -66,10 +72,13 @@ def targets(chosen:dict # from `chosen_runs`
 def summarize(records # results records
              ) -> list: # one dict per (setting, network, method)
     "Mean and sample standard deviation over seeds of the chosen runs' final values, steps, times to target"
-    chosen = chosen_runs(records)
+    by_name = {r['name']: r for r in records}
+    chosen = chosen_runs(by_name.values())
     tg, rows = targets(chosen), []
     for (s, n, m), (lr, runs) in chosen.items():
         row = dict(setting=s, network=n, method=m, label=METHODS[m].label, lr=lr,
+                   aux_lr=(runs[0].get('run') or {}).get('aux_lr'),
+                   at_edge=sweep(by_name, s, n, m).at_edge,
                    seeds=[r['seed'] for r in runs], diverged=sum(r['status'] == 'diverged' for r in runs),
                    steps=_stat([r['steps'] for r in runs]))
         for k in ('train_loss', 'val_loss', 'val_acc'): row[k] = _stat([_final(r, k) for r in runs])
@@ -83,10 +92,12 @@ def summarize(records # results records
 
 # %% ../../nbs/14_compare_results.ipynb #c021
 def _pm(s, fmt='{:.3f}', scale=1):
+    "mean ± standard deviation of `_stat`'s (mean, sd, n), scaled; '-' without values"
     m, sd, n = s
     return '-' if m is None else (fmt + ' ± ' + fmt).format(m * scale, sd * scale)
 
 def _tt(ts):
+    "The mean time to target of the seeds that reached it, and how many did"
     hit = [t for t in ts if t is not None]
     return f'- (0/{len(ts)})' if not hit else f'{statistics.fmean(hit):.1f} s ({len(hit)}/{len(ts)})'
 
@@ -103,13 +114,18 @@ def format_summary(rows:list # from `summarize`
                        if t and t.get('val_acc') is not None else 'none')
             lines += ['', f"{r['network']} ({r['setting']} setting); "
                           f"targets (BackProp + AdamW's final means): {reached}",
-                      f"{'method':<31} {'lr':>6} {'seeds':>5} {'steps':>6} {'train loss':>15} "
+                      f"{'method':<31} {'lr':>13} {'seeds':>5} {'steps':>6} {'train loss':>15} "
                       f"{'val loss':>15} {acc:>17} {'test acc [%]':>13} {'t to loss':>13} {'t to acc':>13}"]
-        lines.append(f"{r['label']:<31} {r['lr']:>6g} {len(r['seeds']):>5} {r['steps'][0]:>6.0f} "
+        lr = (f"{r['lr']:g}" + (f"/{r['aux_lr']:g}" if r.get('aux_lr') else '')
+              + ('*' if r.get('at_edge') else ' '))
+        lines.append(f"{r['label']:<31} {lr:>13} {len(r['seeds']):>5} {r['steps'][0]:>6.0f} "
                      f"{_pm(r['train_loss']):>15} {_pm(r['val_loss']):>15} "
                      f"{_pm(r['val_acc'], '{:.1f}', 100):>17} {_pm(r['test_acc'], '{:.1f}', 100):>13} "
                      f"{_tt(r.get('tt_train_loss', [])):>13} {_tt(r.get('tt_val_acc', [])):>13}"
                      + (f"  {r['diverged']} diverged" if r['diverged'] else ''))
+    if any(r.get('at_edge') for r in rows):
+        lines += ['', '*: the chosen rate is at an edge of the widest grid swept; '
+                      'lr/x: Muon at lr with its AdamW-side rate x']
     return '\n'.join(lines).strip('\n')
 
 # %% ../../nbs/14_compare_results.ipynb #c025
@@ -181,6 +197,8 @@ def describe_records(records # results records
     env = {(e['cpu'], e['device'], e.get('gpu'), e['torch'], e['torch_threads'])
            for e in (r['environment'] for r in rs)}
     commits = sorted({r['environment'].get('git_commit') or 'unknown' for r in rs})
+    peers = [r for r in rs if METHODS[r['method']].optimizer in ('muon', 'soap')]
+    versions = sorted({str(r['environment'].get('pytorch_optimizer', 'not recorded')) for r in peers})
     settings = sorted({r['setting'] for r in rs})
     budgets = sorted({(r['network'], r['run']['budget_s']) for r in rs}, key=lambda x: NETWORKS.index(x[0]))
     text = sorted({(d['python'], d['bytes'], len(d['files']), d['sha256'][:12])
@@ -196,4 +214,5 @@ def describe_records(records # results records
                       'images: ' + '; '.join(f'{source(k, p)}, {n:,} training images' for k, p, n in imgs),
                       'text: ' + '; '.join(f'Python {v} standard library, {n} files, {b:,} bytes, '
                                            f'sha256 {s}...' for v, b, n, s in text),
-                      'code: commit ' + ', '.join(commits)])
+                      'code: commit ' + ', '.join(commits)]
+                     + ([f"pytorch-optimizer (Muon, SOAP): {', '.join(versions)}"] if peers else []))

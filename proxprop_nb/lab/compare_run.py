@@ -201,7 +201,7 @@ def _build_and_train(run, sets, device, clock, deadline, log) -> tuple:
     "Build and train the run's network from its seed: (model, layers, status, history, steps)"
     model = build_network(run.network, run.sizes, run.seed).to(device)
     layers = _layers(run, model)
-    opt = make_method(model, run.network, run.method, run.lr)
+    opt = make_method(model, run.network, run.method, run.lr, run.aux_lr)
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(run.seed)
         status, history, steps = _train(run, model, opt, sets, _clock(clock, device), deadline, log)
@@ -348,7 +348,8 @@ def _parser() -> argparse.ArgumentParser:
         'ProxProp against BackProp with Nesterov SGD and AdamW, Muon and SOAP, at equal training time, '
         'on the MLP, ConvNet, ResNet-20 and a transformer LM (see the compare chapters).'))
     parser.add_argument('--setting', choices=tuple(SETTINGS), default='reduced',
-                        help='quick (smoke test), reduced (CPU, about an hour of CPU time) or full (GPU)')
+                        help='quick (smoke test), reduced (CPU, 3-rate grids, every seed reported), '
+                        'heldout (CPU, wider grids, held-out seeds) or full (GPU, as heldout)')
     parser.add_argument('--data', help='CIFAR-10 source for load_cifar10 (default: the usual places)')
     parser.add_argument('--out', type=Path, help="results folder (default proxprop-results/compare-SETTING, "
                         "next to the experiments'; for results/compare-SETTING of earlier versions, give it)")
