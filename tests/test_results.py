@@ -252,6 +252,24 @@ def test_readme_comparison_numbers_are_the_records():
             f"{_span(steps('resnet20', bp + ('muon', 'soap')), lambda v: f'{v:.0f}')}")
 
 
+def test_readme_heldout_comparison_numbers_are_the_records():
+    from proxprop_nb.lab.compare_run import load_records
+    from proxprop_nb.lab.compare_report import summarize
+    records = list(load_records(RESULTS / 'compare' / 'heldout').values())
+    rows = {(r['network'], r['method']): r for r in summarize(records)}
+    assert {r['seeds'] == [1, 2, 3] and not r['at_edge'] for r in rows.values()} == {True} and len(rows) == 16
+    _quoted(f"({len(records)} runs, pytorch-optimizer {records[0]['environment']['pytorch_optimizer']})")
+    val = lambda n, m: _pct(rows[n, m]['val_acc'][0])
+    prox = ('exact-sgd', 'exact-adamw', 'cg3-sgd', 'cg3-adamw')
+    for n, name in (('mlp', 'paper MLP'), ('convnet', 'paper ConvNet')):
+        best = max(prox, key=lambda m: rows[n, m]['val_acc'][0])
+        peer = max(('bp-sgd', 'muon', 'soap'), key=lambda m: rows[n, m]['val_acc'][0])
+        _quoted(f"| {name} | {val(n, best)} ({best.replace('-adamw', ' + AdamW')}) | {val(n, 'bp-adamw')} | "
+                f"{rows[n, peer]['label'].split(' ')[0]} {val(n, peer)} |")
+    peers = ('bp-sgd', 'bp-adamw', 'muon', 'soap')
+    assert min(rows['mlp', m]['val_acc'][0] for m in prox) > max(rows['mlp', m]['val_acc'][0] for m in peers)
+
+
 def test_readme_benchmark_numbers_are_the_records():
     cpu = json.loads((RESULTS / 'bench' / 'cpu_main.json').read_text())
     gpu = json.loads((RESULTS / 'bench' / 'gpu_h200.json').read_text())['steps']

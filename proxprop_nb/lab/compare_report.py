@@ -211,8 +211,9 @@ def describe_records(records # results records
                       f"{', '.join(sorted({r['clock'] for r in rs}))} clock",
                       'machine: ' + '; '.join(f"{gpu or cpu} ({dev}), torch {tv}, {th} thread(s)"
                                               for cpu, dev, gpu, tv, th in sorted(env, key=str)),
-                      'images: ' + '; '.join(f'{source(k, p)}, {n:,} training images' for k, p, n in imgs),
-                      'text: ' + '; '.join(f'Python {v} standard library, {n} files, {b:,} bytes, '
-                                           f'sha256 {s}...' for v, b, n, s in text),
+                      *(['images: ' + '; '.join(f'{source(k, p)}, {n:,} training images' for k, p, n in imgs)]
+                        if imgs else []),
+                      *(['text: ' + '; '.join(f'Python {v} standard library, {n} files, {b:,} bytes, '
+                                              f'sha256 {s}...' for v, b, n, s in text)] if text else []),
                       'code: commit ' + ', '.join(commits)]
                      + ([f"pytorch-optimizer (Muon, SOAP): {', '.join(versions)}"] if peers else []))
