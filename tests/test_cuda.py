@@ -329,3 +329,21 @@ def test_batched_runs_match_cpu_float64(model, mode):
             batch.train_step(x.to(device), y.to(device), step=step)
         return [p.detach().cpu() for n in nets for p in n.parameters()]
     assert max(rel(a, b) for a, b in zip(runs(DEV), runs('cpu'))) < 1e-8
+
+
+# ---- a compiled step (torch.compile, CUDA graphs) against the CPU in float64 ----------------------------------
+
+@pytest.mark.parametrize('how', ['default', 'reduce-overhead'])
+@pytest.mark.parametrize('mode', ['gradient', 'prox_exact', 'prox_cg3'])
+def test_compiled_steps_match_cpu_float64(mode, how):
+    "The benchmark's compiled step (proxprop-bench --compile) trains what the eager CPU step trains"
+    if DEV != 'cuda': pytest.skip('Inductor and CUDA graphs: a GPU (the CPU checks use aot_eager: nbs/06_bench)')
+    from proxprop_nb.lab.bench import make_step
+    torch.manual_seed(0)
+    plain = unproxpropify(mlp((3072, 64, 32, 10), optimization_mode='gradient')).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(64, 3, 32, 32, generator=gen, dtype=f64), torch.randint(0, 10, (64,), generator=gen)
+    cpu = make_step(plain, mode, 'sgd', x, y, tau_prox=0.5, cg_tol=0)
+    gpu = make_step(plain.to(DEV), mode, 'sgd', x.to(DEV), y.to(DEV), tau_prox=0.5, compile=how, cg_tol=0)
+    for _ in range(3): cpu(); gpu()
+    assert max(rel(a, b) for a, b in zip(gpu.model.parameters(), cpu.model.parameters())) < 1e-8

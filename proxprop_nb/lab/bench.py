@@ -25,9 +25,9 @@ from .train import MODELS, default_device, synchronize, device_problem
 from .runfiles import environment, write_json, read_json
 
 # %% auto #0
-__all__ = ['MODES', 'HOST_READ_OP', 'bench_model', 'make_step', 'time_steps', 'held_bytes', 'step_peak_memory', 'profile_step',
-           'machine_info', 'benchmark', 'route_times', 'exact_solve_times', 'bench_batch_runs', 'format_table',
-           'format_batch_table', 'run', 'main']
+__all__ = ['MODES', 'COMPILE', 'HOST_READ_OP', 'bench_model', 'compiled', 'make_step', 'time_steps', 'held_bytes',
+           'step_peak_memory', 'profile_step', 'machine_info', 'benchmark', 'route_times', 'exact_solve_times',
+           'bench_batch_runs', 'format_table', 'format_batch_table', 'run', 'main']
 
 # %% ../../nbs/06_bench.ipynb #c005
 def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3, the official code's net)
@@ -44,25 +44,38 @@ def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3
 
 # %% ../../nbs/06_bench.ipynb #c008
 MODES = ('plain', 'gradient', 'prox_exact', 'prox_cg3')
+# how `make_step` may compile a model: torch.compile's modes ('default' is Inductor, 'reduce-overhead' adds
+# CUDA graphs on a GPU), or 'aot_eager', the AOTAutograd backend without code generation (no C++ compiler)
+COMPILE = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'aot_eager')
+
+def compiled(model:nn.Module, # the model to compile
+             how:str # one of COMPILE
+            ) -> nn.Module:
+    "`model` compiled by `torch.compile` in mode `how` (or with the 'aot_eager' backend)"
+    if how not in COMPILE: raise ValueError(f'compile={how!r} is not valid: use one of {COMPILE}')
+    return torch.compile(model, backend='aot_eager') if how == 'aot_eager' else torch.compile(model, mode=how)
 
 def make_step(plain:nn.Module, # the plain PyTorch model
               mode:str, # 'plain' or a ProxProp optimization_mode
               optimizer:str, # 'sgd' (Nesterov, momentum 0.95) or 'adam'
               x:torch.Tensor, y:torch.Tensor, # one batch on the device
               tau_prox:float=1.0, # ProxProp's tau_theta
+              compile:str|None=None, # None: eager; else how forward and backward are compiled (COMPILE)
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ):
     "A function running one training step of `mode` on its own copy of `plain`, with `.model` and `.opt`"
     model = copy.deepcopy(plain)
     if mode != 'plain':
         proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
+    forward = model if compile is None else compiled(model, compile)
     opt = make_optimizer(model.parameters(), optimizer, lr=1e-3)
     def step():
         opt.zero_grad(set_to_none=False)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(forward(x), y).backward()
         opt.step()
     step.model, step.opt = model, opt
     return step
+
 
 # %% ../../nbs/06_bench.ipynb #c011
 def time_steps(steps:dict, # mode -> step function
@@ -187,21 +200,26 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               widths:tuple|None=None, # MLP hidden widths (default the paper's)
               device='cpu', # where to run
               repeats:int=7, # timed interleaved rounds (the median is reported)
-              warmup:int=2, # untimed rounds
+              warmup:int=2, # untimed rounds (a compiled step compiles in the first)
               tau_prox:float|None=None, # default: 0.05 for the MLP (Fig. 2), 1 for the ConvNet (Fig. 3)
               seed:int=0, # for the model and the batch
+              compile:str|None=None, # None: eager; else every mode's model compiled so (COMPILE)
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ) -> dict: # machine, settings and per-mode statistics
     "Time and measure one training step of each mode against plain backprop"
     if 'plain' not in modes: modes = ('plain', *modes)
+    if compile is not None and warmup < 1:
+        raise ValueError('a compiled step needs warmup >= 1: it compiles first')
     plain, optimizer, x, y, tau_prox = _bench_setup(model, batch_size, widths, device, tau_prox, seed)
-    steps = {m: make_step(plain, m, optimizer, x, y, tau_prox, **prox) for m in modes}
+    steps = {m: make_step(plain, m, optimizer, x, y, tau_prox, compile, **prox) for m in modes}
     times = time_steps(steps, repeats, warmup, device)
     out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths,
-               optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox, modes={})
+               optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox,
+               compile=compile, modes={})
     for m, s in steps.items(): out['modes'][m] = _mode_result(times[m], s, x, y, device)
     _add_ratios(out['modes'])
     return out
+
 
 # %% ../../nbs/06_bench.ipynb #c021
 def _min_ms(run, # a function of no arguments
@@ -320,7 +338,8 @@ def bench_batch_runs(model:str='mlp', # 'mlp' or 'convnet'
 def _setting_line(res:dict, what:str, unit:str) -> str:
     "The first line of a result's table: model, batch, optimizer, `what`, machine, repeats of `unit`"
     w, machine = f" widths={res['widths']}" if res['widths'] else '', res['machine']
-    return (f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']}{what} on "
+    how = f" compiled ({res['compile']})" if res.get('compile') else ''
+    return (f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']}{what}{how} on "
             f"{machine['device_name']} "
             f"({machine['threads']} threads), torch {machine['torch']}, median of {res['repeats']} "
             f"interleaved {unit}")
@@ -396,6 +415,9 @@ def _options() -> argparse.ArgumentParser:
         help='time R runs trained as one batch against the same runs one after another (bench_batch_runs)')
     add('--sync-free', action='store_true',
         help="run the steps without host reads, as on a GPU (set_sync_free), e.g. to count reads on a CPU")
+    add('--compile', default=None, choices=COMPILE,
+        help="compile each mode's model with torch.compile in this mode ('reduce-overhead': CUDA graphs on a "
+             "GPU; 'aot_eager': no code generation, for a machine without a C++ compiler); default: eager")
     add('--quick', action='store_true',
         help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
              'explicit options win')
@@ -416,6 +438,8 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
     if a.repeats < 1 or a.warmup < 0 or any(b < 1 for b in a.batch_size):
         p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
     if a.batch_runs is not None and a.batch_runs < 1: p.error(f'--batch-runs {a.batch_runs}: use R >= 1')
+    if a.compile and a.batch_runs: p.error('--compile times single runs: leave out --batch-runs')
+    if a.compile and a.warmup < 1: p.error(f'--compile needs --warmup >= 1 (a compiled step compiles first)')
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
@@ -458,7 +482,8 @@ def run(argv=None) -> list:
                                          a.tau_prox, **a.prox)
                     print(format_batch_table(r), end='\n\n', flush=True)
                 else:
-                    r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox, **a.prox)
+                    r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox,
+                                  compile=a.compile, **a.prox)
                     r['sync_free'] = a.sync_free
                     print(format_table(r), end='\n\n', flush=True)
                 results.append(r)
