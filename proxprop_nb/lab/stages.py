@@ -65,7 +65,7 @@ def _routes_line(layer:str, shape:tuple, mode:str, times:dict) -> str:
 # %% ../../nbs/07a_stages.ipynb #c0b5cac9
 def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) -> dict:
     "The benchmark stage: step costs of every mode for both networks and batch sizes, their layers' routes"
-    out = dict(steps=[], routes=[], batched=[], skipped=[])
+    out = dict(steps=[], routes=[], batched=[], compiled=[], skipped=[])
     for model in ('mlp', 'convnet'):
         for bs in ((16,) if quick else BENCH_BATCHES):
             if time.time() > deadline: out['skipped'].append([model, bs]); continue
@@ -79,6 +79,18 @@ def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) 
         r = bench_batch_runs(model, 16 if quick else 500, BENCH_MODES[:4], 4, widths, device,
                              repeats=2 if quick else 5, warmup=1)
         out['batched'].append(r); log(format_batch_table(r))
+    # the MLP's steps under torch.compile: CUDA graphs on a GPU, aot_eager (no code generation) on a CPU
+    how = 'reduce-overhead' if str(device).startswith('cuda') else 'aot_eager'
+    if time.time() > deadline: out['skipped'].append(['mlp', 'compiled'])
+    else:
+        try:
+            widths = (64, 32, 64) if quick else None
+            r = benchmark('mlp', 16 if quick else 500, BENCH_MODES[:4], widths, device,
+                          repeats=3 if quick else 7, warmup=1 if quick else 2, compile=how)
+            out['compiled'].append(r); log(format_table(r))
+        except Exception as e:  # a compiler that fails is a result too, and the campaign goes on
+            out['compiled_error'] = f'{how}: {type(e).__name__}: {e}'[:2000]
+            log(f"compiled benchmark failed: {out['compiled_error'][:300]}")
     for layer, shape in ROUTE_LAYERS[::3] if quick else ROUTE_LAYERS:
         if quick: shape = (16, *shape[1:]) if layer == 'conv2d' else (16, 64, 32)
         for mode in ('prox_exact', 'prox_cg3'):
