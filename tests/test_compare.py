@@ -369,3 +369,26 @@ def test_describe_records_names_machine_data_and_commit(tmp_path):
     run_setting('quick', tmp_path, networks=['lm', 'convnet'], methods=['bp-adamw'], log=None)
     text = describe_records(load_records(tmp_path).values())
     assert 'quick' in text and 'synthetic' in text and 'standard library' in text and 'random synthetic images' in text and 'commit' in text and 'process clock' in text
+
+
+def test_long_setting_runs_the_heldout_picks_and_refuses_without_them(tmp_path, capsys):
+    picks = tmp_path / 'heldout'
+    recs = _grow('heldout', 'convnet', 'cg3-adamw', lambda r: 0.5 - abs(math.log(r.lr / 3e-3)))
+    recs.update(_grow('heldout', 'convnet', 'muon', lambda r: 0.5 - abs(math.log(r.lr / 0.1)) - abs(math.log(r.aux_lr / 3e-3))))
+    for name, r in recs.items(): write_json(picks / f'{name}.json', dict(r, kind='compare'))
+    assert compare_plan('long', {}) == []  # nothing to run before the heldout sweep
+    plan = compare_plan('long', load_records(picks))
+    assert [(r.method, r.lr, r.aux_lr, r.seed, r.budget_s) for r in plan] == [
+        (m, lr, aux, seed, 120) for seed in (1, 2, 3) for m, lr, aux in (('muon', 0.1, 3e-3), ('cg3-adamw', 3e-3, None))]
+    assert main(['--setting', 'long', '--plan', '--picks', str(picks), '--out', str(tmp_path / 'long')]) == 0
+    assert capsys.readouterr().out.split() == [r.name for r in plan]
+    with pytest.raises(SystemExit): main(['--setting', 'long', '--picks', str(tmp_path / 'none'), '--out', str(tmp_path / 'x')])
+    assert 'holds no heldout records' in capsys.readouterr().err
+    with pytest.raises(SystemExit): main(['--setting', 'reduced', '--picks', str(picks), '--plan', '--out', str(tmp_path / 'y')])
+    assert '--picks is for a setting' in capsys.readouterr().err
+    with pytest.raises(ValueError, match="runs at the rates the 'heldout' sweep chose"):
+        run_setting('long', tmp_path / 'long', networks=['convnet'])
+    # the report takes the long runs at the heldout choice
+    long_recs = {r.name: _fake(r, 0.4) for r in plan}
+    chosen = chosen_runs([*long_recs.values(), *recs.values()])
+    assert sorted(r['seed'] for r in chosen['long', 'convnet', 'muon'][1]) == [1, 2, 3]

@@ -371,6 +371,7 @@ class Setting:
     widen:int=0 # rates a sweep may add on each side, one at a time, while its best rate is at that edge
     aux_sweep:bool=False # sweep Muon's AdamW-side rate at Muon's chosen rate (else `MUON_AUX_LR`)
     held_out:bool=False # report only the seeds that did not choose the rate (else every seed)
+    picks_from:str|None=None # a setting whose sweep chooses the rates: this one only runs its seeds at them
 
 
 # %% ../../nbs/13_compare.ipynb #b010f738
@@ -392,6 +393,8 @@ SETTINGS = {s.name: s for s in (
                          resnet20=NetSetting(60, 128, 5000, 10000),
                          lm=NetSetting(60, 64, 256, 512, (256, 4, 8, 256))),
             20, (0,), (0, 1, 2, 3), 'wide', 'cifar10', None, widen=2, aux_sweep=True, held_out=True),
+    Setting('long', dict(mlp=NetSetting(120, 500, 400, 1000), convnet=NetSetting(120, 500, 400, 1000)),
+            10, (), (1, 2, 3), 'wide', 'cifar10', None, aux_sweep=True, held_out=True, picks_from='heldout'),
 )}
 
 
@@ -440,6 +443,8 @@ def make_run(setting:str, # one of SETTINGS
     "The run of `method` on `network` at `lr` (and Muon's `aux_lr`) and `seed` in `setting`"
     s, m = _setting(setting), _method(method)
     if network not in NETWORKS: raise ValueError(f'network={network!r} is not valid: use one of {NETWORKS}')
+    if network not in s.nets:
+        raise ValueError(f'network={network!r} is not in setting {setting!r}: it has {tuple(s.nets)}')
     swept = s.aux_sweep and m.optimizer == 'muon'
     if aux_lr is not None and not swept:
         raise ValueError(f'aux_lr={aux_lr!r}: only Muon in a setting that sweeps its AdamW-side rate has one '
@@ -498,6 +503,7 @@ def sweep(records:dict, # run name -> results record (e.g. from `load_records`)
          ) -> Sweep:
     "The rates swept so far and the one chosen by mean final validation metric on the sweep seeds"
     s, (key, larger) = _setting(setting), select_key(network)
+    if s.picks_from is not None: return sweep(records, s.picks_from, network, method)  # its rates are chosen there
     aux0 = make_run(setting, network, method, 1.0).aux_lr
     def score(lr, aux):
         runs = [records.get(make_run(setting, network, method, lr, seed, aux).name) for seed in s.sweep_seeds]
@@ -522,12 +528,14 @@ def choose_lr(records:dict, # run name -> results record (e.g. from `load_record
 
 
 # %% ../../nbs/13_compare.ipynb #9309fe9b
-def _subsets(networks, methods) -> tuple:
-    "The networks and the methods asked for (None: all of them), checked"
-    networks, methods = tuple(networks or NETWORKS), tuple(methods or METHODS)
-    bad = [n for n in networks if n not in NETWORKS] + [m for m in methods if m not in METHODS]
-    if bad: raise ValueError(f'{bad} not valid: networks are {NETWORKS}, methods {tuple(METHODS)}')
+def _subsets(networks, methods, s:Setting|None=None) -> tuple:
+    "The networks and the methods asked for (None: all of them, or all of setting `s`'s networks), checked"
+    nets = tuple(s.nets) if s is not None else NETWORKS
+    networks, methods = tuple(networks or nets), tuple(methods or METHODS)
+    bad = [n for n in networks if n not in nets] + [m for m in methods if m not in METHODS]
+    if bad: raise ValueError(f'{bad} not valid: networks are {nets}, methods {tuple(METHODS)}')
     return networks, methods
+
 
 # %% ../../nbs/13_compare.ipynb #c048
 def compare_plan(setting:str='reduced', # one of SETTINGS
@@ -536,8 +544,9 @@ def compare_plan(setting:str='reduced', # one of SETTINGS
                  methods=None # a subset of METHODS; None: all
                 ) -> list:
     "The runs of a setting known so far: the sweeps, then every other seed at each method's chosen rate"
+    # a setting with `picks_from` sweeps nothing: `records` must hold that setting's sweep, which chooses
     s, records = _setting(setting), records or {}
-    networks, methods = _subsets(networks, methods)
+    networks, methods = _subsets(networks, methods, s)
     sweeps = {(n, m): sweep(records, setting, n, m) for n in networks for m in methods}
     runs = [make_run(setting, n, m, lr, seed, aux) for seed in s.sweep_seeds for n in networks
             for m in methods for lr, aux in sweeps[n, m].rates]

@@ -327,15 +327,21 @@ def run_setting(setting:str, # one of SETTINGS
                 workers:int=1, # processes running runs at once
                 threads:int=1, # torch threads per run
                 deadline:float|None=None, # a time.time() after which no run is started
-                log=print # called with a line per run; None: silent
+                log=print, # called with a line per run; None: silent
+                picks=None # for a setting with `picks_from`: the folder of that setting's sweep
                ) -> dict: # run name -> record, of everything in out_dir
     "Run (or resume) a setting's sweep and then its other seeds at the chosen learning rates into `out_dir`"
-    log = log or (lambda s: None)
+    log, s = log or (lambda s: None), SETTINGS.get(setting)  # an unknown setting: compare_plan says so
+    chooser = load_records(picks) if picks is not None else {}
+    if s is not None and s.picks_from is not None and not any(r.get('setting') == s.picks_from for r in chooser.values()):
+        raise ValueError(f'setting {setting!r} runs at the rates the {s.picks_from!r} sweep chose: give picks, '
+                         f'a folder with that sweep\'s records (not {picks!r})')
     if workers > 1 and isinstance(data, Cifar10):
         raise ValueError('workers > 1 need the CIFAR-10 source path as data, not a loaded Cifar10')
     while True:
         records = load_records(out_dir)
-        todo = [r for r in compare_plan(setting, records, networks, methods) if r.name not in records]
+        todo = [r for r in compare_plan(setting, {**chooser, **records}, networks, methods)
+                if r.name not in records]
         if not todo: return records
         log(f'{setting}: {len(todo)} runs to do -> {Path(out_dir)}')
         n_ended = _run_all(todo, data, out_dir, device, deadline, workers, threads, log)
@@ -349,7 +355,8 @@ def _parser() -> argparse.ArgumentParser:
         'on the MLP, ConvNet, ResNet-20 and a transformer LM (see the compare chapters).'))
     parser.add_argument('--setting', choices=tuple(SETTINGS), default='reduced',
                         help='quick (smoke test), reduced (CPU, 3-rate grids, every seed reported), '
-                        'heldout (CPU, wider grids, held-out seeds) or full (GPU, as heldout)')
+                        'heldout (CPU, wider grids, held-out seeds), full (GPU, as heldout) or long '
+                        "(CPU, 120 s runs at heldout's rates)")
     parser.add_argument('--data', help='CIFAR-10 source for load_cifar10 (default: the usual places)')
     parser.add_argument('--out', type=Path, help="results folder (default proxprop-results/compare-SETTING, "
                         "next to the experiments'; for results/compare-SETTING of earlier versions, give it)")
@@ -362,6 +369,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--budget-minutes', type=float,
                         help='start no run that may not end within this many minutes')
     parser.add_argument('--plan', action='store_true', help='print the runs known so far and exit')
+    parser.add_argument('--picks', type=Path, help="for --setting long: the results folder of the heldout sweep, "
+                        "whose chosen rates it runs (default proxprop-results/compare-heldout)")
     return parser
 
 # %% ../../nbs/13a_compare_run.ipynb #8f31c632
@@ -373,6 +382,15 @@ def _checked_out(parser:argparse.ArgumentParser, args:argparse.Namespace) -> Pat
         parser.error(f'--budget-minutes {minutes}: use a finite number of minutes > 0')
     if args.device is not None and (why := device_problem(args.device)) is not None:
         parser.error(f'--device {args.device}: {why}')
+    picks_from = SETTINGS[args.setting].picks_from
+    if args.picks is not None and picks_from is None:
+        parser.error(f'--picks is for a setting that runs at another setting\'s rates (long), not {args.setting}')
+    if picks_from is not None:
+        args.picks = args.picks or Path('proxprop-results')/f'compare-{picks_from}'
+        if not any(r.get('setting') == picks_from for r in load_records(args.picks).values()):
+            parser.error(f"--setting {args.setting} runs at the rates the {picks_from} sweep chose, and "
+                         f"{args.picks} holds no {picks_from} records: run --setting {picks_from} first, "
+                         f"or give its folder with --picks")
     return args.out or Path('proxprop-results')/f'compare-{args.setting}'
 
 
@@ -384,9 +402,11 @@ def _run_command(parser:argparse.ArgumentParser, args:argparse.Namespace, out:Pa
     torch.set_num_threads(args.threads)
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
     records = run_setting(args.setting, out, args.data, args.networks, args.methods, args.device,
-                          args.workers, args.threads, deadline)
+                          args.workers, args.threads, deadline, picks=args.picks)
     from proxprop_nb.lab.compare_report import summarize, format_summary
-    print(f'\nresults in {out.resolve()}\n' + format_summary(summarize(records.values())))
+    chooser = list(load_records(args.picks).values()) if args.picks else []  # where the rates were chosen
+    rows = [r for r in summarize([*records.values(), *chooser]) if r['setting'] == args.setting]
+    print(f'\nresults in {out.resolve()}\n' + format_summary(rows))
     return 0
 
 def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
@@ -396,7 +416,8 @@ def main(argv:list|None=None # command-line arguments; None: sys.argv[1:]
     args = parser.parse_args(argv)
     out = _checked_out(parser, args)
     if args.plan:
-        for r in compare_plan(args.setting, load_records(out), args.networks, args.methods): print(r.name)
+        known = {**(load_records(args.picks) if args.picks else {}), **load_records(out)}
+        for r in compare_plan(args.setting, known, args.networks, args.methods): print(r.name)
         return 0
     try:
         with removed_if_left_empty(out): return _run_command(parser, args, out)
