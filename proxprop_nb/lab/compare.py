@@ -503,7 +503,7 @@ def sweep(records:dict, # run name -> results record (e.g. from `load_records`)
          ) -> Sweep:
     "The rates swept so far and the one chosen by mean final validation metric on the sweep seeds"
     s, (key, larger) = _setting(setting), select_key(network)
-    if s.picks_from is not None: return sweep(records, s.picks_from, network, method)  # its rates are chosen there
+    if s.picks_from is not None: return sweep(records, s.picks_from, network, method)  # chosen there
     aux0 = make_run(setting, network, method, 1.0).aux_lr
     def score(lr, aux):
         runs = [records.get(make_run(setting, network, method, lr, seed, aux).name) for seed in s.sweep_seeds]

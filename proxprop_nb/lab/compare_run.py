@@ -333,7 +333,8 @@ def run_setting(setting:str, # one of SETTINGS
     "Run (or resume) a setting's sweep and then its other seeds at the chosen learning rates into `out_dir`"
     log, s = log or (lambda s: None), SETTINGS.get(setting)  # an unknown setting: compare_plan says so
     chooser = load_records(picks) if picks is not None else {}
-    if s is not None and s.picks_from is not None and not any(r.get('setting') == s.picks_from for r in chooser.values()):
+    if (s is not None and s.picks_from is not None
+            and not any(r.get('setting') == s.picks_from for r in chooser.values())):
         raise ValueError(f'setting {setting!r} runs at the rates the {s.picks_from!r} sweep chose: give picks, '
                          f'a folder with that sweep\'s records (not {picks!r})')
     if workers > 1 and isinstance(data, Cifar10):
@@ -369,8 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--budget-minutes', type=float,
                         help='start no run that may not end within this many minutes')
     parser.add_argument('--plan', action='store_true', help='print the runs known so far and exit')
-    parser.add_argument('--picks', type=Path, help="for --setting long: the results folder of the heldout sweep, "
-                        "whose chosen rates it runs (default proxprop-results/compare-heldout)")
+    parser.add_argument('--picks', type=Path, help="for --setting long: the results folder of the heldout "
+                        "sweep, whose chosen rates it runs (default proxprop-results/compare-heldout)")
     return parser
 
 # %% ../../nbs/13a_compare_run.ipynb #8f31c632
@@ -384,7 +385,8 @@ def _checked_out(parser:argparse.ArgumentParser, args:argparse.Namespace) -> Pat
         parser.error(f'--device {args.device}: {why}')
     picks_from = SETTINGS[args.setting].picks_from
     if args.picks is not None and picks_from is None:
-        parser.error(f'--picks is for a setting that runs at another setting\'s rates (long), not {args.setting}')
+        parser.error(f"--picks is for a setting that runs at another setting's rates (long), "
+                     f"not {args.setting}")
     if picks_from is not None:
         args.picks = args.picks or Path('proxprop-results')/f'compare-{picks_from}'
         if not any(r.get('setting') == picks_from for r in load_records(args.picks).values()):
