@@ -43,11 +43,10 @@ def format_spreads(spreads:list, # from `seed_spreads`
                    digits:int=3, # decimals shown
                   ) -> str:
     "A text table: one line per setting with mean [min, max] over its seeds, diverged runs and the edge mark"
-    name = lambda s: s['label'] + (', official CG' if s['cg_variant'] == 'official' else '')
     lines = [f"{'setting':<34}{'lr':>8}{'seeds':>8}  {'mean [min, max]':<26}{'diverged':>8}"]
     for s in spreads:
         num = lambda v: f'{scale * v:.{digits}f}'
         vals = '-' if s['mean'] is None else f"{num(s['mean'])} [{num(s['min'])}, {num(s['max'])}]"
-        lines.append(f"{name(s):<34}{s['lr']:>8g}{len(s['seeds']):>8}  {vals:<26}{s['diverged']:>8}"
+        lines.append(f"{s['label']:<34}{s['lr']:>8g}{len(s['seeds']):>8}  {vals:<26}{s['diverged']:>8}"
                      + ('  at the edge' if s['at_edge'] else ''))
     return '\n'.join(lines)
