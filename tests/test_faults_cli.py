@@ -186,7 +186,7 @@ def test_failed_start_leaves_no_empty_folder(capsys, monkeypatch, tmp_path):
 def test_compare_writes_next_to_the_experiments_by_default(monkeypatch, tmp_path, capsys):
     "proxprop-compare wrote to results/compare-SETTING, the experiments to proxprop-results/EXPERIMENT"
     folders = []
-    monkeypatch.setattr(R, 'run_setting', lambda setting, out, *a: folders.append(out) or {})
+    monkeypatch.setattr(R, 'run_setting', lambda setting, out, *a, **k: folders.append(out) or {})
     monkeypatch.chdir(tmp_path)
     assert R.main(['--setting', 'quick', '--networks', 'lm']) == 0
     assert folders == [Path('proxprop-results')/'compare-quick']
