@@ -21,21 +21,24 @@ def _reported_seeds(s) -> tuple:
     "The seeds a setting reports: those that did not choose the rate where it holds seeds out, else all"
     return tuple(x for x in s.seeds if not (s.held_out and x in s.sweep_seeds))
 
-def chosen_runs(records # results records (e.g. `load_records(folder).values()`)
-               ) -> dict: # (setting, network, method) -> (chosen lr, [records at that lr, by seed])
-    "The reported runs at the chosen learning rate of every method, network and setting in `records`"
+def _chosen_sweeps(records) -> dict: # (setting, network, method) -> (its Sweep, [the reported runs])
+    "Every method's ended sweep in `records`, with the reported seeds' runs at the rate it chose"
     by_name = {r['name']: r for r in records}
     groups = sorted({(r['setting'], r['network'], r['method']) for r in by_name.values()},
                     key=lambda k: (k[0], NETWORKS.index(k[1]), list(METHODS).index(k[2])))
     out = {}
     for s, n, m in groups:
-        chosen = sweep(by_name, s, n, m).chosen
-        if chosen is None: continue
-        lr, aux = chosen
+        sw = sweep(by_name, s, n, m)
+        if sw.chosen is None: continue
         runs = [by_name[name] for seed in _reported_seeds(SETTINGS[s])
-                if (name := make_run(s, n, m, lr, seed, aux).name) in by_name]
-        if runs: out[(s, n, m)] = lr, runs
+                if (name := make_run(s, n, m, sw.chosen[0], seed, sw.chosen[1]).name) in by_name]
+        if runs: out[(s, n, m)] = sw, runs
     return out
+
+def chosen_runs(records # results records (e.g. `load_records(folder).values()`)
+               ) -> dict: # (setting, network, method) -> (chosen lr, [records at that lr, by seed])
+    "The reported runs at the chosen learning rate of every method, network and setting in `records`"
+    return {k: (sw.chosen[0], runs) for k, (sw, runs) in _chosen_sweeps(records).items()}
 
 
 # %% ../../nbs/14_compare_results.ipynb #c014
@@ -72,13 +75,11 @@ def targets(chosen:dict # from `chosen_runs`
 def summarize(records # results records
              ) -> list: # one dict per (setting, network, method)
     "Mean and sample standard deviation over seeds of the chosen runs' final values, steps, times to target"
-    by_name = {r['name']: r for r in records}
-    chosen = chosen_runs(by_name.values())
-    tg, rows = targets(chosen), []
-    for (s, n, m), (lr, runs) in chosen.items():
-        row = dict(setting=s, network=n, method=m, label=METHODS[m].label, lr=lr,
-                   aux_lr=(runs[0].get('run') or {}).get('aux_lr'),
-                   at_edge=sweep(by_name, s, n, m).at_edge,
+    chosen = _chosen_sweeps(records)
+    tg, rows = targets({k: (sw.chosen[0], runs) for k, (sw, runs) in chosen.items()}), []
+    for (s, n, m), (sw, runs) in chosen.items():
+        (lr, aux), at_edge = sw.chosen, sw.at_edge
+        row = dict(setting=s, network=n, method=m, label=METHODS[m].label, lr=lr, aux_lr=aux, at_edge=at_edge,
                    seeds=[r['seed'] for r in runs], diverged=sum(r['status'] == 'diverged' for r in runs),
                    steps=_stat([r['steps'] for r in runs]))
         for k in ('train_loss', 'val_loss', 'val_acc'): row[k] = _stat([_final(r, k) for r in runs])
