@@ -318,6 +318,12 @@ def _run_all(todo, data, out_dir, device, deadline, workers, threads, log) -> in
     return n_ended
 
 # %% ../../nbs/13a_compare_run.ipynb #c026
+def _missing_sweep(setting:str, records:dict) -> str|None:
+    "The setting whose chosen rates `setting` runs at (`picks_from`) where `records` hold none of its runs"
+    s = SETTINGS.get(setting)  # an unknown setting: compare_plan says so
+    if s is None or s.picks_from is None: return None
+    return None if any(r.get('setting') == s.picks_from for r in records.values()) else s.picks_from
+
 def run_setting(setting:str, # one of SETTINGS
                 out_dir, # results folder
                 data=None, # CIFAR-10: a `Cifar10` (one worker) or a source path; None: the usual places
@@ -331,11 +337,10 @@ def run_setting(setting:str, # one of SETTINGS
                 picks=None # for a setting with `picks_from`: the folder of that setting's sweep
                ) -> dict: # run name -> record, of everything in out_dir
     "Run (or resume) a setting's sweep and then its other seeds at the chosen learning rates into `out_dir`"
-    log, s = log or (lambda s: None), SETTINGS.get(setting)  # an unknown setting: compare_plan says so
+    log = log or (lambda s: None)
     chooser = load_records(picks) if picks is not None else {}
-    if (s is not None and s.picks_from is not None
-            and not any(r.get('setting') == s.picks_from for r in chooser.values())):
-        raise ValueError(f'setting {setting!r} runs at the rates the {s.picks_from!r} sweep chose: give picks, '
+    if (need := _missing_sweep(setting, chooser)) is not None:
+        raise ValueError(f'setting {setting!r} runs at the rates the {need!r} sweep chose: give picks, '
                          f'a folder with that sweep\'s records (not {picks!r})')
     if workers > 1 and isinstance(data, Cifar10):
         raise ValueError('workers > 1 need the CIFAR-10 source path as data, not a loaded Cifar10')
@@ -389,7 +394,7 @@ def _checked_out(parser:argparse.ArgumentParser, args:argparse.Namespace) -> Pat
                      f"not {args.setting}")
     if picks_from is not None:
         args.picks = args.picks or Path('proxprop-results')/f'compare-{picks_from}'
-        if not any(r.get('setting') == picks_from for r in load_records(args.picks).values()):
+        if _missing_sweep(args.setting, load_records(args.picks)) is not None:
             parser.error(f"--setting {args.setting} runs at the rates the {picks_from} sweep chose, and "
                          f"{args.picks} holds no {picks_from} records: run --setting {picks_from} first, "
                          f"or give its folder with --picks")
