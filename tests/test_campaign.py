@@ -97,6 +97,8 @@ def test_campaign_command_rehearsal(tmp_path):
         names = t.getnames()
     assert len(names) == 4 and all(n.endswith('.json') for n in names)  # 3 runs, one shared by fig2 and table1
     assert 'runs (' in (out/'summary.txt').read_text()
+    bench = read_json(out/'bench.json')  # BackProp with AdamW, Muon and SOAP beside the modes, at one batch size
+    assert [list(r['modes'])[-3:] == ['bp_adamw', 'muon', 'soap'] for r in bench['steps']] == [True, True]
 
 
 def test_campaign_spends_time_left_on_the_comparison(tmp_path):

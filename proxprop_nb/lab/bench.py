@@ -23,9 +23,10 @@ from ..batched import BatchedRuns
 from .models import mlp, convnet, MLP_SIZES, make_optimizer
 from .train import MODELS, default_device, synchronize, device_problem
 from .runfiles import environment, write_json, read_json
+from .compare import make_method
 
 # %% auto #0
-__all__ = ['MODES', 'COMPILE', 'HOST_READ_OP', 'bench_model', 'compiled', 'make_step', 'time_steps', 'held_bytes',
+__all__ = ['MODES', 'COMPILE', 'PEERS', 'HOST_READ_OP', 'bench_model', 'compiled', 'make_step', 'time_steps', 'held_bytes',
            'step_peak_memory', 'profile_step', 'machine_info', 'benchmark', 'route_times', 'exact_solve_times',
            'bench_batch_runs', 'format_table', 'format_batch_table', 'run', 'main']
 
@@ -47,6 +48,8 @@ MODES = ('plain', 'gradient', 'prox_exact', 'prox_cg3')
 # how `make_step` may compile a model: torch.compile's modes ('default' is Inductor, 'reduce-overhead' adds
 # CUDA graphs on a GPU), or 'aot_eager', the AOTAutograd backend without code generation (no C++ compiler)
 COMPILE = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'aot_eager')
+# BackProp with the optimizers people use instead of ProxProp: bench mode -> the compare chapters' method
+PEERS = {'bp_adamw': 'bp-adamw', 'muon': 'muon', 'soap': 'soap'}
 
 def compiled(model:nn.Module, # the model to compile
              how:str # one of COMPILE
@@ -56,19 +59,23 @@ def compiled(model:nn.Module, # the model to compile
     return torch.compile(model, backend='aot_eager') if how == 'aot_eager' else torch.compile(model, mode=how)
 
 def make_step(plain:nn.Module, # the plain PyTorch model
-              mode:str, # 'plain' or a ProxProp optimization_mode
-              optimizer:str, # 'sgd' (Nesterov, momentum 0.95) or 'adam'
+              mode:str, # 'plain', a ProxProp optimization_mode, or a peer (PEERS: plain layers, its optimizer)
+              optimizer:str, # 'sgd' (Nesterov, momentum 0.95) or 'adam'; a peer mode brings its own
               x:torch.Tensor, y:torch.Tensor, # one batch on the device
               tau_prox:float=1.0, # ProxProp's tau_theta
               compile:str|None=None, # None: eager; else how forward and backward are compiled (COMPILE)
+              network:str='mlp', # which paper network `plain` is ('mlp' or 'convnet'): Muon's layer groups
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ):
     "A function running one training step of `mode` on its own copy of `plain`, with `.model` and `.opt`"
     model = copy.deepcopy(plain)
-    if mode != 'plain':
-        proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
+    if mode in PEERS:  # the compare chapters' optimizer, its groups and settings; a rate that stays finite
+        opt = make_method(model, network, PEERS[mode], lr=0.02 if mode == 'muon' else 1e-3)
+    else:
+        if mode != 'plain':
+            proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
+        opt = make_optimizer(model.parameters(), optimizer, lr=1e-3)
     forward = model if compile is None else compiled(model, compile)
-    opt = make_optimizer(model.parameters(), optimizer, lr=1e-3)
     def step():
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(forward(x), y).backward()
@@ -196,7 +203,7 @@ def _bench_setup(model, batch_size, widths, device, tau_prox, seed) -> tuple:
 # %% ../../nbs/06_bench.ipynb #7d79c1fe
 def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               batch_size:int=500, # samples per step
-              modes=MODES, # 'plain' first (the baseline), then ProxProp optimization modes
+              modes=MODES, # 'plain' first (the baseline), then ProxProp optimization modes and PEERS
               widths:tuple|None=None, # MLP hidden widths (default the paper's)
               device='cpu', # where to run
               repeats:int=7, # timed interleaved rounds (the median is reported)
@@ -211,11 +218,16 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
     if compile is not None and warmup < 1:
         raise ValueError('a compiled step needs warmup >= 1: it compiles first')
     plain, optimizer, x, y, tau_prox = _bench_setup(model, batch_size, widths, device, tau_prox, seed)
-    steps = {m: make_step(plain, m, optimizer, x, y, tau_prox, compile, **prox) for m in modes}
+    steps, left_out = {}, {}
+    for m in modes:
+        try: steps[m] = make_step(plain, m, optimizer, x, y, tau_prox, compile, model, **prox)
+        except ImportError as e:  # a peer whose library is not installed: left out, in words
+            if m not in PEERS: raise
+            left_out[m] = str(e)
     times = time_steps(steps, repeats, warmup, device)
     out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths,
                optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox,
-               compile=compile, modes={})
+               compile=compile, modes={}, left_out=left_out)
     for m, s in steps.items(): out['modes'][m] = _mode_result(times[m], s, x, y, device)
     _add_ratios(out['modes'])
     return out
@@ -355,6 +367,13 @@ def format_table(res:dict # a `benchmark` result
         lines.append(f"{m:<12}{r['median_ms']:>10.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}"
                      f"{r['ratio']:>6.2f}x{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x"
                      f"{prof['ops']:>7}{prof['host_reads']:>6}  {','.join(r['routes'])}")
+    if peers := [m for m in res['modes'] if m in PEERS]:
+        version = res['machine'].get('pytorch_optimizer') or 'not recorded'
+        lines.append(f"peers: BackProp with {', '.join(peers)} (pytorch-optimizer {version}); mean ms "
+                     + ', '.join(f"{m} {statistics.fmean(res['modes'][m]['times_ms']):.1f}" for m in peers)
+                     + ' (SOAP refreshes its eigenbases every 10th step: a mean over 10 or more repeats '
+                     'holds one)')
+    for m, why in (res.get('left_out') or {}).items(): lines.append(f'left out: {m} ({why})')
     return '\n'.join(lines)
 
 # %% ../../nbs/06_bench.ipynb #32c64cbc
@@ -397,7 +416,11 @@ def _options() -> argparse.ArgumentParser:
     add('--widths', nargs='+', default=None,
         help="MLP hidden widths, e.g. 4000,1000,4000, several allowed (default the paper's; 32,16,32 "
              "with --quick)")
-    add('--modes', default=','.join(MODES), help='comma separated: plain, gradient, prox_exact, prox_cgN')
+    add('--modes', default=','.join(MODES),
+        help=f"comma separated: plain, gradient, prox_exact, prox_cgN, or a peer ({', '.join(PEERS)})")
+    add('--peers', action='store_true',
+        help=f"also time BackProp with AdamW, Muon and SOAP ({', '.join(PEERS)}; Muon and SOAP need "
+             "pytorch-optimizer, and are left out in words without it)")
     add('--device', default=default_device(), help="'cpu' or 'cuda'")
     add('--repeats', type=int, default=None,
         help='timed interleaved rounds; the median is reported (default 7; 3 with --quick)')
@@ -439,6 +462,7 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
         p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
     if a.batch_runs is not None and a.batch_runs < 1: p.error(f'--batch-runs {a.batch_runs}: use R >= 1')
     if a.compile and a.batch_runs: p.error('--compile times single runs: leave out --batch-runs')
+    if a.peers and a.batch_runs: p.error('--peers times single runs: leave out --batch-runs')
     if a.compile and a.warmup < 1: p.error(f'--compile needs --warmup >= 1 (a compiled step compiles first)')
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")
@@ -460,9 +484,12 @@ def _parse(argv):
         except ValueError as e: p.error(f'--tau-prox: {e}')
     if a.json: _check_json_target(p, Path(a.json))
     a.modes = tuple(m.strip() for m in a.modes.split(','))
+    if a.peers: a.modes += tuple(m for m in PEERS if m not in a.modes)
+    if a.batch_runs and (peers := [m for m in a.modes if m in PEERS]):
+        p.error(f"--modes {','.join(peers)}: peers are timed as single runs, not with --batch-runs")
     a.prox = dict(solver=a.solver, **({} if a.cg_tol is None else dict(cg_tol=a.cg_tol)))
     for m in a.modes:
-        if m != 'plain':
+        if m != 'plain' and m not in PEERS:
             try: proxprop_nb.solvers.check_prox_args(optimization_mode=m, **a.prox)
             except ValueError as e: p.error(str(e))
     return a

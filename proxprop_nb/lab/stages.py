@@ -14,7 +14,8 @@ from pathlib import Path
 
 import proxprop_nb
 from .experiments import EXPERIMENTS, load_results, format_runs, format_table1, describe_runs
-from .bench import benchmark, route_times, format_table, bench_batch_runs, format_batch_table
+from .bench import (benchmark, route_times, format_table, bench_batch_runs, format_batch_table,
+                                   PEERS)
 
 # %% auto #0
 __all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'start_tests', 'finish_tests', 'run_bench', 'bench_step_seconds',
@@ -70,8 +71,10 @@ def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) 
         for bs in ((16,) if quick else BENCH_BATCHES):
             if time.time() > deadline: out['skipped'].append([model, bs]); continue
             widths = (64, 32, 64) if quick and model == 'mlp' else None
-            r = benchmark(model, bs, BENCH_MODES, widths, device, repeats=3 if quick else 7,
-                          warmup=1 if quick else 2)
+            # at batch 500 also BackProp with AdamW, Muon and SOAP; 10 rounds hold one SOAP refresh
+            peers = tuple(PEERS) if bs == (16 if quick else 500) else ()
+            r = benchmark(model, bs, BENCH_MODES + peers, widths, device,
+                          repeats=3 if quick else 10 if peers else 7, warmup=1 if quick else 2)
             out['steps'].append(r); log(format_table(r))
     for model in ('mlp', 'convnet'):  # 4 runs as one batch against the same runs one after another
         if time.time() > deadline: out['skipped'].append([model, 'batched']); continue
