@@ -388,11 +388,11 @@ SETTINGS = {s.name: s for s in (
             2, (0,), (0, 1), 'middle', 'synthetic', 50_000),
     Setting('reduced', _REDUCED, 5, (0,), (0, 1, 2), 'grid', 'cifar10', 1_000_000),
     Setting('heldout', _REDUCED, 5, (0,), (0, 1, 2, 3), 'wide', 'cifar10', 1_000_000,
-            widen=2, aux_sweep=True, held_out=True),
+            widen=3, aux_sweep=True, held_out=True),
     Setting('full', dict(mlp=NetSetting(15, 500, 5000, 10000), convnet=NetSetting(20, 500, 5000, 10000),
                          resnet20=NetSetting(60, 128, 5000, 10000),
                          lm=NetSetting(60, 64, 256, 512, (256, 4, 8, 256))),
-            20, (0,), (0, 1, 2, 3), 'wide', 'cifar10', None, widen=2, aux_sweep=True, held_out=True),
+            20, (0,), (0, 1, 2, 3), 'wide', 'cifar10', None, widen=3, aux_sweep=True, held_out=True),
     Setting('long', dict(mlp=NetSetting(120, 500, 400, 1000), convnet=NetSetting(120, 500, 400, 1000)),
             10, (), (1, 2, 3), 'wide', 'cifar10', None, aux_sweep=True, held_out=True, picks_from='heldout'),
 )}
