@@ -257,6 +257,15 @@ def test_readme_heldout_comparison_numbers_are_the_records():
     assert min(rows['mlp', m]['val_acc'][0] for m in prox) > max(rows['mlp', m]['val_acc'][0] for m in peers)
 
 
+def test_readme_peer_step_costs_are_the_records():
+    runs = json.loads((RESULTS / 'bench' / 'cpu_peers.json').read_text())
+    names = {'mlp': 'paper MLP', 'convnet': 'paper ConvNet'}
+    for r in runs:
+        _quoted(f"| {names[r['model']]} | " + ' | '.join(f"{r['modes'][m]['ratio']:.2f}x" for m in
+                                                          ('prox_exact', 'prox_cg3', 'bp_adamw', 'muon', 'soap')) + ' |')
+    _quoted(f"commit {runs[0]['machine']['git_commit'][:7]}, median of {runs[0]['repeats']} interleaved steps")
+
+
 def test_readme_benchmark_numbers_are_the_records():
     cpu = json.loads((RESULTS / 'bench' / 'cpu_main.json').read_text())
     gpu = json.loads((RESULTS / 'bench' / 'gpu_h200.json').read_text())['steps']
