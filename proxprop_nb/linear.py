@@ -62,7 +62,7 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
     live = rho.new_ones(()) if sync_free and stop is not None else None
     iters_on_device, residual = rho.new_zeros(()), None  # counted where the early stop runs on the device
     for k in range(1, n_iter + 1):
-        alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0) + eps)
+        alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0), eps)
         # frozen once converged
         if live is not None: alpha, iters_on_device = alpha * live, iters_on_device + live
         y.addcmul_(q, alpha)  # D += alpha p
@@ -72,7 +72,7 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
         rho_new = (s * w).sum(0)  # r^T r
         stop_now, live = _early_stop(stop, rho_new, live)
         if stop_now: residual = _relative_residual(rho_new, rho0); break
-        cg_beta = _safe_div(rho_new, rho + eps)  # CG's beta_k: p = r + beta_k p
+        cg_beta = _safe_div(rho_new, rho, eps)  # CG's beta_k: p = r + beta_k p
         if k == 1: q, u = ((s * (1 + cg_beta), w * (1 + cg_beta)) if official
                            else (torch.addcmul(s, q, cg_beta), torch.addcmul(w, u, cg_beta)))
         else: q.mul_(cg_beta).add_(s); u.mul_(cg_beta).add_(w)

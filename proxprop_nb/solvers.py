@@ -137,16 +137,17 @@ class SolveInfo:
 SUMMARIZED = [f for f in fields(SolveInfo) if 'summary' in f.metadata]
 
 # %% ../nbs/01_solvers.ipynb #c016
-def _safe_div(num, den):
-    "num/den, with 0 where den == 0 (NaN and inf still propagate)"
-    return torch.where(den == 0, torch.zeros_like(num), num / den)
+def _safe_div(num, den, eps:float=0.):
+    "num / (den + eps), with 0 where that is 0 (NaN and inf still propagate); no kernel for the zeros or eps = 0"
+    if eps: den = den + eps
+    return torch.where(den == 0, 0., num / den)
 
 # %% ../nbs/01_solvers.ipynb #5f507731
 def _early_stop(stop, rho_new, live):
     "(stop now, live): the host-side check, or with `live` (a device scalar, 1 until converged) the device's"
     if stop is None: return False, live
     if live is None: return bool(rho_new.max() < stop), None
-    return False, live * (rho_new.max() >= stop).to(live.dtype)
+    return False, torch.where(rho_new.max() >= stop, live, 0.)  # live stays 1, or becomes 0 for good
 
 def _relative_residual(rho, rho0):
     "sqrt(max_i rho_i / mean_i rho0_i): the relative residual the stopping rule compares with cg_tol"
@@ -172,7 +173,7 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     iters_on_device = rho.new_zeros(())  # counted only where the early stop runs on the device
     for k in range(1, n_iter + 1):
         MP = apply_M(P)
-        alpha = _safe_div(rho, rowdot(P, MP) + eps)
+        alpha = _safe_div(rho, rowdot(P, MP), eps)
         # frozen once converged
         if live is not None: alpha, iters_on_device = alpha * live, iters_on_device + live
         X = [x + rowscale(alpha, p) for x, p in zip(X, P)]
@@ -181,7 +182,7 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
         if k == n_iter: break
         stop_now, live = _early_stop(stop, rho_new, live)
         if stop_now: break
-        cg_beta = _safe_div(rho_new, rho + eps)  # CG's beta_k (not the proximal beta = 1/tau_prox)
+        cg_beta = _safe_div(rho_new, rho, eps)  # CG's beta_k (not the proximal beta = 1/tau_prox)
         P_prev = R if official and k == 1 else P  # the official code's P aliases R in its first iteration
         P, rho = [r + rowscale(cg_beta, p) for r, p in zip(R, P_prev)], rho_new
     return CGResult(X, k if live is None else iters_on_device, _relative_residual(rho_new, rho0))
