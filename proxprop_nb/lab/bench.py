@@ -331,6 +331,8 @@ def bench_batch_runs(model:str='mlp', # 'mlp' or 'convnet'
                      **prox # further ProxProp settings (cg_tol, cg_variant, solver)
                     ) -> dict: # machine, settings, and per mode the alone and batched times
     "Time one step of `runs` runs as one batch against the same runs stepped one after another"
+    if peers := [m for m in modes if m in PEERS]:
+        raise ValueError(f'modes {peers}: peers (Muon, SOAP, AdamW) are timed as single runs, with `benchmark`')
     plain, optimizer, x, y, tau_prox = _bench_setup(model, batch_size, widths, device, tau_prox, seed)
     out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths, runs=runs,
                optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox, modes={})
