@@ -167,11 +167,13 @@ def _band(runs, key):
 # %% ../../nbs/14_compare_results.ipynb #c029
 def plot_compare(records, # results records
                  title:str='', # the figure's title: say which machine, data and setting
-                 networks=None # networks to show (rows); None: all in the records
+                 networks=None, # networks to show (rows); None: all in the records
+                 setting:str|None=None # the setting whose runs to show; None: every setting in the records
                 ):
     "Training loss (log scale) and validation accuracy over time, mean and seed band per method, by network"
-    chosen = chosen_runs(records)
+    chosen = {k: v for k, v in chosen_runs(records).items() if setting in (None, k[0])}
     nets = [n for n in (networks or NETWORKS) if any(k[1] == n for k in chosen)]
+    if not nets: raise ValueError('no chosen runs to plot' + (f' of setting {setting!r}' if setting else ''))
     fig, axs = plt.subplots(len(nets), 2, figsize=(12, 3.3 * len(nets)), squeeze=False)
     for (ax_l, ax_a), n in zip(axs, nets):
         for (s, net, m), (lr, runs) in chosen.items():
