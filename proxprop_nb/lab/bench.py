@@ -464,7 +464,6 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
         p.error('--repeats and --batch-size must be >= 1, --warmup >= 0')
     if a.batch_runs is not None and a.batch_runs < 1: p.error(f'--batch-runs {a.batch_runs}: use R >= 1')
     if a.compile and a.batch_runs: p.error('--compile times single runs: leave out --batch-runs')
-    if a.peers and a.batch_runs: p.error('--peers times single runs: leave out --batch-runs')
     if a.compile and a.warmup < 1: p.error(f'--compile needs --warmup >= 1 (a compiled step compiles first)')
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import proxprop_nb
 from .experiments import EXPERIMENTS, load_results, format_runs, format_table1, describe_runs
 from .bench import (benchmark, route_times, format_table, bench_batch_runs, format_batch_table,
-                                   PEERS)
+                                  PEERS)
 
 # %% auto #0
 __all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'start_tests', 'finish_tests', 'run_bench', 'bench_step_seconds',
