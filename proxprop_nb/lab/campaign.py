@@ -431,14 +431,19 @@ def _start_workers(n:int, data, device:str, fp32:bool) -> tuple:
     return pool, manager
 
 # %% ../../nbs/07_campaign.ipynb #9fcb7346
-def _stop_pool(pool):
+def _stop_pool(pool, grace:float=5.0):
     "Shut a pool down now: cancel what has not started, end the workers still busy (their runs can resume)"
     procs = list((getattr(pool, '_processes', None) or {}).values())
+    manager = getattr(pool, '_executor_manager_thread', None)  # `shutdown` forgets it, even with wait=False
     pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
-        p.join(timeout=5)
+        p.join(timeout=grace)
         if p.is_alive(): p.terminate()
-    pool.shutdown(wait=True)
+        p.join(timeout=grace)
+        if p.is_alive(): p.kill()  # SIGTERM ignored (inherited from whoever started us)
+    # The pool's own thread reaps the workers too: wait for it, so that every worker's exit code is set on return
+    if manager is not None: manager.join(timeout=grace)
+
 
 # %% ../../nbs/07_campaign.ipynb #a165d31a
 class _Campaign:
