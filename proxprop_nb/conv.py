@@ -141,13 +141,20 @@ def _strips(x, xe, lines, e, K2, dil, dim):
     return _wgrad(go, inp, (K2, K2), (1, 1), dil, groups=len(lines)).reshape(len(lines), C, C, K2, K2)
 
 # %% ../nbs/01b_conv.ipynb #2f2efc7a
+@functools.lru_cache(maxsize=256)
+def _corner_index(rows:tuple, cols:tuple, K2:int, d:int, device) -> tuple:
+    "Index tensors of the corner positions and of their windows in xe (built once per shape, on the device)"
+    r, q = (torch.tensor(v, device=device) for v in (rows, cols))
+    shifts = d * torch.arange(K2, device=device)
+    # positions (R, Q) and windows (R, Q, K2, K2): xe[:, :, rows[r] + d a, cols[q] + d b]
+    return r[:, None], q[None, :], (r[:, None] + shifts)[:, None, :, None], (q[:, None] + shifts)[None, :, None, :]
+
 def _corners(x, xe, rows, cols, e, K2, d):
     "Correlations at single positions (r, q) of x, all shifts: (R, Q, C, C, K2, K2)"
-    N, C = x.shape[:2]
-    window = lambda r, q: xe[:, :, r:r + 2 * e + 1:d, q:q + 2 * e + 1:d].reshape(N, -1)
-    # pts[r, q, c, c', a, b] = sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b]: one small product each
-    pts = torch.stack([torch.stack([x[:, :, r, q].T @ window(r, q) for q in cols]) for r in rows])
-    return pts.view(len(rows), len(cols), C, C, K2, K2)
+    r, q, wr, wq = _corner_index(tuple(rows), tuple(cols), K2, d, x.device)
+    # pts[r, q, c, c', a, b] = sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b]: one batched product over (r, q)
+    return torch.einsum('ncrq,ndrqab->rqcdab', x[:, :, r, q], xe[:, :, wr, wq])
+
 
 # %% ../nbs/01b_conv.ipynb #04fb927b
 # one small constant per shape: built once, so later steps copy nothing to the device

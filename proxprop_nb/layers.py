@@ -341,11 +341,14 @@ def _amp_off(t):
 # %% ../nbs/02_layers.ipynb #efe46432
 class _ProxFn(torch.autograd.Function):
     "The Linear and conv functions' context: x, weight, bias, *geometry, spec, layer, collectives, call token"
+    # set in `forward(ctx, ...)`, not in a `setup_context`: for a Function with `setup_context`, every `apply`
+    # binds its arguments with `inspect.signature`, about 50 us of Python per call (chapter 20)
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, *ctx.geometry, ctx.spec, ctx.layer, ctx.collectives, ctx.call = inputs
+    def keep(ctx, x, weight, bias, geometry:tuple, spec, layer, collectives, call):
+        "Keep what the backward needs: x and weight saved, the other arguments as attributes"
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.geometry, ctx.spec, ctx.layer = bias is not None, geometry, spec, layer
+        ctx.collectives, ctx.call = collectives, call
 
     @staticmethod
     def needs_param_grad(ctx): return ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]
@@ -397,7 +400,9 @@ def _linear_param_grads(ctx, x2, g2, shared:bool):
 # %% ../nbs/02_layers.ipynb #18c8bff1
 class _ProxLinearFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, spec, layer, collectives, call): return F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, spec, layer, collectives, call):
+        _ProxFn.keep(ctx, x, weight, bias, (), spec, layer, collectives, call)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -532,7 +537,8 @@ def _conv_param_grads(ctx, x, g, weight, geo, shared:bool):
 # %% ../nbs/02_layers.ipynb #c021
 class _ProxConvFn(_ProxFn):
     @staticmethod
-    def forward(x, weight, bias, geo, spec, layer, collectives, call):
+    def forward(ctx, x, weight, bias, geo, spec, layer, collectives, call):
+        _ProxFn.keep(ctx, x, weight, bias, (geo,), spec, layer, collectives, call)
         return conv_forward(x, weight, bias, geo)
 
     @staticmethod

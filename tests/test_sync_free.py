@@ -12,6 +12,7 @@ from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxprop_module
 from proxprop_nb.layers import set_sync_free
 from proxprop_nb.layers import _PENDING
 from proxprop_nb.lab.bench import HOST_READ_OP
+from opcount import top_level_ops
 
 f64 = torch.float64
 
@@ -160,15 +161,6 @@ def test_a_layer_with_pending_flags_copies_and_pickles():
     assert twin not in _PENDING
 
 
-def _top_level_ops(f):
-    "aten operators called from Python by one call of f (on a GPU each launches a kernel or dispatches)"
-    from torch.profiler import profile, ProfilerActivity
-    f()
-    with profile(activities=[ProfilerActivity.CPU]) as prof: f()
-    return sum(1 for e in prof.events() if e.name.startswith('aten::')
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
-
-
 @pytest.mark.parametrize('variant, most', [('textbook', 27), ('official', 29)])
 def test_a_sync_free_cg_iteration_stays_within_its_operator_count(variant, most):
     # what one more iteration of batch-space CG costs in operators, with the device-side early stop: the count
@@ -177,5 +169,5 @@ def test_a_sync_free_cg_iteration_stays_within_its_operator_count(variant, most)
     torch.manual_seed(0)
     A, g = torch.randn(20, 30, dtype=f64), torch.randn(20, 5, dtype=f64)
     K = A @ A.T
-    ops = [_top_level_ops(lambda: dual_cg(K, g, 0.5, n, tol=1e-30, variant=variant, sync_free=True)) for n in (3, 4)]
+    ops = [top_level_ops(lambda: dual_cg(K, g, 0.5, n, tol=1e-30, variant=variant, sync_free=True)) for n in (3, 4)]
     assert 0 < ops[1] - ops[0] <= most, ops

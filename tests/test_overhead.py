@@ -1,0 +1,58 @@
+"The host-side cost of a ProxProp layer: what its Python and its operator count add to a step (chapter 20)"
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proxprop_nb import ProxPropLinear, ProxPropConv2d
+from proxprop_nb.conv import _corners
+from opcount import top_level_ops
+
+
+class _WithSetupContext(torch.autograd.Function):
+    "A Function in the setup_context style: the control, to show the probe sees what it looks for"
+    @staticmethod
+    def forward(x): return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output): pass
+
+    @staticmethod
+    def backward(ctx, g): return g * 2
+
+
+def _signature_calls(monkeypatch, f) -> int:
+    "How often one call of f asks inspect.signature (torch binds a setup_context Function's arguments so)"
+    calls, signature = [0], inspect.signature
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return signature(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(inspect, 'signature', counted)
+        f()
+    return calls[0]
+
+
+@pytest.mark.parametrize('mode', ['gradient', 'prox_exact', 'prox_cg3'])
+def test_a_prox_layer_binds_no_signature_per_call(monkeypatch, mode):
+    # `Function.apply` of a setup_context Function costs about 50 us of signature binding per call
+    x = torch.randn(4, 3, requires_grad=True)
+    if _signature_calls(monkeypatch, lambda: _WithSetupContext.apply(x)) == 0:
+        pytest.skip('this torch binds no signature in Function.apply: nothing to avoid')
+    lin = ProxPropLinear(3, 2, optimization_mode=mode)
+    conv = ProxPropConv2d(2, 2, 3, padding=1, optimization_mode=mode)
+    step = lambda: conv(lin(x).view(1, 2, 2, 2)).sum().backward()
+    step()
+    assert _signature_calls(monkeypatch, step) == 0
+
+
+def test_the_corner_correlations_are_one_batched_product():
+    # the patch Gram's corner corrections: a fixed number of operators, however many corner positions
+    # (a loop over the positions costs about nine operators each, 16 positions per 5x5 convolution)
+    gen = torch.Generator().manual_seed(0)
+    x, d, K2 = torch.randn(3, 2, 8, 8, generator=gen), 1, 5
+    e = d * (3 - 1); xe = F.pad(x, (e, e, e, e))
+    few = top_level_ops(lambda: _corners(x, xe, [0, 7], [0, 7], e, K2, d))
+    many = top_level_ops(lambda: _corners(x, xe, [0, 1, 6, 7], [0, 1, 2, 5, 6, 7], e, K2, d))
+    assert few == many <= 6, (few, many)
