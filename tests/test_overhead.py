@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d
-from proxprop_nb.conv import _corners
+from proxprop_nb.conv import _corners_batched
 from opcount import top_level_ops
 
 
@@ -47,12 +47,22 @@ def test_a_prox_layer_binds_no_signature_per_call(monkeypatch, mode):
     assert _signature_calls(monkeypatch, step) == 0
 
 
-def test_the_corner_correlations_are_one_batched_product():
-    # the patch Gram's corner corrections: a fixed number of operators, however many corner positions
-    # (a loop over the positions costs about nine operators each, 16 positions per 5x5 convolution)
+def test_the_corner_correlations_are_one_batched_product_on_a_gpu():
+    # the patch Gram's corner corrections on a GPU: a fixed number of operators, however many corner positions
+    # (the CPU's loop over the positions costs about nine operators each, 16 positions per 5x5 convolution)
     gen = torch.Generator().manual_seed(0)
     x, d, K2 = torch.randn(3, 2, 8, 8, generator=gen), 1, 5
     e = d * (3 - 1); xe = F.pad(x, (e, e, e, e))
-    few = top_level_ops(lambda: _corners(x, xe, [0, 7], [0, 7], e, K2, d))
-    many = top_level_ops(lambda: _corners(x, xe, [0, 1, 6, 7], [0, 1, 2, 5, 6, 7], e, K2, d))
+    few = top_level_ops(lambda: _corners_batched(x, xe, [0, 7], [0, 7], e, K2, d))
+    many = top_level_ops(lambda: _corners_batched(x, xe, [0, 1, 6, 7], [0, 1, 2, 5, 6, 7], e, K2, d))
     assert few == many <= 6, (few, many)
+
+
+def test_the_corners_are_batched_off_the_cpu_and_looped_on_it(monkeypatch):
+    import proxprop_nb.conv as conv
+    seen = []
+    monkeypatch.setattr(conv, '_corners_batched', lambda *args: seen.append('batched'))
+    monkeypatch.setattr(conv, '_corners_looped', lambda *args: seen.append('looped'))
+    for device in ('cpu', 'meta'):  # 'meta' stands in for a GPU: any device but the CPU
+        conv._corners(torch.zeros(1, 1, 4, 4, device=device), None, [0], [0], 1, 3, 1)
+    assert seen == ['looped', 'batched']
