@@ -419,13 +419,33 @@ class _ProxLinearFn(_ProxFn):
                 gw, gb = (_to_dtype(q, weight.dtype) for q in _linear_param_grads(ctx, x2, g2, shared))
         return gx, gw, gb, None, None, None, None
 
+# %% ../nbs/02_layers.ipynb #57c63904
+class _ProxLinearFnForTransforms(_ProxFn):
+    "`_ProxLinearFn` in the `setup_context` style that torch.func's transforms (grad, vjp) require; slower to call"
+    @staticmethod
+    def forward(x, weight, bias, spec, layer, collectives, call): return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, *rest = inputs
+        _ProxFn.keep(ctx, x, weight, bias, (), *rest)
+
+    backward = staticmethod(_ProxLinearFn.backward)
+
+_transforms_active = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
+
+def _function_for(fast, twin):
+    "The Function a layer applies: `twin` inside a torch.func transform, else `fast` (always under torch.compile)"
+    return fast if torch.compiler.is_compiling() or not _transforms_active() else twin
+
+
 # %% ../nbs/02_layers.ipynb #c008
 class ProxPropLinearBase(ProxPropMixin):
     "ProxProp behaviour of nn.Linear and its subclasses"
     def forward(self, input):
         collectives = self._global()
-        return _ProxLinearFn.apply(input, self.weight, self.bias, self._spec, self, collectives,
-                                   self._new_call(collectives))
+        Fn = _function_for(_ProxLinearFn, _ProxLinearFnForTransforms)
+        return Fn.apply(input, self.weight, self.bias, self._spec, self, collectives, self._new_call(collectives))
 
 # %% ../nbs/02_layers.ipynb #59d33a64
 class ProxPropLinear(ProxPropLinearBase, nn.Linear):
@@ -555,6 +575,20 @@ class _ProxConvFn(_ProxFn):
         return (_to_dtype(gx, x.dtype), _to_dtype(gw, weight.dtype), _to_dtype(gb, weight.dtype),
                 None, None, None, None, None)
 
+# %% ../nbs/02_layers.ipynb #6fb7bc4a
+class _ProxConvFnForTransforms(_ProxFn):
+    "`_ProxConvFn` in the `setup_context` style that torch.func's transforms (grad, vjp) require; slower to call"
+    @staticmethod
+    def forward(x, weight, bias, geo, spec, layer, collectives, call): return conv_forward(x, weight, bias, geo)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, geo, *rest = inputs
+        _ProxFn.keep(ctx, x, weight, bias, (geo,), *rest)
+
+    backward = staticmethod(_ProxConvFn.backward)
+
+
 # %% ../nbs/02_layers.ipynb #7071a10a
 def _explicitly_padded(conv, x):
     "The input as convolution `conv` sees it: padded here, except for numeric padding with zeros"
@@ -590,8 +624,8 @@ class _ProxConvMixin(ProxPropMixin):
     def forward(self, input, output_size=None):
         geo, x = _call_geometry(self, input, output_size), _explicitly_padded(self, input)
         collectives = self._global()
-        return _ProxConvFn.apply(x, self.weight, self.bias, geo, self._spec, self, collectives,
-                                 self._new_call(collectives))
+        Fn = _function_for(_ProxConvFn, _ProxConvFnForTransforms)
+        return Fn.apply(x, self.weight, self.bias, geo, self._spec, self, collectives, self._new_call(collectives))
 
 # %% ../nbs/02_layers.ipynb #c024
 class ProxPropConv2d(_ProxConvMixin, nn.Conv2d):

@@ -375,3 +375,19 @@ def test_conv_official_variant_is_one_flattened_cg():
         R -= alpha * AP; rs_new = R @ R
         P = R + P * (rs_new / (rs + 1e-6)); rs = rs_new
     torch.testing.assert_close(got, theta0 - X, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize('mode', ['prox_exact', 'prox_cg3', 'gradient'])
+def test_torch_func_grad_gives_the_step_that_backward_gives(mode):
+    # inside a torch.func transform the layers take their setup_context twins (the fast Functions have none)
+    from torch.func import grad, functional_call
+    torch.manual_seed(0)
+    model = nn.Sequential(ProxPropConv2d(2, 3, 3, padding=1, optimization_mode=mode, tau_prox=0.5), nn.Flatten(),
+                          ProxPropLinear(3 * 16, 4, optimization_mode=mode, tau_prox=0.5)).double()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    loss = lambda out: out.pow(2).sum()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    steps = grad(lambda p: loss(functional_call(model, p, (x,))))(params)
+    loss(model(x)).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(steps[name], p.grad, rtol=1e-12, atol=1e-14), name
