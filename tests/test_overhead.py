@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from proxprop_nb import ProxPropLinear, ProxPropConv2d
 from proxprop_nb.conv import _corners_batched
-from opcount import top_level_ops
+from proxprop_nb.lab.bench import top_level_ops
 
 
 class _WithSetupContext(torch.autograd.Function):

@@ -12,7 +12,7 @@ from proxprop_nb import ProxPropLinear, ProxPropConv2d, proxprop_module
 from proxprop_nb.layers import set_sync_free
 from proxprop_nb.layers import _PENDING
 from proxprop_nb.lab.bench import HOST_READ_OP
-from opcount import top_level_ops
+from proxprop_nb.lab.bench import top_level_ops
 
 f64 = torch.float64
 

@@ -27,8 +27,8 @@ from .compare import make_method
 
 # %% auto #0
 __all__ = ['MODES', 'COMPILE', 'PEERS', 'HOST_READ_OP', 'bench_model', 'compiled', 'make_step', 'time_steps', 'held_bytes',
-           'step_peak_memory', 'profile_step', 'machine_info', 'benchmark', 'route_times', 'exact_solve_times',
-           'bench_batch_runs', 'format_table', 'format_batch_table', 'run', 'main']
+           'step_peak_memory', 'profile_step', 'top_level_ops', 'machine_info', 'benchmark', 'route_times',
+           'exact_solve_times', 'bench_batch_runs', 'format_table', 'format_batch_table', 'run', 'main']
 
 # %% ../../nbs/06_bench.ipynb #c005
 def bench_model(model:str='mlp', # 'mlp' (section 5.1) or 'convnet' (section 5.3, the official code's net)
@@ -159,6 +159,17 @@ def profile_step(step, # a step function from `make_step`, run once before (rout
     return dict(ops=sum(e.name.startswith('aten::') for e in events),
                 host_reads=sum(e.name == HOST_READ_OP for e in events), kernels=len(kernels),
                 kernel_ms=sum(k.duration for k in kernels) / 1e3, wall_ms=1e3 * wall)
+
+
+# %% ../../nbs/06_bench.ipynb #85df4a4f
+def top_level_ops(f, # a call to count, e.g. one CG solve; run once first to warm up
+                 ) -> int: # aten operators it calls from Python, not counting those they call in turn
+    "Operators one call of `f` dispatches from Python: on a GPU each is a kernel launch or a dispatch"
+    from torch.profiler import profile, ProfilerActivity
+    f()
+    with _quiet_fd(2), profile(activities=[ProfilerActivity.CPU]) as prof: f()
+    return sum(1 for e in prof.events() if e.name.startswith('aten::')
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
 
 
 # %% ../../nbs/06_bench.ipynb #c015
