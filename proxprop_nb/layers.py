@@ -8,6 +8,7 @@ import collections
 import contextlib
 import copy
 import math
+import threading
 import time
 import warnings
 import weakref
@@ -111,13 +112,25 @@ def _read_failures(layer):
                           "(one synchronization per step), retries in float64 and falls back to CG.",
                           RuntimeWarning, stacklevel=2)
 
+# %% ../nbs/02_layers.ipynb #84e2a92a
+# StepGraph's emulated capture (the graph chapter): the capture branches on any device, for the tests on a CPU
+_EMULATED_CAPTURE = threading.local()
+
+def _capturing(device) -> bool:
+    "Whether the step on `device` is being captured now: by CUDA on the current stream, or in emulation"
+    if getattr(_EMULATED_CAPTURE, 'on', False): return True
+    # (no capture before CUDA is initialised: the query itself would initialise it)
+    return device.type == 'cuda' and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 # %% ../nbs/02_layers.ipynb #390920a7
 def _on_device(spec:ProxSpec, # the layer's settings
                device, # where the step runs
                layer=None, # the layer: one whose factorization failed on the device reads on the host
               ) -> tuple: # (the spec with the device's sync_free, its RouteChooser)
     "A layer step's settings as the device policy completes them"
-    if layer is not None: _read_failures(layer)  # at the start of the step: a failure seen applies to it
+    # at the start of the step: a failure seen applies to it (a step being captured reads nothing: StepGraph does)
+    if layer is not None and not _capturing(device): _read_failures(layer)
     host_checked = layer is not None and layer.__dict__.get('_host_checked', False)
     key = (spec, device.type, host_checked)
     if key not in _DEVICE_SPECS:
@@ -152,7 +165,10 @@ def _solve_recorded(layer, # the ProxProp layer whose step this is
                    ) -> tuple: # what `solve` returned
     "Run a layer's step, timed; keep its record as the layer's `last_solve` (not while torch.compile traces)"
     if torch.compiler.is_compiling(): return solve()
-    clock = _Clock(next(layer.parameters()).device)
+    device = next(layer.parameters()).device
+    if _capturing(device):  # untimed, nothing queued: the record's tensors are what the replays overwrite
+        out = solve(); object.__setattr__(layer, '_last_solve', out[-1]); return out
+    clock = _Clock(device)
     out = solve()
     object.__setattr__(layer, '_last_solve', replace(out[-1], seconds=clock.elapsed()))
     if out[-1].failed is not None:  # read at a later step, once it has arrived

@@ -251,8 +251,7 @@ def _dense_operator(apply_M, # maps a list of tensors (rows in dim 0) to the sam
     for j in range(0, n, n_rows):
         k = min(n_rows, n - j)
         E = like[0].new_zeros(n_rows, n)
-        r = torch.arange(k, device=E.device)  # indices on the device: no host copy
-        E[r, j + r] = 1  # e_{j+r} in row r
+        E.diagonal(j).fill_(1)  # e_{j+r} in row r: one fill of a view, nothing copied from the host
         MP = apply_M([e.reshape(t.shape) for e, t in zip(E.split(sizes, 1), like)])
         cols.append(torch.cat([m.reshape(n_rows, -1) for m in MP], 1)[:k])
     return torch.cat(cols, 0)

@@ -347,3 +347,68 @@ def test_compiled_steps_match_cpu_float64(mode, how):
     gpu = make_step(plain.to(DEV), mode, 'sgd', x.to(DEV), y.to(DEV), tau_prox=0.5, compile=how, cg_tol=0)
     for _ in range(3): cpu(); gpu()
     assert max(rel(a, b) for a, b in zip(gpu.model.parameters(), cpu.model.parameters())) < 1e-8
+
+
+# ---- the whole step as a CUDA graph (StepGraph) against the CPU in float64 ------------------------------------
+
+def graphed_training(net, device, optimizer, steps=6, batch=48, n=120):
+    "Steps of 48, 48 and 24 samples (an epoch's last minibatch is smaller), by StepGraph on `device`"
+    from proxprop_nb import StepGraph
+    from proxprop_nb.layers import set_sync_free
+    net = net.to(device)
+    opt = (torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.95, nesterov=True) if optimizer == 'sgd'
+           else torch.optim.Adam(net.parameters(), lr=1e-3))
+    emulate = torch.device(device).type != 'cuda'  # PROXPROP_TEST_DEVICE=cpu: the same logic, emulated
+    before = set_sync_free(True, 'cpu') if emulate else None
+    try:
+        step = StepGraph(net, opt, warmup=2, emulate=emulate)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(n, 3, 32, 32, generator=gen, dtype=f64), torch.randint(0, 10, (n,), generator=gen)
+        for i in range(steps):
+            j = i * batch % n
+            step(x[j:j + batch].to(device), y[j:j + batch].to(device))
+    finally:
+        if emulate: set_sync_free(before, 'cpu')
+    return [p.detach().cpu() for p in net.parameters()], step
+
+
+@pytest.mark.parametrize('mode,variant', [('prox_exact', 'textbook'), ('prox_cg3', 'textbook'), ('prox_cg3', 'official'),
+                                          ('gradient', 'textbook')])
+@pytest.mark.parametrize('model', ['mlp', 'convnet'])
+def test_graphed_steps_match_cpu_float64(model, mode, variant):
+    "Captured and replayed on the GPU (eager warmup and last minibatches between) as eager steps on the CPU"
+    torch.manual_seed(0)
+    prox = dict(optimization_mode=mode, cg_variant=variant, tau_prox=0.05 if model == 'mlp' else 1.0, cg_tol=0)
+    net = (mlp(**prox) if model == 'mlp' else convnet(**prox)).double()
+    optimizer = 'sgd' if model == 'mlp' else 'adam'
+    cpu = copy.deepcopy(net)
+    opt = (torch.optim.SGD(cpu.parameters(), lr=0.5, momentum=0.95, nesterov=True) if optimizer == 'sgd'
+           else torch.optim.Adam(cpu.parameters(), lr=1e-3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(120, 3, 32, 32, generator=gen, dtype=f64), torch.randint(0, 10, (120,), generator=gen)
+    for i in range(6):
+        j = i * 48 % 120
+        opt.zero_grad(); F.cross_entropy(cpu(x[j:j + 48]), y[j:j + 48]).backward(); opt.step()
+    gpu, step = graphed_training(net, DEV, optimizer)
+    assert step.fallback is None and step.counts['replays'] >= 2, step
+    assert max(rel(a, b) for a, b in zip(gpu, [p.detach() for p in cpu.parameters()])) < 1e-8
+
+
+@pytest.mark.parametrize('mode', ['prox_exact', 'prox_cg3'])
+@pytest.mark.parametrize('model', ['mlp', 'convnet'])
+def test_a_graphed_step_makes_no_host_sync(model, mode):
+    "A replay, the copies of the minibatch into it and of the layers' records out of it: no synchronisation"
+    if DEV != 'cuda': pytest.skip('torch.cuda.set_sync_debug_mode needs CUDA (tests/test_graph.py checks reads on the CPU)')
+    from proxprop_nb import StepGraph
+    torch.manual_seed(0)
+    net = (mlp((3072, 256, 128, 256, 10), optimization_mode=mode) if model == 'mlp'
+           else convnet(optimization_mode=mode)).to(DEV)
+    step = StepGraph(net, torch.optim.Adam(net.parameters(), lr=1e-4), warmup=2)
+    x, y = torch.randn(100, 3, 32, 32, device=DEV), torch.randint(0, 10, (100,), device=DEV)
+    for _ in range(3): step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try: loss = step(x, y)
+    finally: torch.cuda.set_sync_debug_mode(0)
+    assert step.fallback is None and step.counts['replays'] == 2, step
+    assert torch.isfinite(loss).item()

@@ -23,6 +23,7 @@ import proxprop_nb
 from ..solvers import check_prox_args, parse_mode, SUMMARIZED
 from ..layers import proxpropify, ProxPropMixin, SolveStats
 from ..distributed import DataParallel, data_parallel
+from ..graph import StepGraph
 from .models import MLP_SIZES, mlp, CONVNET_CHANNELS, convnet, OPTIMIZERS, make_optimizer
 from .data import Cifar10, load_cifar10, minibatches, N_VAL
 from .runfiles import (write_json, read_json, environment, source_hash, save_checkpoint,
@@ -257,19 +258,20 @@ def train_epoch(model:nn.Module, # the model, in training mode
                 bar=None, # a tqdm bar to advance with the live loss, or None
                 solves:SolveStats|None=None, # collects the layers' `last_solve` after every step, or None
                 dp:DataParallel|None=None, # the processes that share each minibatch (`model` DDP-wrapped)
+                take_step=None, # takes the whole step on (xb, yb) and returns its loss (a `StepGraph`), or None
                ) -> tuple: # (mean minibatch loss, None), or (the bad loss, its step) on divergence
     "One pass of minibatch steps over shuffled (x, y), stopping at the first non-finite loss"
     loss_sum, n_samples, world = 0.0, 0, dp.world if dp is not None else 1
     for step, (xb, yb) in enumerate(minibatches(x, y, batch_size, generator=generator)):
-        if world > 1: xb, yb = dp.shard(xb), dp.shard(yb)
-        loss = F.cross_entropy(model(xb), yb)
-        # the whole minibatch's mean loss, on every process
-        value = loss.item() if world == 1 else dp.sum(loss.item())[0] / world
+        if take_step is not None: value = take_step(xb, yb).item()  # loss and update in one: read after it
+        else:
+            if world > 1: xb, yb = dp.shard(xb), dp.shard(yb)
+            loss = F.cross_entropy(model(xb), yb)
+            # the whole minibatch's mean loss, on every process
+            value = loss.item() if world == 1 else dp.sum(loss.item())[0] / world
+            if math.isfinite(value): opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if not math.isfinite(value): return value, step
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         if solves is not None: solves.add()
-        opt.step()
         loss_sum, n_samples = loss_sum + value * len(yb) * world, n_samples + len(yb) * world
         if bar is not None: bar.set_postfix_str(f'loss {value:.4g}', refresh=False); bar.update(1)
     return loss_sum / n_samples, None
@@ -489,6 +491,7 @@ class _Run:
     started: str # when the run first started, as `utc_timestamp` gives it
     resumed: list # the epochs after which it was resumed
     net: nn.Module # what takes the steps: `model`, or its DistributedDataParallel wrapper
+    take_step: StepGraph|None = None # the step as a CUDA graph (`train`'s cuda_graph), or None: eager
 
     @property
     def name(self) -> str: return run_name(self.cfg)
@@ -545,7 +548,7 @@ def _epoch(run:_Run, epoch:int, bar, solves:SolveStats) -> dict|None:
     cfg, h = run.cfg, run.history
     synchronize(run.device); t0 = time.perf_counter()
     minibatch_loss, bad_step = train_epoch(run.net, run.opt, run.d.x_train, run.d.y_train, cfg.batch_size,
-                                           epoch_generator(cfg.seed, epoch), bar, solves, run.dp)
+                                           epoch_generator(cfg.seed, epoch), bar, solves, run.dp, run.take_step)
     synchronize(run.device); train_time = time.perf_counter() - t0
     if bad_step is not None:
         run.log(f'{run.name}: diverged in epoch {epoch}, step {bad_step} (minibatch loss {minibatch_loss})')
@@ -595,6 +598,9 @@ def _finish(run:_Run, status:str, diverged_at:dict|None, path:Path|None, meta:di
                  run.resumed, meta)
     if run.dp.world > 1:
         r['data_parallel'] = dict(processes=run.dp.world, backend=torch.distributed.get_backend())
+    if run.take_step is not None:  # this call's steps: how many were replayed, and why none were, if so
+        g = run.take_step
+        r['cuda_graph'] = dict(emulated=g.emulate, **g.counts, fallback=g.fallback)
     if path is not None and run.dp.main:
         write_json(path, r)
         if run.ckpt.exists(): run.ckpt.unlink()
@@ -602,9 +608,10 @@ def _finish(run:_Run, status:str, diverged_at:dict|None, path:Path|None, meta:di
 
 # %% ../../nbs/04_train.ipynb #a5502c3f
 def _train(cfg, data, path, ckpt, device, progress, log, stop_after, deadline, meta, eval_batch_size,
-           dp=DataParallel()):
+           dp=DataParallel(), cuda_graph=False):
     "Train a run that has no results yet: set up (or resume), loop over the epochs, finish"
     run, first = _set_up(cfg, data, ckpt, device, log, eval_batch_size, dp)
+    if cuda_graph: run.take_step = StepGraph(run.model, run.opt, emulate=cuda_graph == 'emulate')
     status, diverged_at = _loop(run, first, progress, stop_after, deadline)
     if status != 'stopped': return _finish(run, status, diverged_at, path, meta)
     return dict(name=run.name, status='stopped', epochs_done=run.history['epoch'][-1], history=run.history,
@@ -639,6 +646,20 @@ def _skipped(cfg:RunConfig, holder:dict|None, log) -> dict:
     return dict(name=run_name(cfg), status='running elsewhere', epochs_done=None, history=None, holder=holder,
                 error=why, config=cfg.to_dict())
 
+# %% ../../nbs/04_train.ipynb #d4272a4e
+def _check_cuda_graph(how, device:torch.device, dp:DataParallel):
+    "Refuse a cuda_graph setting that `train` cannot honour, saying what it takes"
+    if not (isinstance(how, bool) or how == 'emulate'):
+        raise ValueError(f"cuda_graph={how!r}: use False, True (on a CUDA device) or 'emulate' (any device, "
+                         "for tests)")
+    if how is True and device.type != 'cuda':
+        raise ValueError(f"cuda_graph=True captures CUDA graphs, and the run is on {device}: use a CUDA device "
+                         "(cuda_graph='emulate' runs the same logic on any device, for tests; it is not faster)")
+    if how and dp.world > 1:
+        raise ValueError("cuda_graph: a data-parallel run steps eagerly (its gradient all-reduce is not "
+                         "captured); leave cuda_graph out")
+
+
 # %% ../../nbs/04_train.ipynb #c043
 def train(cfg:RunConfig, # the run's configuration
           data:Cifar10, # CIFAR-10 as loaded, or as `prepare_data` made it for this configuration
@@ -649,11 +670,13 @@ def train(cfg:RunConfig, # the run's configuration
           stop_after:int|None=None, # stop after this many epochs in this call, keeping the checkpoint
           deadline:float|None=None, # a time.time(): keep the checkpoint, stop before an epoch ending after it
           meta:dict|None=None, # extra JSON-safe information stored with the results (e.g. the experiment)
-          eval_batch_size:int=1000 # chunk size of the evaluations
+          eval_batch_size:int=1000, # chunk size of the evaluations
+          cuda_graph:bool|str=False, # True: steps replayed as a CUDA graph (`StepGraph`); 'emulate': any device
          ) -> dict: # the results record (status 'finished', 'diverged', 'stopped', or 'running elsewhere')
     "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
     device = _check_device(device)
     dp = data_parallel(device)
+    _check_cuda_graph(cuda_graph, device, dp)
     if not dp.main: log, progress = None, False
     say = log or (lambda s: None)
     path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
@@ -662,7 +685,7 @@ def train(cfg:RunConfig, # the run's configuration
     if dp.sum(float(isinstance(lock, dict)))[0]:  # every process follows rank 0
         return _skipped(cfg, lock if dp.main else None, log)
     try: return _train(cfg, data, path, ckpt, device, progress, say, stop_after, deadline, meta,
-                       eval_batch_size, dp)
+                       eval_batch_size, dp, cuda_graph)
     finally:
         if isinstance(lock, Path): release_run_lock(lock)
 
