@@ -117,10 +117,12 @@ class _CudaGraph:
 # %% ../nbs/02c_graph.ipynb #ad637e29
 def _settings(model:nn.Module, opt:torch.optim.Optimizer, layers:list) -> tuple:
     "What a captured step bakes in besides shapes: training mode, optimizer numbers, the layers' settings"
+    # (an optimizer's numbers on the host: its groups' settings, and any count it keeps in its state)
     hyper = tuple(tuple((k, v) for k, v in sorted(g.items()) if k != 'params' and not torch.is_tensor(v))
                   for g in opt.param_groups)
+    host_state = tuple(v for s in opt.state.values() for v in s.values() if not torch.is_tensor(v))
     prox = tuple((m._spec, m.__dict__.get('_host_checked', False)) for m in layers)
-    return model.training, torch.is_grad_enabled(), hyper, prox
+    return model.training, torch.is_grad_enabled(), hyper, host_state, prox
 
 def _make_capturable(opt:torch.optim.Optimizer):
     "Set `capturable` where an optimizer has it (Adam, AdamW, ...), moving its step counts to the device"
@@ -148,7 +150,7 @@ class StepGraph:
         self.emulate = emulate
         self.layers = [m for m in model.modules() if isinstance(m, ProxPropMixin)]
         self.graph = self.key = self.fallback = None  # fallback: why the steps run eagerly for good
-        self._last_key = None  # the shapes and settings of the last call
+        self._last_key, self._changes = None, 0  # the last call's shapes and settings; changes in a row
         self.counts = dict(eager=0, captures=0, replays=0)
         self._grads_moved = False  # an eager step since the capture gave the parameters other .grad tensors
 
@@ -189,11 +191,13 @@ def _step_call(self:StepGraph, x:torch.Tensor, # the minibatch's inputs, on the 
     key = ((tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, y.device),
            _settings(self.model, self.opt, self.layers))
     if self.graph is not None and key == self.key: return self._replay(x, y)
-    steady, self._last_key = key == self._last_key, key  # the same shapes and settings twice in a row
+    last, self._last_key = self._last_key, key
     if self.graph is not None and key[1] == self.key[1]: return self._eager(x, y)  # another shape
-    if self.counts['eager'] < self.warmup or not steady:  # warming up, or a new shape or setting
-        return self._eager(x, y, side_stream=self.counts['captures'] == 0)
-    return self._capture(x, y, key)  # the first capture, or again after a setting changed
+    if self.counts['eager'] >= self.warmup and last is not None and key[1] != last[1]: self._setting_changed()
+    if self.fallback is not None or self.counts['eager'] < self.warmup or key != last:
+        return self._eager(x, y, side_stream=self.counts['captures'] == 0)  # warming up, or new shapes/settings
+    self._changes = 0
+    return self._capture(x, y, key)  # the same shapes and settings twice in a row: the first or a new capture
 
 StepGraph.__call__ = _step_call
 _step_call.__name__, _step_call.__qualname__ = '__call__', 'StepGraph.__call__'  # as show_doc names it
@@ -262,9 +266,17 @@ def _replay(self:StepGraph, x, y, copied:bool=False):
     self.counts['replays'] += 1
     return self.loss.clone()
 
+def _setting_changed(self:StepGraph):
+    "A setting changed since the last step: after 3 in a row, one that changes every step, give up saying so"
+    self._changes += 1
+    if self._changes >= 3:
+        self._give_up("the optimizer's or the layers' settings changed at each of 3 steps in a row (a learning-"
+                      "rate schedule, or an optimizer that counts its steps on the host, e.g. in param_groups), "
+                      "and a graph would freeze them")
+
 def _give_up(self:StepGraph, reason:str):
     "Run every later step eagerly, saying why"
     self.fallback, self.graph = reason, None
     warnings.warn(f"StepGraph: {reason}; the steps run eagerly from now on", RuntimeWarning, stacklevel=3)
 
-StepGraph._replay, StepGraph._give_up = _replay, _give_up
+StepGraph._replay, StepGraph._give_up, StepGraph._setting_changed = _replay, _give_up, _setting_changed

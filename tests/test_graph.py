@@ -207,3 +207,27 @@ def test_bad_arguments_are_refused_with_what_is_allowed():
         StepGraph(model, sgd(model), autocast='bf16', emulate=True)
     with pytest.raises(TypeError, match="a torch.nn.Module with parameters"):
         StepGraph(nn.ReLU(), None, emulate=True)
+
+
+class HostCountingSGD(torch.optim.SGD):
+    "SGD whose step size decays with a step count kept on the host, in its param_groups (as some optimizers do)"
+    def step(self, closure=None):
+        for g in self.param_groups:
+            g['step'] = g.get('step', 0) + 1
+            g['lr'] = 0.1 / g['step']
+        return super().step(closure)
+
+
+def test_settings_that_change_every_step_are_not_frozen_into_a_graph():
+    "A learning-rate schedule or an optimizer counting on the host: eager steps, and a warning that says why"
+    out = []
+    for graphed in (False, True):
+        model = convnet('prox_cg3'); opt = HostCountingSGD(model.parameters(), lr=0.1)
+        step = StepGraph(model, opt, warmup=1, emulate=True) if graphed else (lambda x, y: eager(model, opt, x, y))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            for x, y in data(n=48): step(x, y)
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert step.counts == dict(eager=12, captures=0, replays=0)
+    assert len(caught) == 1 and 'changed at each of 3 steps in a row' in str(caught[0].message)
+    for a, b in zip(*out): assert torch.equal(a, b)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import proxprop_nb
 from ..layers import ProxPropMixin, proxpropify, unproxpropify, set_sync_free
 from ..batched import BatchedRuns
+from ..graph import StepGraph
 from .models import mlp, convnet, MLP_SIZES, make_optimizer
 from .train import MODELS, default_device, synchronize, device_problem
 from .runfiles import environment, write_json, read_json
@@ -65,9 +66,15 @@ def make_step(plain:nn.Module, # the plain PyTorch model
               tau_prox:float=1.0, # ProxProp's tau_theta
               compile:str|None=None, # None: eager; else how forward and backward are compiled (COMPILE)
               network:str='mlp', # which paper network `plain` is ('mlp' or 'convnet'): Muon's layer groups
+              cuda_graph:bool|str=False, # True: the step as a replayed CUDA graph (`StepGraph`); 'emulate'
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ):
     "A function running one training step of `mode` on its own copy of `plain`, with `.model` and `.opt`"
+    if not (isinstance(cuda_graph, bool) or cuda_graph == 'emulate'):
+        raise ValueError(f"cuda_graph={cuda_graph!r}: use False, True (a CUDA device) or 'emulate' (any device)")
+    if cuda_graph and compile is not None:
+        raise ValueError("compile and cuda_graph: choose one ('reduce-overhead' compiles with CUDA graphs of its "
+                         "own, of the forward and backward; cuda_graph captures the whole step)")
     model = copy.deepcopy(plain)
     if mode in PEERS:  # the compare chapters' optimizer, its groups and settings; a rate that stays finite
         opt = make_method(model, network, PEERS[mode], lr=0.02 if mode == 'muon' else 1e-3)
@@ -75,12 +82,20 @@ def make_step(plain:nn.Module, # the plain PyTorch model
         if mode != 'plain':
             proxpropify(model, tau_prox=tau_prox, optimization_mode=mode, last_explicit=True, **prox)
         opt = make_optimizer(model.parameters(), optimizer, lr=1e-3)
+    if cuda_graph: return _graphed_step(model, opt, x, y, cuda_graph == 'emulate')
     forward = model if compile is None else compiled(model, compile)
     def step():
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(forward(x), y).backward()
         opt.step()
     step.model, step.opt = model, opt
+    return step
+
+def _graphed_step(model, opt, x, y, emulate:bool):
+    "The step as a `StepGraph` (`.graph`): its first call is eager, its second captures, the later ones replay"
+    graph = StepGraph(model, opt, warmup=1, emulate=emulate)
+    def step(): graph(x, y)
+    step.model, step.opt, step.graph = model, opt, graph
     return step
 
 
@@ -192,7 +207,12 @@ def _mode_result(times:list, step, x, y, device) -> dict:
     return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), times_ms=ms,
                 peak_bytes=step_peak_memory(step, held_bytes(step, x, y), device),
                 routes=[l.last_route for l in layers], solves=_solve_records(step.model),
-                profile=profile_step(step, device))
+                profile=profile_step(step, device), **_graph_record(step))
+
+def _graph_record(step) -> dict:
+    "A graphed step's record: its StepGraph's counts, and why it ran eagerly if it did (a peer's optimizer)"
+    if not hasattr(step, 'graph'): return {}
+    return dict(graph=dict(**step.graph.counts, fallback=step.graph.fallback))
 
 # %% ../../nbs/06_bench.ipynb #bbaebfc4
 def _add_ratios(modes:dict):
@@ -222,23 +242,26 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               tau_prox:float|None=None, # default: 0.05 for the MLP (Fig. 2), 1 for the ConvNet (Fig. 3)
               seed:int=0, # for the model and the batch
               compile:str|None=None, # None: eager; else every mode's model compiled so (COMPILE)
+              cuda_graph:bool|str=False, # every mode's step a replayed CUDA graph (`make_step`)
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ) -> dict: # machine, settings and per-mode statistics
     "Time and measure one training step of each mode against plain backprop"
     if 'plain' not in modes: modes = ('plain', *modes)
     if compile is not None and warmup < 1:
         raise ValueError('a compiled step needs warmup >= 1: it compiles first')
+    if cuda_graph and warmup < 2:
+        raise ValueError('a graphed step needs warmup >= 2: one eager step, then the capture')
     plain, optimizer, x, y, tau_prox = _bench_setup(model, batch_size, widths, device, tau_prox, seed)
     steps, left_out = {}, {}
     for m in modes:
-        try: steps[m] = make_step(plain, m, optimizer, x, y, tau_prox, compile, model, **prox)
+        try: steps[m] = make_step(plain, m, optimizer, x, y, tau_prox, compile, model, cuda_graph, **prox)
         except ImportError as e:  # a peer whose library is not installed: left out, in words
             if m not in PEERS: raise
             left_out[m] = str(e)
     times = time_steps(steps, repeats, warmup, device)
     out = dict(machine=machine_info(device), model=model, batch_size=batch_size, widths=widths,
                optimizer=optimizer, tau_prox=tau_prox, repeats=repeats, warmup=warmup, prox=prox,
-               compile=compile, modes={}, left_out=left_out)
+               compile=compile, cuda_graph=cuda_graph, modes={}, left_out=left_out)
     for m, s in steps.items(): out['modes'][m] = _mode_result(times[m], s, x, y, device)
     _add_ratios(out['modes'])
     return out
@@ -364,6 +387,8 @@ def _setting_line(res:dict, what:str, unit:str) -> str:
     "The first line of a result's table: model, batch, optimizer, `what`, machine, repeats of `unit`"
     w, machine = f" widths={res['widths']}" if res['widths'] else '', res['machine']
     how = f" compiled ({res['compile']})" if res.get('compile') else ''
+    if res.get('cuda_graph'):
+        how = ' as emulated CUDA graphs' if res['cuda_graph'] == 'emulate' else ' as CUDA graphs'
     return (f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']}{what}{how} on "
             f"{machine['device_name']} "
             f"({machine['threads']} threads), torch {machine['torch']}, median of {res['repeats']} "
@@ -387,6 +412,8 @@ def format_table(res:dict # a `benchmark` result
                      + ' (SOAP refreshes its eigenbases every 10th step: a mean over 10 or more repeats '
                      'holds one)')
     for m, why in (res.get('left_out') or {}).items(): lines.append(f'left out: {m} ({why})')
+    for m, r in res['modes'].items():  # a graphed step that could not be captured was timed eagerly
+        if why := (r.get('graph') or {}).get('fallback'): lines.append(f'not captured, timed eagerly: {m} ({why})')
     return '\n'.join(lines)
 
 # %% ../../nbs/06_bench.ipynb #32c64cbc
@@ -454,6 +481,9 @@ def _options() -> argparse.ArgumentParser:
     add('--compile', default=None, choices=COMPILE,
         help="compile each mode's model with torch.compile in this mode ('reduce-overhead': CUDA graphs on a "
              "GPU; 'aot_eager': no code generation, for a machine without a C++ compiler); default: eager")
+    add('--cuda-graph', action='store_true',
+        help="each mode's whole step (forward, backward, optimizer step) captured as a CUDA graph and replayed "
+             "(StepGraph); a CUDA device, --warmup >= 2")
     add('--quick', action='store_true',
         help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
              'explicit options win')
@@ -476,6 +506,9 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
     if a.batch_runs is not None and a.batch_runs < 1: p.error(f'--batch-runs {a.batch_runs}: use R >= 1')
     if a.compile and a.batch_runs: p.error('--compile times single runs: leave out --batch-runs')
     if a.compile and a.warmup < 1: p.error(f'--compile needs --warmup >= 1 (a compiled step compiles first)')
+    if a.cuda_graph and (a.compile or a.batch_runs):
+        p.error('--cuda-graph captures single eager runs: leave out --compile and --batch-runs')
+    if a.cuda_graph and a.warmup < 2: p.error('--cuda-graph needs --warmup >= 2 (one eager step, then the capture)')
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]
@@ -491,6 +524,8 @@ def _parse(argv):
     a = _with_defaults(p.parse_args(argv))
     _check_counts(p, a)
     if (why := device_problem(a.device)) is not None: p.error(f'--device {a.device}: {why}')
+    if a.cuda_graph and torch.device(a.device).type != 'cuda':
+        p.error(f'--cuda-graph captures CUDA graphs: use a CUDA --device, not {a.device}')
     if a.tau_prox is not None:
         try: proxprop_nb.solvers.check_prox_args(a.tau_prox)
         except ValueError as e: p.error(f'--tau-prox: {e}')
@@ -522,7 +557,7 @@ def run(argv=None) -> list:
                     print(format_batch_table(r), end='\n\n', flush=True)
                 else:
                     r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox,
-                                  compile=a.compile, **a.prox)
+                                  compile=a.compile, cuda_graph=a.cuda_graph, **a.prox)
                     r['sync_free'] = a.sync_free
                     print(format_table(r), end='\n\n', flush=True)
                 results.append(r)

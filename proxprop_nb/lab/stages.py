@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import proxprop_nb
+from ..layers import set_sync_free
 from .experiments import EXPERIMENTS, load_results, format_runs, format_table1, describe_runs
 from .bench import (benchmark, route_times, format_table, bench_batch_runs, format_batch_table,
                                   PEERS)
@@ -63,10 +64,30 @@ def _routes_line(layer:str, shape:tuple, mode:str, times:dict) -> str:
     ms = ', '.join(f"{k} {v['ms']:.2f} ms" for k, v in times.items() if isinstance(v, dict))
     return f"routes {layer} {shape} {mode}: {ms}; flop model: {times['auto']}, fastest: {times['fastest']}"
 
+# %% ../../nbs/07a_stages.ipynb #988f1252
+def _bench_graphed(out:dict, device, quick:bool, deadline:float, log):
+    "The benchmark's steps as CUDA graphs (emulated on a CPU), into out['graphed']; a failure is recorded"
+    cuda = str(device).startswith('cuda')
+    before = None if cuda else set_sync_free(True, 'cpu')  # the GPU's policy, which a graph needs
+    try:
+        for model in ('mlp', 'convnet'):
+            for bs in ((16,) if quick else (500, 2000)):
+                if time.time() > deadline: out['skipped'].append([model, bs, 'cuda_graph']); continue
+                widths = (64, 32, 64) if quick and model == 'mlp' else None
+                try: r = benchmark(model, bs, BENCH_MODES, widths, device, repeats=3 if quick else 7, warmup=2,
+                                   cuda_graph=True if cuda else 'emulate')
+                except Exception as e:  # a capture that fails beyond StepGraph's fallback is a result too
+                    out['graphed_error'] = f'{model} {bs}: {type(e).__name__}: {e}'[:2000]
+                    log(f"graphed benchmark failed: {out['graphed_error'][:300]}"); return
+                out['graphed'].append(r); log(format_table(r))
+    finally:
+        if before is not None: set_sync_free(before, 'cpu')
+
+
 # %% ../../nbs/07a_stages.ipynb #c0b5cac9
 def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) -> dict:
     "The benchmark stage: step costs of every mode for both networks and batch sizes, their layers' routes"
-    out = dict(steps=[], routes=[], batched=[], compiled=[], skipped=[])
+    out = dict(steps=[], routes=[], batched=[], compiled=[], graphed=[], skipped=[])
     for model in ('mlp', 'convnet'):
         for bs in ((16,) if quick else BENCH_BATCHES):
             if time.time() > deadline: out['skipped'].append([model, bs]); continue
@@ -94,6 +115,7 @@ def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) 
         except Exception as e:  # a compiler that fails is a result too, and the campaign goes on
             out['compiled_error'] = f'{how}: {type(e).__name__}: {e}'[:2000]
             log(f"compiled benchmark failed: {out['compiled_error'][:300]}")
+    _bench_graphed(out, device, quick, deadline, log)
     for layer, shape in ROUTE_LAYERS[::3] if quick else ROUTE_LAYERS:
         if quick: shape = (16, *shape[1:]) if layer == 'conv2d' else (16, 64, 32)
         for mode in ('prox_exact', 'prox_cg3'):
@@ -120,10 +142,10 @@ def bench_step_seconds(bench:dict, batch:int=500) -> dict:
 def _ratio_table(bench:dict) -> list:
     "A line per benchmark result: plain backprop's median step time, and each mode's relative to it"
     lines = []
-    for r in bench.get('steps', []):
+    for r in bench.get('steps', []) + bench.get('graphed', []):
         ratios = ', '.join(f"{m} {v['ratio']:.2f}x" for m, v in r['modes'].items() if m != 'plain')
-        plain = r['modes']['plain']['median_ms']
-        lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}: plain {plain:.2f} ms; {ratios}")
+        plain, graphed = r['modes']['plain']['median_ms'], ' as CUDA graphs' if r.get('cuda_graph') else ''
+        lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}{graphed}: plain {plain:.2f} ms; {ratios}")
     return lines
 
 # %% ../../nbs/07a_stages.ipynb #35731400
