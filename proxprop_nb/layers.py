@@ -8,12 +8,12 @@ import collections
 import contextlib
 import copy
 import math
-import threading
 import time
 import warnings
 import weakref
 from dataclasses import replace
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -113,8 +113,9 @@ def _read_failures(layer):
                           RuntimeWarning, stacklevel=2)
 
 # %% ../nbs/02_layers.ipynb #84e2a92a
-# StepGraph's emulated capture (the graph chapter): the capture branches on any device, for the tests on a CPU
-_EMULATED_CAPTURE = threading.local()
+# StepGraph's emulated capture (the graph chapter): the capture branches on any device, for the tests on a CPU.
+# Process-wide, not per thread: a backward runs on autograd's device threads, and it is captured too
+_EMULATED_CAPTURE = SimpleNamespace(on=False, trusted=False)
 
 def _capturing(device) -> bool:
     "Whether the step on `device` is being captured now: by CUDA on the current stream, or in emulation"
