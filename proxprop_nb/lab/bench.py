@@ -404,7 +404,7 @@ def format_table(res:dict # a `benchmark` result
         prof = r.get('profile') or dict(ops='-', host_reads='-')  # files from before the profile was added
         lines.append(f"{m:<12}{r['median_ms']:>10.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}"
                      f"{r['ratio']:>6.2f}x{r['peak_bytes'] / 2**20:>9.1f}{r['memory_ratio']:>5.2f}x"
-                     f"{prof['ops']:>7}{prof['host_reads']:>6}  {','.join(r['routes'])}")
+                     f"{prof['ops']:>7}{prof['host_reads']:>6}  {','.join(x or '-' for x in r['routes'])}")
     if peers := [m for m in res['modes'] if m in PEERS]:
         version = res['machine'].get('pytorch_optimizer') or 'not recorded'
         lines.append(f"peers: BackProp with {', '.join(peers)} (pytorch-optimizer {version}); mean ms "

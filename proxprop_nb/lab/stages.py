@@ -144,7 +144,8 @@ def _ratio_table(bench:dict) -> list:
     lines = []
     for r in bench.get('steps', []) + bench.get('graphed', []):
         ratios = ', '.join(f"{m} {v['ratio']:.2f}x" for m, v in r['modes'].items() if m != 'plain')
-        plain, graphed = r['modes']['plain']['median_ms'], ' as CUDA graphs' if r.get('cuda_graph') else ''
+        plain, how = r['modes']['plain']['median_ms'], r.get('cuda_graph')
+        graphed = ' as emulated CUDA graphs' if how == 'emulate' else ' as CUDA graphs' if how else ''
         lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}{graphed}: plain {plain:.2f} ms; {ratios}")
     return lines
 
