@@ -141,13 +141,16 @@ class StepGraph:
                  loss_fn=F.cross_entropy, # loss_fn(model(x), y) -> the scalar loss
                  warmup:int=3, # eager steps before the capture (>= 1: optimizer state, routes, caches)
                  autocast:torch.dtype|None=None, # run forward and loss under torch.autocast in this dtype
+                 before_step=None, # called with the model between backward and optimizer step (e.g. clipping)
                  emulate:bool=False, # capture and replay without CUDA, on any device: for tests, not speed
                 ):
         _check_step_graph(model, warmup, autocast, emulate)
+        if before_step is not None and not callable(before_step):
+            raise TypeError(f"before_step={before_step!r}: use a function of the model, or None")
         self.device = next(model.parameters()).device
         if not emulate: _make_capturable(opt)
         self.model, self.opt, self.loss_fn, self.warmup, self.autocast = model, opt, loss_fn, warmup, autocast
-        self.emulate = emulate
+        self.emulate, self.before_step = emulate, before_step
         self.layers = [m for m in model.modules() if isinstance(m, ProxPropMixin)]
         self.graph = self.key = self.fallback = None  # fallback: why the steps run eagerly for good
         self._last_key, self._changes = None, 0  # the last call's shapes and settings; changes in a row
@@ -217,6 +220,7 @@ def _eager(self:StepGraph, x, y, side_stream:bool=False):
         self.opt.zero_grad(set_to_none=True)
         loss = self._forward_loss(x, y)
         loss.backward()
+        if self.before_step is not None: self.before_step(self.model)
         self.opt.step()
     if side: torch.cuda.current_stream(self.device).wait_stream(stream)
     self.counts['eager'] += 1
@@ -231,6 +235,7 @@ def _body(self:StepGraph):
     self.opt.zero_grad(set_to_none=True)  # the capture allocates the gradients its replays write
     loss = self._forward_loss(self.x, self.y)
     loss.backward()
+    if self.before_step is not None: self.before_step(self.model)  # captured with the step
     with _optimizer_step(): self.opt.step()
     return loss.detach()
 

@@ -231,3 +231,21 @@ def test_settings_that_change_every_step_are_not_frozen_into_a_graph():
     assert step.counts == dict(eager=12, captures=0, replays=0)
     assert len(caught) == 1 and 'changed at each of 3 steps in a row' in str(caught[0].message)
     for a, b in zip(*out): assert torch.equal(a, b)
+
+
+def test_gradient_clipping_before_the_step_is_captured_with_it():
+    clip = lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)  # small: every step is clipped
+    out = []
+    for graphed in (False, True):
+        model = convnet('prox_cg3'); opt = sgd(model)
+        if graphed: step = StepGraph(model, opt, warmup=1, before_step=clip, emulate=True)
+        for x, y in data():
+            if graphed: step(x, y)
+            else:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward(); clip(model); opt.step()
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert step.counts['replays'] == 5 and step.fallback is None
+    for a, b in zip(*out): assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="before_step=1: use a function of the model"):
+        StepGraph(model, opt, before_step=1, emulate=True)
