@@ -197,13 +197,14 @@ def fitting_batch_runs(cfgs:list, # the runs to train
 
 # %% ../../nbs/05_experiments.ipynb #c016
 def _run_or_read(cfg:RunConfig, cifar, prepared:dict, out_dir, device, progress:bool, log, meta:dict,
-                 to_train:bool) -> dict:
+                 to_train:bool, cuda_graph:bool|str=False) -> dict:
     "Train a run of a sweep (its data prepared once per data setting) or read a finished one; errors as rows"
     key = str(data_key(cfg))
     try:
         if to_train and key not in prepared: prepared[key] = prepare_data(cifar, cfg, device)
         run_log = log if to_train else None
-        return train(cfg, prepared.get(key, cifar), out_dir, device, progress, run_log, meta=meta)
+        return train(cfg, prepared.get(key, cifar), out_dir, device, progress, run_log, meta=meta,
+                     cuda_graph=cuda_graph)
     except (ValueError, OSError) as e:
         row = _run_error(cfg, e)
         log(f"{run_name(cfg)}: failed, the sweep goes on: {row['error']}")
@@ -229,11 +230,18 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
                    progress:bool=True, # text progress bars on stderr
                    log=print, # called with progress lines; None: silent
                    batch_runs:int|None=1, # runs trained together (`train_batch`); None: as many as fit
+                   cuda_graph:bool|str=False, # each run's steps as a CUDA graph (`train`); runs one at a time
                    **kw # options of `experiment_configs`: quick, epochs, seed, n_train, methods, taus, ...
                   ) -> list: # the results record of every run; status 'error' (and why) if it could not run
     "Run, resume or skip every run of an experiment into `out_dir`; a run that fails does not stop the others"
+    if cuda_graph and batch_runs not in (None, 1):
+        raise ValueError(f"cuda_graph captures the steps of one run, and batch_runs={batch_runs} trains runs as "
+                         "a batch, which is not captured: use batch_runs=1 with cuda_graph")
+    batch_runs = 1 if cuda_graph else batch_runs
     cfgs, log = experiment_configs(experiment, **kw), log or (lambda s: None)
     device = device or default_device()
+    if cuda_graph is True and torch.device(device).type != 'cuda':
+        raise ValueError(f"cuda_graph=True captures CUDA graphs, and the runs are on {device}: use a CUDA device")
     todo, errors = _runs_to_do(cfgs, out_dir)
     done = len(cfgs) - len(todo) - len(errors)
     log(f'{experiment}: {len(cfgs)} runs ({done} done already) -> {Path(out_dir)}')
@@ -250,7 +258,8 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
             rows.update(zip(batch, _run_batch(batch, cifar, prepared, out_dir, device, progress, log, meta)))
             continue
         if cfg in todo: log(f'[{i}/{len(cfgs)}] {run_name(cfg)}')
-        rows[cfg] = _run_or_read(cfg, cifar, prepared, out_dir, device, progress, log, meta, cfg in todo)
+        rows[cfg] = _run_or_read(cfg, cifar, prepared, out_dir, device, progress, log, meta, cfg in todo,
+                                 cuda_graph)
     return [rows[c] for c in cfgs]
 
 # %% ../../nbs/05_experiments.ipynb #c021
@@ -606,6 +615,8 @@ def _add_options(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     add('--batch-runs', type=_pos_int, metavar='K',
         help='train up to K runs that differ only in step size, tau_prox or seed as one batched model '
              '(default: on a GPU as many as fit in half its free memory; on a CPU 1, each run alone)')
+    add('--cuda-graph', action='store_true',
+        help='take each step of a run as a replayed CUDA graph (StepGraph; a CUDA device; runs one at a time)')
     add('--no-progress', action='store_true', help='no progress bars')
     add('--force-unlock', metavar='RUN', action='append', default=[],
         help="remove the lock of run RUN in --out first (a run on another host that has ended); repeatable")
@@ -693,6 +704,10 @@ def _parse_args(argv:list, commands:dict) -> tuple:
     if named: a.experiment = argv[0]
     if a.device is not None and (why := device_problem(a.device)) is not None:
         p.error(f'--device {a.device}: {why}')
+    if a.cuda_graph and a.batch_runs not in (None, 1):
+        p.error(f'--cuda-graph captures the steps of one run: leave out --batch-runs {a.batch_runs}')
+    if a.cuda_graph and torch.device(a.device or default_device()).type != 'cuda':
+        p.error(f"--cuda-graph captures CUDA graphs: use a CUDA --device, not {a.device or default_device()}")
     kw = dict(quick=a.quick, epochs=a.epochs, seed=a.seed, n_train=a.n_train, methods=a.methods, taus=a.taus,
               cg_variant=a.cg_variant, arch=a.arch)
     try: return p, a, kw, experiment_configs(a.experiment, **kw)
@@ -746,8 +761,9 @@ def _run_and_report(p:argparse.ArgumentParser, a:argparse.Namespace, kw:dict, cf
     data = _load_once(p, a.data, cfgs, out, dp)
     # under torchrun each run takes the data-parallel step alone
     batch_runs = a.batch_runs if dp.world == 1 else 1
+    if a.cuda_graph and dp.world > 1: p.error('--cuda-graph: data-parallel runs (torchrun) step eagerly')
     rows = run_experiment(a.experiment, out, data, a.device, not a.no_progress and dp.main,
-                          say if dp.main else None, batch_runs, **kw)
+                          say if dp.main else None, batch_runs, a.cuda_graph, **kw)
     code = _report(say, out, a.experiment, rows)
     if owned: exit_process_group(code)  # every process waits for the others first
     return code
