@@ -22,7 +22,7 @@ __all__ = ['CaptureError', 'StepGraph']
 
 # %% ../nbs/02c_graph.ipynb #ef16143a
 class CaptureError(RuntimeError):
-    "A step that a CUDA graph cannot hold: it reads the device on the host, or its replays differ from its capture"
+    "A step a CUDA graph cannot hold: it reads the device on the host, or its replays differ from its capture"
 
 @contextlib.contextmanager
 def _emulated_capture():

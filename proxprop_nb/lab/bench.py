@@ -413,7 +413,8 @@ def format_table(res:dict # a `benchmark` result
                      'holds one)')
     for m, why in (res.get('left_out') or {}).items(): lines.append(f'left out: {m} ({why})')
     for m, r in res['modes'].items():  # a graphed step that could not be captured was timed eagerly
-        if why := (r.get('graph') or {}).get('fallback'): lines.append(f'not captured, timed eagerly: {m} ({why})')
+        if why := (r.get('graph') or {}).get('fallback'):
+            lines.append(f'not captured, timed eagerly: {m} ({why})')
     return '\n'.join(lines)
 
 # %% ../../nbs/06_bench.ipynb #32c64cbc
@@ -508,7 +509,8 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
     if a.compile and a.warmup < 1: p.error(f'--compile needs --warmup >= 1 (a compiled step compiles first)')
     if a.cuda_graph and (a.compile or a.batch_runs):
         p.error('--cuda-graph captures single eager runs: leave out --compile and --batch-runs')
-    if a.cuda_graph and a.warmup < 2: p.error('--cuda-graph needs --warmup >= 2 (one eager step, then the capture)')
+    if a.cuda_graph and a.warmup < 2:
+        p.error('--cuda-graph needs --warmup >= 2 (one eager step, then the capture)')
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads {a.threads}: use an integer >= 1 (or leave it out for torch's default)")
     try: a.widths = [tuple(int(v) for v in w.split(',')) for w in a.widths] if a.widths else [None]

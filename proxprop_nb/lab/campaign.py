@@ -31,8 +31,8 @@ from .stages import (start_tests, finish_tests, run_bench, bench_step_seconds, s
                                     pack, run_compare_stage)
 
 # %% auto #0
-__all__ = ['PAPER', 'PRIORITY', 'campaign_plan', 'RunEstimator', 'measure_concurrency', 'schedule_runs', 'run_campaign', 'main',
-           'experiment_command']
+__all__ = ['PAPER', 'PRIORITY', 'GRAPH_CHOICES', 'campaign_plan', 'RunEstimator', 'measure_concurrency', 'schedule_runs',
+           'run_campaign', 'main', 'experiment_command']
 
 # %% ../../nbs/07_campaign.ipynb #c007
 PAPER = ('fig2', 'table1', 'fig3')  # the paper's experiments: the campaign's scope (the demo is not in it)
@@ -143,7 +143,7 @@ def _worker_init(data, # a CIFAR-10 source path, or 'synthetic'
     _WORKER.update(device=device, prepared={}, data=_load_data(data))
 
 # %% ../../nbs/07_campaign.ipynb #133d33cf
-def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict) -> dict:
+def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict, cuda_graph:bool=False) -> dict:
     "Worker task: train one run into `out_dir`; a summary of the outcome (errors included, never raised)"
     started = time.time()
     try:
@@ -151,9 +151,11 @@ def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict) -> di
         data_setting, dev = str(data_key(cfg)), _WORKER['device']
         prepared = _WORKER['prepared']
         if data_setting not in prepared: prepared[data_setting] = prepare_data(_WORKER['data'], cfg, dev)
-        res = train(cfg, prepared[data_setting], out_dir, dev, progress=False, deadline=deadline, meta=meta)
+        res = train(cfg, prepared[data_setting], out_dir, dev, progress=False, deadline=deadline, meta=meta,
+                    cuda_graph=cuda_graph)
         return dict(name=res['name'], status=res['status'], epochs_done=res['epochs_done'],
-                    history=res['history'], seconds=time.time() - started, pid=os.getpid(), error=None)
+                    history=res['history'], seconds=time.time() - started, pid=os.getpid(), error=None,
+                    cuda_graph=res.get('cuda_graph'))
     except Exception as e:
         return dict(name=run_name(cfg) if isinstance(cfg, RunConfig) else None, status='error',
                     seconds=time.time() - started, pid=os.getpid(), error=f'{type(e).__name__}: {e}',
@@ -268,12 +270,13 @@ def _first_that_fits(todo:list, plan:list, recs:list, work:Path, estimator:RunEs
     return None
 
 # %% ../../nbs/07_campaign.ipynb #5e1b2a4c
-def _start_run(pool, entry:tuple, rec:dict, work:Path, deadline:float, quick:bool):
-    "Submit a plan entry's run to the workers, to stop at `deadline`; its future"
+def _start_run(pool, entry:tuple, rec:dict, work:Path, deadline:float, quick:bool, graphed=()):
+    "Submit a plan entry's run to the workers, to stop at `deadline`, as a CUDA graph if its model is `graphed`"
     exp, cfg, _ = entry
     meta = dict(experiment=exp, protocol=protocol(cfg), quick=quick, campaign=True)
-    future = pool.submit(_train_task, exp, cfg.to_dict(), str(work/exp), deadline, meta)
-    rec.update(outcome='running', started=time.time())
+    cuda_graph = cfg.model in graphed
+    future = pool.submit(_train_task, exp, cfg.to_dict(), str(work/exp), deadline, meta, cuda_graph)
+    rec.update(outcome='running', started=time.time(), **(dict(cuda_graph=True) if cuda_graph else {}))
     return future
 
 # %% ../../nbs/07_campaign.ipynb #01f2f030
@@ -339,6 +342,7 @@ def schedule_runs(plan:list, # from `campaign_plan`
                   quick:bool=False, log=print, on_change=None,
                   grace:float=10., # seconds to wait past the deadline for runs still in flight
                   batch_runs:int=1, # compatible runs trained as one batch, at most (1: each run alone)
+                  graphed=(), # models whose runs alone take their steps as CUDA graphs (`_graph_choice`)
                  ) -> list: # a record per planned run: experiment, name, outcome, predicted and real seconds
     "Train the planned runs, in order, as many at once as `workers`, each only if it fits before `deadline`"
     recs = [dict(experiment=exp, name=run_name(cfg), also=also, outcome='not started', predicted_s=None,
@@ -350,7 +354,7 @@ def schedule_runs(plan:list, # from `campaign_plan`
             if u is None: break
             todo.remove(u)
             i, R = _members(u)[0], len(_members(u))
-            if R == 1: inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick)] = u
+            if R == 1: inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick, graphed)] = u
             else: inflight[_start_batch(pool, [plan[j] for j in u], [recs[j] for j in u], work, deadline,
                                         quick)] = u
             what = recs[i]['name'] if R == 1 else f'a batch of {R} runs from {recs[i]["name"]}'
@@ -525,10 +529,30 @@ def _bench_stage(campaign:_Campaign, device:str, quick:bool):
     campaign.save()
 
 # %% ../../nbs/07_campaign.ipynb #d86043ae
-def _step_seconds(bench:dict) -> dict:
-    "The estimator's step times per (model, mode): the benchmark's, or 50 ms for every step without one"
-    if bench.get('steps'): return bench_step_seconds(bench)
-    return {(m, k): 0.05 for m in ('mlp', 'convnet') for k in ('plain', 'gradient', 'prox_exact', 'prox_cg3')}
+def _step_seconds(bench:dict, graphed=()) -> dict:
+    "The estimator's step times per (model, mode): the benchmark's (graphed for `graphed` models), or 50 ms"
+    if not bench.get('steps'):
+        return {(m, k): 0.05 for m in ('mlp', 'convnet') for k in ('plain', 'gradient', 'prox_exact', 'prox_cg3')}
+    graphs = bench_step_seconds(dict(steps=bench.get('graphed', [])))
+    return {**bench_step_seconds(bench), **{k: s for k, s in graphs.items() if k[0] in graphed}}
+
+# %% ../../nbs/07_campaign.ipynb #98d2cd84
+GRAPH_CHOICES = ('auto', 'on', 'off')
+
+def _graph_choice(bench:dict, batch:int=500) -> dict:
+    "{model: dict(use, why)}: its runs alone as CUDA graphs where every mode's graph was captured and faster"
+    out = {}
+    for g in bench.get('graphed', []):
+        eager = [r for r in bench.get('steps', []) if r['model'] == g['model'] and r['batch_size'] == batch]
+        if g.get('cuda_graph') is not True or g['batch_size'] != batch or not eager: continue  # emulated: no
+        modes = [m for m in g['modes'] if m in eager[0]['modes']]
+        failed = [m for m in modes if (g['modes'][m].get('graph') or {}).get('fallback')]
+        ratio = {m: g['modes'][m]['median_ms'] / eager[0]['modes'][m]['median_ms'] for m in modes}
+        why = (f"not captured: {', '.join(failed)}" if failed else
+               'graphed / eager step ' + ', '.join(f'{m} {r:.2f}' for m, r in ratio.items()))
+        out[g['model']] = dict(use=bool(modes) and not failed and max(ratio.values()) < 1, why=why)
+    return out
+
 
 # %% ../../nbs/07_campaign.ipynb #b65a14a2
 def _runs_at_once(campaign:_Campaign, pool, manager, workers:int|None, max_workers:int, quick:bool) -> tuple:
@@ -543,18 +567,32 @@ def _runs_at_once(campaign:_Campaign, pool, manager, workers:int|None, max_worke
     campaign.rec['workers'] = m['best']
     return m['best'], m['best'] / m['speedup'][m['best']]
 
+# %% ../../nbs/07_campaign.ipynb #4008e6d0
+def _graphed_models(campaign:_Campaign, how:str) -> tuple:
+    "The models whose runs alone train as CUDA graphs: every one with 'on', none with 'off', else as measured"
+    if how == 'off': return ()
+    choice = _graph_choice(campaign.rec.get('bench', {}))
+    models = ('mlp', 'convnet') if how == 'on' else tuple(m for m, c in choice.items() if c['use'])
+    campaign.rec['cuda_graph'] = dict(setting=how, models=list(models), measured=choice)
+    measured = '; '.join(f"{m}: {c['why']}" for m, c in choice.items())
+    if how == 'on' or choice:
+        campaign.say(f"runs alone as CUDA graphs ({how}): {', '.join(models) or 'none'}"
+                     + (f' ({measured})' if measured else ''))
+    return models
+
+
 # %% ../../nbs/07_campaign.ipynb #2fdd337b
 def _runs_stage(campaign:_Campaign, plan:list, pool, workers:int, slowdown:float, quick:bool, grace:float,
-                batch_runs:int=1):
+                batch_runs:int=1, graphed=()):
     "Train the plan until the runs' deadline; the record, reports and archive are rewritten after every run"
-    estimator = RunEstimator(_step_seconds(campaign.rec.get('bench', {})), slowdown=slowdown)
+    estimator = RunEstimator(_step_seconds(campaign.rec.get('bench', {}), graphed), slowdown=slowdown)
     n_train, n_eval = (300, 1000) if quick else (45000, 5000)
     start = time.time()
     def progress(recs):  # cheap, and on disk if the call is cut off
         campaign.rec['runs'] = recs; campaign.save(); campaign.pack_results()
     campaign.rec['runs'] = schedule_runs(plan, pool, campaign.work, estimator, campaign.runs_deadline,
                                          workers, n_train, n_eval, quick, campaign.say, progress, grace=grace,
-                                         batch_runs=batch_runs)
+                                         batch_runs=batch_runs, graphed=graphed)
     epoch_seconds = {'/'.join(key): s for key, s in estimator.epoch_s.items()}
     campaign.rec['stages']['runs'] = dict(seconds=time.time() - start, planned=len(plan),
                                           epoch_seconds=epoch_seconds)
@@ -598,6 +636,7 @@ def run_campaign(out, # the folder for the (at most 8) result files
                  skip_tests:bool=False, skip_bench:bool=False,
                  compare:bool=True, # then the optimizer comparison (chapter 13) until the deadline
                  batch_runs:int|None=None, # runs trained as one batch; None: as fit on a GPU, 1 on a CPU
+                 cuda_graph:str='auto', # runs alone as CUDA graphs: 'auto' (where measured faster), 'on', 'off'
                  reserve_s:float=20., # seconds kept at the end for the reports
                  log=print,
                 ) -> dict: # the campaign record, as written to campaign.json
@@ -606,8 +645,11 @@ def run_campaign(out, # the folder for the (at most 8) result files
     fp32 = _strict_fp32(device)
     plan = campaign_plan(quick, experiments)[:max_runs]
     batch_runs = fitting_batch_runs([cfg for _, cfg, _ in plan], device, batch_runs)
+    if cuda_graph not in GRAPH_CHOICES: raise ValueError(f"cuda_graph={cuda_graph!r}: use one of {GRAPH_CHOICES}")
+    if cuda_graph == 'on' and torch.device(device).type != 'cuda':
+        raise ValueError(f"cuda_graph='on' captures CUDA graphs, and the campaign runs on {device}")
     settings = dict(workers=workers, max_workers=max_workers, experiments=experiments, max_runs=max_runs,
-                    strict_fp32=fp32, reserve_s=reserve_s, batch_runs=batch_runs)
+                    strict_fp32=fp32, reserve_s=reserve_s, batch_runs=batch_runs, cuda_graph=cuda_graph)
     _start_record(campaign, device, data, quick, budget_minutes, settings)
     # 1. the tests start in a subprocess; meanwhile the data is decoded and the workers start
     tests = None if skip_tests else (time.time(), start_tests(device, campaign.out/'tests.log', quick))
@@ -619,8 +661,9 @@ def run_campaign(out, # the folder for the (at most 8) result files
         _wait_for_tests_and_workers(campaign, tests, _warm_workers(pool, manager, n_pool))
         if not skip_bench: _bench_stage(campaign, device, quick)  # 2. the benchmark
         workers, slowdown = _runs_at_once(campaign, pool, manager, workers, max_workers, quick)  # 3. the runs
+        graphed = _graphed_models(campaign, cuda_graph)
         _runs_stage(campaign, plan, pool, workers, slowdown, quick, grace=reserve_s / 2,
-                    batch_runs=batch_runs)
+                    batch_runs=batch_runs, graphed=graphed)
         if compare and time.time() < campaign.runs_deadline:  # 4. the optimizer comparison, with time left
             _compare_stage(campaign, pool, data, device, quick)
     except Exception as e: _record_error(campaign, e)
@@ -675,6 +718,9 @@ def _parser() -> argparse.ArgumentParser:
              'batch (default: as many as fit on a GPU; 1, each run alone, on a CPU)')
     add('--skip-tests', action='store_true'); add('--skip-bench', action='store_true')
     add('--no-compare', action='store_true', help="leave out the optimizer comparison after the paper's runs")
+    add('--cuda-graph', choices=GRAPH_CHOICES, default='auto',
+        help="runs alone (not batches) as CUDA graphs: 'auto' where the benchmark measured them faster "
+             "(default), 'on', 'off'")
     return p
 
 
@@ -689,6 +735,8 @@ def _check_args(p:argparse.ArgumentParser, a:argparse.Namespace):
             p.error(f"--{k.replace('_', '-')} must be at least 1")
     if a.device is not None and (why := device_problem(a.device)) is not None:
         p.error(f'--device {a.device}: {why}')
+    if a.cuda_graph == 'on' and torch.device(a.device or default_device()).type != 'cuda':
+        p.error('--cuda-graph on: CUDA graphs need a CUDA --device')
     if a.data == 'synthetic': return
     from proxprop_nb.lab.data import find_cifar10
     try: found = find_cifar10(a.data)
@@ -714,7 +762,7 @@ def main(argv:list|None=None # arguments after 'campaign'; None: sys.argv[1:]
     if (why := results_folder_problem(a.out, 'campaign')) is not None: p.exit(1, f'{p.prog}: error: {why}\n')
     try: rec = run_campaign(a.out, a.budget_minutes, a.device, a.data, a.quick, a.work, a.workers,
                             a.max_workers, a.experiments, a.max_runs, a.skip_tests, a.skip_bench,
-                            not a.no_compare, batch_runs=a.batch_runs)
+                            not a.no_compare, batch_runs=a.batch_runs, cuda_graph=a.cuda_graph)
     except KeyboardInterrupt: return interrupted(p.prog)
     except (OSError, ValueError) as e: p.exit(1, f'{p.prog}: error: {e}\n')  # the data, before any stage
     print('\n' + (a.out/'summary.txt').read_text())

@@ -177,6 +177,10 @@ def _stage_lines(rec:dict) -> list:
         speedups = ', '.join(f"{k}: {float(v):.2f}x" for k, v in c['speedup'].items())
         lines += ['', f"runs at once ({c['model']} {c['mode']} batch {c['batch']}): {speedups}; "
                       f"the campaign used {rec.get('workers')}"]
+    if g := rec.get('cuda_graph'):  # the campaign's choice of runs alone taken as CUDA graphs
+        why = '; '.join(f"{m}: {c['why']}" for m, c in g.get('measured', {}).items())
+        lines.append(f"runs alone as CUDA graphs ({g['setting']}): {', '.join(g['models']) or 'none'}"
+                     + (f' ({why})' if why else ''))
     return lines
 
 # %% ../../nbs/07a_stages.ipynb #795fc402
