@@ -179,8 +179,9 @@ def _stage_lines(rec:dict) -> list:
                       f"the campaign used {rec.get('workers')}"]
     if g := rec.get('cuda_graph'):  # the campaign's choice of runs alone taken as CUDA graphs
         why = '; '.join(f"{m}: {c['why']}" for m, c in g.get('measured', {}).items())
+        unmeasured = ' (no graphed step measured on a CUDA device)' if g['setting'] == 'auto' else ''
         lines.append(f"runs alone as CUDA graphs ({g['setting']}): {', '.join(g['models']) or 'none'}"
-                     + (f' ({why})' if why else ''))
+                     + (f' ({why})' if why else unmeasured))
     return lines
 
 # %% ../../nbs/07a_stages.ipynb #795fc402
