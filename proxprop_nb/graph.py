@@ -41,15 +41,25 @@ def _optimizer_step():
 
 # %% ../nbs/02c_graph.ipynb #b92333a2
 _HOST_READ, _FROM_HOST = torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default
+# operators whose output shape depends on the data: on a GPU each waits for the device to say it (and
+# indexing by a boolean mask)
+_INDEX = torch.ops.aten.index.Tensor
+_DATA_SHAPED = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                torch.ops.aten._unique2.default, torch.ops.aten.unique_consecutive.default,
+                torch.ops.aten.unique_dim.default}
 
 class _OpTrace(TorchDispatchMode):
-    "The operators a step runs, in order; a host read or a tensor made from host data raises, as in a capture"
+    "The operators a step runs, in order; a host read, a data-shaped operator or host data raise, as in a capture"
     def __init__(self): super().__init__(); self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _HOST_READ and not getattr(_EMULATED_CAPTURE, 'trusted', False):
-            raise CaptureError("the step reads a device value on the host (.item(), bool(tensor), a data-"
-                               "dependent shape), which a CUDA graph cannot capture")
+            raise CaptureError("the step reads a device value on the host (.item(), float(tensor), "
+                               "bool(tensor)), which a CUDA graph cannot capture")
+        masked = func is _INDEX and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if func in _DATA_SHAPED or masked:
+            raise CaptureError(f"the step computes a shape from the data ({func}), which a CUDA graph cannot "
+                               "capture")
         if func is _FROM_HOST:
             raise CaptureError("the step makes a tensor from host data (torch.tensor(...)), a copy to the "
                                "device that a CUDA graph cannot capture")
@@ -116,13 +126,17 @@ class _CudaGraph:
 
 # %% ../nbs/02c_graph.ipynb #ad637e29
 def _settings(model:nn.Module, opt:torch.optim.Optimizer, layers:list) -> tuple:
-    "What a captured step bakes in besides shapes: training mode, optimizer numbers, the layers' settings"
+    "What a captured step bakes in besides shapes: training and grad mode, optimizer numbers, layer settings"
     # (an optimizer's numbers on the host: its groups' settings, and any count it keeps in its state)
-    hyper = tuple(tuple((k, v) for k, v in sorted(g.items()) if k != 'params' and not torch.is_tensor(v))
-                  for g in opt.param_groups)
+    hyper = tuple(tuple((k, v.data_ptr() if torch.is_tensor(v) else v) for k, v in sorted(g.items())
+                        if k != 'params') for g in opt.param_groups)
     host_state = tuple(v for s in opt.state.values() for v in s.values() if not torch.is_tensor(v))
     prox = tuple((m._spec, m.__dict__.get('_host_checked', False)) for m in layers)
     return model.training, torch.is_grad_enabled(), hyper, host_state, prox
+
+def _addresses(model:nn.Module, opt:torch.optim.Optimizer) -> tuple:
+    "The memory a graph reads and writes: new tensors there (load_state_dict, model.to) need a new capture"
+    return tuple(t.data_ptr() for t in _step_state(model, opt))
 
 def _make_capturable(opt:torch.optim.Optimizer):
     "Set `capturable` where an optimizer has it (Adam, AdamW, ...), moving its step counts to the device"
@@ -137,7 +151,7 @@ def _make_capturable(opt:torch.optim.Optimizer):
 class StepGraph:
     "A training step (forward, loss, backward with every ProxProp solve, optimizer step) as a replayed CUDA graph"
     def __init__(self, model:nn.Module, # the model, on a CUDA device (any device with `emulate`)
-                 opt:torch.optim.Optimizer, # its optimizer (Adam, AdamW: made capturable if it has no state)
+                 opt:torch.optim.Optimizer, # its optimizer (Adam, AdamW: made capturable on CUDA)
                  loss_fn=F.cross_entropy, # loss_fn(model(x), y) -> the scalar loss
                  warmup:int=3, # eager steps before the capture (>= 1: optimizer state, routes, caches)
                  autocast:torch.dtype|None=None, # run forward and loss under torch.autocast in this dtype
@@ -192,14 +206,14 @@ def _step_call(self:StepGraph, x:torch.Tensor, # the minibatch's inputs, on the 
                       "the host, which a CUDA graph cannot hold")
     if self.fallback is not None: return self._eager(x, y)
     key = ((tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, y.device),
-           _settings(self.model, self.opt, self.layers))
-    if self.graph is not None and key == self.key: return self._replay(x, y)
+           _settings(self.model, self.opt, self.layers), _addresses(self.model, self.opt))
     last, self._last_key = self._last_key, key
-    if self.graph is not None and key[1] == self.key[1]: return self._eager(x, y)  # another shape
-    if self.counts['eager'] >= self.warmup and last is not None and key[1] != last[1]: self._setting_changed()
-    if self.fallback is not None or self.counts['eager'] < self.warmup or key != last:
-        return self._eager(x, y, side_stream=self.counts['captures'] == 0)  # warming up, or new shapes/settings
-    self._changes = 0
+    if self.graph is not None and key == self.key: return self._replay(x, y)
+    if self.counts['eager'] >= self.warmup and last is not None:  # settings that change at every step: eager
+        if key[1] != last[1]: self._setting_changed()
+        else: self._changes = 0
+    if self.fallback is not None or self.counts['eager'] < self.warmup or last is None or key[:2] != last[:2]:
+        return self._eager(x, y, side_stream=self.counts['captures'] == 0)  # warming up, or a new shape/setting
     return self._capture(x, y, key)  # the same shapes and settings twice in a row: the first or a new capture
 
 StepGraph.__call__ = _step_call
@@ -244,8 +258,9 @@ def _capture(self:StepGraph, x, y, key):
     self.graph, self.x, self.y = None, x.detach().clone(), y.detach().clone()
     graph = _EmulatedGraph(self.model, self.opt) if self.emulate else _CudaGraph()
     try: self.loss = graph.capture(self._body)
-    except Exception as e:
-        self._give_up(f"the step could not be captured ({type(e).__name__}: {str(e)[:300]})")
+    except Exception as e:  # the first error, where ending a failed capture raised another
+        first = e.__context__ if isinstance(e.__context__, Exception) else e
+        self._give_up(f"the step could not be captured ({type(first).__name__}: {str(first)[:300]})")
         return self._eager(x, y)
     self.graph, self.key, self._grads_moved = graph, key, False
     self.grads = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
@@ -267,7 +282,7 @@ def _replay(self:StepGraph, x, y, copied:bool=False):
         copies = {name: t.clone() for name, t in _tensor_fields(info).items()}
         object.__setattr__(m, '_last_solve', replace(info, **copies))
         if info.failed is not None:  # read at a later step, once it has arrived, as an eager step's
-            _PENDING.setdefault(m, collections.deque()).append(_HostCopy(info.failed))
+            _PENDING.setdefault(m, collections.deque()).append(_HostCopy(copies['failed']))
     self.counts['replays'] += 1
     return self.loss.clone()
 

@@ -1,6 +1,7 @@
 """StepGraph on the CPU, in emulation: every route and layer kind trains as the eager step trains (float64, bit
 for bit), settings that a graph bakes in are captured again, and what a graph cannot hold falls back in words.
 tests/test_cuda.py checks the real capture on a GPU."""
+import copy
 import warnings
 
 import pytest
@@ -249,3 +250,38 @@ def test_gradient_clipping_before_the_step_is_captured_with_it():
     for a, b in zip(*out): assert torch.equal(a, b)
     with pytest.raises(TypeError, match="before_step=1: use a function of the model"):
         StepGraph(model, opt, before_step=1, emulate=True)
+
+
+def test_a_lasting_new_shape_is_captured_again():
+    "An epoch's smaller last minibatch is eager; a batch size that stays changed gets a graph of its own"
+    model = convnet('prox_cg3'); step = StepGraph(model, sgd(model), warmup=1, emulate=True)
+    x, y = data(n=16)[0]
+    for n in (8, 8, 8, 5, 8, 5, 5, 5):
+        step(x[:n], y[:n])
+    # 8: eager, captured, replayed; 5: eager; 8: replayed; 5: eager, then captured for 5, replayed
+    assert step.counts == dict(eager=3, captures=2, replays=5)
+
+
+def test_new_optimizer_state_is_captured_again():
+    "load_state_dict gives the optimizer new tensors: the graph would write to the old ones, so it is captured anew"
+    out = []
+    for graphed in (False, True):
+        model = convnet('prox_cg3'); opt = sgd(model)
+        step = StepGraph(model, opt, warmup=1, emulate=True) if graphed else (lambda x, y: eager(model, opt, x, y))
+        batches = data(n=32)
+        for i, (x, y) in enumerate(batches):
+            if i == 4: opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a resume: new tensors
+            step(x, y)
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert step.counts == dict(eager=1, captures=2, replays=7)
+    for a, b in zip(*out): assert torch.equal(a, b)
+
+
+def test_changes_now_and_then_do_not_turn_the_graph_off():
+    "Only settings that change at every step make the steps eager for good"
+    model = convnet('prox_cg3'); opt = sgd(model)
+    step = StepGraph(model, opt, warmup=1, emulate=True)
+    for i, (x, y) in enumerate(data(n=32) * 2):
+        if i % 3 == 0: opt.param_groups[0]['lr'] *= 0.9  # every third step: eager once, then captured again
+        step(x, y)
+    assert step.fallback is None and step.counts['captures'] >= 4
