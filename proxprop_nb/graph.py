@@ -134,10 +134,6 @@ def _settings(model:nn.Module, opt:torch.optim.Optimizer, layers:list) -> tuple:
     prox = tuple((m._spec, m.__dict__.get('_host_checked', False)) for m in layers)
     return model.training, torch.is_grad_enabled(), hyper, host_state, prox
 
-def _addresses(model:nn.Module, opt:torch.optim.Optimizer) -> tuple:
-    "The memory a graph reads and writes: new tensors there (load_state_dict, model.to) need a new capture"
-    return tuple(t.data_ptr() for t in _step_state(model, opt))
-
 def _make_capturable(opt:torch.optim.Optimizer):
     "Set `capturable` where an optimizer has it (Adam, AdamW, ...), moving its step counts to the device"
     for group in [g for g in opt.param_groups if 'capturable' in g and not g['capturable']]:
@@ -166,6 +162,9 @@ class StepGraph:
         self.model, self.opt, self.loss_fn, self.warmup, self.autocast = model, opt, loss_fn, warmup, autocast
         self.emulate, self.before_step = emulate, before_step
         self.layers = [m for m in model.modules() if isinstance(m, ProxPropMixin)]
+        # where the tensors a graph reads and writes live (gathered once: a module walk costs ~15 us a call)
+        self._params = list(model.parameters())
+        self._buffer_slots = [(m._buffers, name) for m in model.modules() for name in m._buffers]
         self.graph = self.key = self.fallback = None  # fallback: why the steps run eagerly for good
         self._last_key, self._changes = None, 0  # the last call's shapes and settings; changes in a row
         self.counts = dict(eager=0, captures=0, replays=0)
@@ -206,7 +205,7 @@ def _step_call(self:StepGraph, x:torch.Tensor, # the minibatch's inputs, on the 
                       "the host, which a CUDA graph cannot hold")
     if self.fallback is not None: return self._eager(x, y)
     key = ((tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, y.device),
-           _settings(self.model, self.opt, self.layers), _addresses(self.model, self.opt))
+           _settings(self.model, self.opt, self.layers), self._addresses())
     last, self._last_key = self._last_key, key
     if self.graph is not None and key == self.key: return self._replay(x, y)
     if self.counts['eager'] >= self.warmup and last is not None:  # settings that change at every step: eager
@@ -220,6 +219,12 @@ StepGraph.__call__ = _step_call
 _step_call.__name__, _step_call.__qualname__ = '__call__', 'StepGraph.__call__'  # as show_doc names it
 
 # %% ../nbs/02c_graph.ipynb #edebfcd3
+def _addresses(self:StepGraph) -> tuple:
+    "The memory a graph reads and writes: new tensors there (load_state_dict, model.to) need a new capture"
+    buffers = [slots[name] for slots, name in self._buffer_slots]
+    state = [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return tuple(t.data_ptr() for t in (*self._params, *buffers, *state) if t is not None)
+
 def _forward_loss(self:StepGraph, x, y):
     "The loss of (x, y), under autocast (without its cache, as a graph requires) if asked"
     if self.autocast is None: return self.loss_fn(self.model(x), y)
@@ -241,7 +246,7 @@ def _eager(self:StepGraph, x, y, side_stream:bool=False):
     self._grads_moved = self.graph is not None
     return loss.detach()
 
-StepGraph._forward_loss, StepGraph._eager = _forward_loss, _eager
+StepGraph._addresses, StepGraph._forward_loss, StepGraph._eager = _addresses, _forward_loss, _eager
 
 # %% ../nbs/02c_graph.ipynb #f49978fb
 def _body(self:StepGraph):
