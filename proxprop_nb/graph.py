@@ -27,7 +27,7 @@ class CaptureError(RuntimeError):
 @contextlib.contextmanager
 def _emulated_capture():
     "ProxProp layers take their capture branches (`_capturing` is True) on any device"
-    before = getattr(_EMULATED_CAPTURE, 'on', False)
+    before = _EMULATED_CAPTURE.on
     _EMULATED_CAPTURE.on = True
     try: yield
     finally: _EMULATED_CAPTURE.on = before
@@ -53,7 +53,7 @@ class _OpTrace(TorchDispatchMode):
     def __init__(self): super().__init__(); self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _HOST_READ and not getattr(_EMULATED_CAPTURE, 'trusted', False):
+        if func is _HOST_READ and not _EMULATED_CAPTURE.trusted:
             raise CaptureError("the step reads a device value on the host (.item(), float(tensor), "
                                "bool(tensor)), which a CUDA graph cannot capture")
         masked = func is _INDEX and any(i is not None and i.dtype == torch.bool for i in args[1])

@@ -119,7 +119,7 @@ _EMULATED_CAPTURE = SimpleNamespace(on=False, trusted=False)
 
 def _capturing(device) -> bool:
     "Whether the step on `device` is being captured now: by CUDA on the current stream, or in emulation"
-    if getattr(_EMULATED_CAPTURE, 'on', False): return True
+    if _EMULATED_CAPTURE.on: return True
     # (no capture before CUDA is initialised: the query itself would initialise it)
     return device.type == 'cuda' and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 

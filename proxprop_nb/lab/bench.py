@@ -22,7 +22,7 @@ from ..layers import ProxPropMixin, proxpropify, unproxpropify, set_sync_free
 from ..batched import BatchedRuns
 from ..graph import StepGraph
 from .models import mlp, convnet, MLP_SIZES, make_optimizer
-from .train import MODELS, default_device, synchronize, device_problem
+from .train import MODELS, default_device, synchronize, device_problem, check_cuda_graph
 from .runfiles import environment, write_json, read_json
 from .compare import make_method
 
@@ -70,8 +70,7 @@ def make_step(plain:nn.Module, # the plain PyTorch model
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ):
     "A function running one training step of `mode` on its own copy of `plain`, with `.model` and `.opt`"
-    if not (isinstance(cuda_graph, bool) or cuda_graph == 'emulate'):
-        raise ValueError(f"cuda_graph={cuda_graph!r}: use False, True (a CUDA device) or 'emulate' (any device)")
+    check_cuda_graph(cuda_graph, x.device)
     if cuda_graph and compile is not None:
         raise ValueError("compile and cuda_graph: choose one ('reduce-overhead' compiles with CUDA graphs of its "
                          "own, of the forward and backward; cuda_graph captures the whole step)")

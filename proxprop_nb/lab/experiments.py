@@ -22,7 +22,7 @@ from .data import Cifar10, load_cifar10
 from .runfiles import read_json, prepare_out_dir, force_unlock
 from ..distributed import data_parallel, exit_process_group
 from .train import (RunConfig, run_name, run_paths, train, prepare_data, default_device,
-                                   data_key, finished_results, device_problem, build_model)
+                                   data_key, finished_results, device_problem, build_model, check_cuda_graph)
 from .batch_train import plan_batches, train_batch
 
 # %% auto #0
@@ -240,8 +240,7 @@ def run_experiment(experiment:str, # 'fig2', 'table1' or 'fig3'
     batch_runs = 1 if cuda_graph else batch_runs
     cfgs, log = experiment_configs(experiment, **kw), log or (lambda s: None)
     device = device or default_device()
-    if cuda_graph is True and torch.device(device).type != 'cuda':
-        raise ValueError(f"cuda_graph=True captures CUDA graphs, and the runs are on {device}: use a CUDA device")
+    check_cuda_graph(cuda_graph, torch.device(device))
     todo, errors = _runs_to_do(cfgs, out_dir)
     done = len(cfgs) - len(todo) - len(errors)
     log(f'{experiment}: {len(cfgs)} runs ({done} done already) -> {Path(out_dir)}')

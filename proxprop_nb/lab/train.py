@@ -35,7 +35,7 @@ from .runfiles import (write_json, read_json, environment, source_hash, save_che
 __all__ = ['MODELS', 'N_TRAIN', 'SPLITS', 'HISTORY_KEYS', 'VARYING_HISTORY_KEYS', 'RESULTS_KEYS', 'RunConfig', 'run_name',
            'synthetic_cifar10', 'data_key', 'with_content_hash', 'prepare_data', 'evaluate', 'epoch_generator',
            'train_epoch', 'synchronize', 'default_device', 'reproducible_history', 'build_model', 'run_paths',
-           'results_problem', 'finished_results', 'device_problem', 'train', 'format_history']
+           'results_problem', 'finished_results', 'device_problem', 'check_cuda_graph', 'train', 'format_history']
 
 # %% ../../nbs/04_train.ipynb #c008
 MODELS = ('mlp', 'convnet')
@@ -647,15 +647,18 @@ def _skipped(cfg:RunConfig, holder:dict|None, log) -> dict:
                 error=why, config=cfg.to_dict())
 
 # %% ../../nbs/04_train.ipynb #d4272a4e
-def _check_cuda_graph(how, device:torch.device, dp:DataParallel):
-    "Refuse a cuda_graph setting that `train` cannot honour, saying what it takes"
+def check_cuda_graph(how, # a `cuda_graph` setting: False, True or 'emulate'
+                     device:torch.device, # where the steps run
+                     world:int=1, # processes sharing each step (data-parallel: more than 1)
+                    ):
+    "Refuse a cuda_graph setting (of `train`, the experiments, the benchmark) that cannot run, saying why"
     if not (isinstance(how, bool) or how == 'emulate'):
         raise ValueError(f"cuda_graph={how!r}: use False, True (on a CUDA device) or 'emulate' (any device, "
                          "for tests)")
     if how is True and device.type != 'cuda':
         raise ValueError(f"cuda_graph=True captures CUDA graphs, and the run is on {device}: use a CUDA device "
                          "(cuda_graph='emulate' runs the same logic on any device, for tests; it is not faster)")
-    if how and dp.world > 1:
+    if how and world > 1:
         raise ValueError("cuda_graph: a data-parallel run steps eagerly (its gradient all-reduce is not "
                          "captured); leave cuda_graph out")
 
@@ -676,7 +679,7 @@ def train(cfg:RunConfig, # the run's configuration
     "Train one configuration, resuming from its checkpoint in `out_dir`; write and return its results"
     device = _check_device(device)
     dp = data_parallel(device)
-    _check_cuda_graph(cuda_graph, device, dp)
+    check_cuda_graph(cuda_graph, device, dp.world)
     if not dp.main: log, progress = None, False
     say = log or (lambda s: None)
     path, ckpt = run_paths(out_dir, cfg) if out_dir is not None else (None, None)
