@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, work_dtype,
-                                 dense_solve, choose_route, exact_or_cg, pick_route)
+                                 dense_solve, choose_route, exact_or_cg, pick_route, known_route, Early,
+                                 step_inverse)
 
 # %% auto #0
 __all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'conv_gram',
-           'conv_flops', 'conv_grads', 'prox_conv']
+           'conv_flops', 'conv_grads', 'prox_conv', 'conv_early']
 
 # %% ../nbs/01b_conv.ipynb #c007
 @dataclass(frozen=True)
@@ -357,10 +358,17 @@ def _combine(route:str, results:list, dtype,
                      failed=failed)
 
 # %% ../nbs/01b_conv.ipynb #f4c51520
-def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
+def _conv_primal_early(x, ksize, geo, bias, spec, chooser=None):
+    "The primal route's input-only part: the patch Gram matrices + beta I, and in exact mode their inverses"
+    G = conv_gram(x, ksize, geo, bias, spec.beta, chooser=chooser)
+    return G, ([step_inverse(Gg, spec.sync_free) for Gg in G] if spec.kind == 'exact' else None)
+
+def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None, pre=None):
     "Exact or CG step on the patch Gram matrices, one per group; a `reducer` sums them over processes first"
     bias = gb is not None
-    G = conv_gram(x, ksize, geo, bias, spec.beta if reducer is None else 0., chooser=chooser)
+    if pre is not None: G, inverses = pre
+    elif reducer is None: G, inverses = _conv_primal_early(x, ksize, geo, bias, spec, chooser)
+    else: G, inverses = conv_gram(x, ksize, geo, bias, 0., chooser=chooser), None  # beta after the sum
     if reducer is not None: reducer.all_reduce_(G); G.diagonal(dim1=1, dim2=2).add_(spec.beta)
     out_channels, per_group = gw.shape[0], gw.shape[0] // geo.groups
     rhs = torch.cat([gw.reshape(out_channels, -1), gb[:, None]], 1) if bias else gw.reshape(out_channels, -1)
@@ -372,7 +380,8 @@ def _conv_primal(x, gw, gb, ksize, geo, spec, chooser=None, reducer=None):
                                     spec.cg_variant, spec.sync_free))
             D[rows] = results[-1].solution[0]
         else:
-            D[rows], fallback, failed = exact_or_cg(G[gi], rhs[rows], 'convolution', spec.sync_free)
+            D[rows], fallback, failed = exact_or_cg(G[gi], rhs[rows], 'convolution', spec.sync_free,
+                                                    None if inverses is None else inverses[gi])
             results.append(fallback); flags.append(failed)
     fell_back = spec.kind == 'exact' and any(r is not None for r in results)
     n = rhs.shape[1] - bias
@@ -390,6 +399,7 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
               spec:ProxSpec, # the step's settings
               need_input_grad:bool=True, # also return the input gradient
               chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: the flop model
+              early:Early|None=None, # from `conv_early` in the forward pass: used if made for this step
              ) -> tuple: # (grad_input or None, grad_weight, grad_bias or None, SolveInfo)
     "Input gradient and ProxProp direction of a convolution layer, by the cheapest route"
     if spec.kind == 'gradient':  # autograd's gradients, in the dtype of the forward computation (g's)
@@ -398,11 +408,32 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     solve_dtype = work_dtype(x.dtype, g.dtype)
     gx, gw, gb = conv_grads(x, g, weight, geo, need_input_grad, bias, solve_dtype)
     x, ksize = x.to(solve_dtype), weight.shape[2:]
-    flops = _conv_flops(x.shape, weight.shape, g.shape, ksize, geo, spec.kind, spec.n_iter, spec.cg_variant)
+    flops, key = _conv_plan(x, weight.shape, g.shape, bias, geo, spec)
     runs = {r: functools.partial(_CONV_OPERATOR_ROUTES[r], x, weight.to(solve_dtype), bias, geo, spec,
                                  (gw, gb)) for r in flops if r in _CONV_OPERATOR_ROUTES}
     if 'primal' in flops:
-        runs['primal'] = functools.partial(_conv_primal, x, gw, gb, ksize, geo, spec, chooser)
-    key = ('conv', str(x.device), solve_dtype, tuple(x.shape), tuple(weight.shape), geo, bias, spec)
+        pre = early.value if early is not None and early.key == key and early.route == 'primal' else None
+        runs['primal'] = functools.partial(_conv_primal, x, gw, gb, ksize, geo, spec, chooser, pre=pre)
     _, (W, b, info) = pick_route(flops, runs, spec.solver, chooser, key)
     return gx, W, b, info
+
+def _conv_plan(x, w_shape, out_shape, bias, geo, spec):
+    "The routes' flops and the route choice's key of a step on input `x` (in the solve dtype)"
+    flops = _conv_flops(x.shape, w_shape, out_shape, w_shape[2:], geo, spec.kind, spec.n_iter, spec.cg_variant)
+    return flops, ('conv', str(x.device), x.dtype, tuple(x.shape), tuple(w_shape), geo, bias, spec)
+
+def conv_early(x:torch.Tensor, # the layer input, as the forward pass has it
+               w_shape:torch.Size, # the weight's shape
+               out_shape:torch.Size, # the output's shape
+               bias:bool, # whether the bias is trained
+               geo:ConvGeometry, # the convolution's geometry
+               spec:ProxSpec, # the step's settings
+               chooser:RouteChooser|None=None, # as `prox_conv` will be given
+               g_dtype:torch.dtype|None=None, # the dtype of the coming output gradient (the output's)
+              ) -> Early|None: # not run yet (`Early.run`); None if the route has no such part or is unknown
+    "The part of the coming `prox_conv` step that needs only the input: the patch Gram matrices (and inverses)"
+    if spec.kind == 'gradient' or geo.transposed: return None
+    x = x.to(work_dtype(x.dtype, g_dtype or x.dtype))
+    flops, key = _conv_plan(x, torch.Size(w_shape), torch.Size(out_shape), bias, geo, spec)
+    if known_route(flops, spec.solver, chooser, key) != 'primal': return None
+    return Early(key, 'primal', functools.partial(_conv_primal_early, x, w_shape[2:], geo, bias, spec, chooser))

@@ -22,14 +22,14 @@ from torch.autograd.function import once_differentiable
 
 from .solvers import (ProxSpec, SolveInfo, SUMMARIZED, RouteChooser, check_prox_args, block_cg,
                                  dense_solve, work_dtype)
-from .linear import prox_linear
-from .conv import prox_conv, ConvGeometry, conv_forward, conv_backward, conv_grads
+from .linear import prox_linear, linear_early
+from .conv import prox_conv, conv_early, ConvGeometry, conv_forward, conv_backward, conv_grads
 from .distributed import check_distributed, global_context, defer_step
 
 # %% auto #0
 __all__ = ['PROX_ARGS', 'DISTRIBUTED_SETTINGS', 'route_chooser', 'set_route_choice', 'set_sync_free', 'ElapsedTime',
-           'ProxPropMixin', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d', 'proxprop_module',
-           'proxpropify', 'unproxpropify']
+           'ProxPropMixin', 'set_early_gram', 'ProxPropLinearBase', 'ProxPropLinear', 'SolveStats', 'ProxPropConv2d',
+           'proxprop_module', 'proxpropify', 'unproxpropify']
 
 # %% ../nbs/02_layers.ipynb #c005
 PROX_ARGS = ('tau_prox', 'optimization_mode', 'cg_tol', 'cg_variant', 'solver')
@@ -347,6 +347,50 @@ def _leftover_step(group, task, step, params):
     if items is not None:
         with torch.no_grad(): _add_to_grad(params, step(items))
 
+# %% ../nbs/02_layers.ipynb #592b05cd
+_EARLY_DEVICES = set()  # device types whose layers start their step's input-only part in the forward pass
+
+def set_early_gram(enabled:bool, # True: start the Gram matrix (and an exact step's inverse) in the forward
+                   device_type:str='cuda', # the device type it applies to: 'cuda', 'cpu', ...
+                  ) -> bool: # the setting before
+    "Set whether ProxProp layers on a device type form their Gram matrices in the forward pass (off by default)"
+    if not isinstance(enabled, bool): raise TypeError(f"enabled={enabled!r}: use True or False")
+    before = device_type in _EARLY_DEVICES
+    (_EARLY_DEVICES.add if enabled else _EARLY_DEVICES.discard)(device_type)
+    return before
+
+
+# %% ../nbs/02_layers.ipynb #b877ce2e
+_SIDE_STREAMS = {}  # CUDA device -> the side stream of the layers' early parts
+
+def _start_early(ctx, # the call's context, with `keep`'s attributes
+                 x:torch.Tensor, # the input as the step will see it
+                 early, # (spec, chooser, trained bias) -> the step's `Early` (not run), or None
+                ):
+    "Start the step's input-only part now (`set_early_gram`): on CUDA on a side stream; None where it does not"
+    if ctx.call is None or ctx.call.group.live > 1 or not ctx.needs_input_grad[1]: return None
+    spec, chooser = _on_device(ctx.spec, x.device, ctx.layer)
+    part = early(spec, chooser, ctx.has_bias and ctx.needs_input_grad[2])
+    if part is None: return None
+    with _amp_off(x):
+        if x.device.type != 'cuda': return part.run()
+        main = torch.cuda.current_stream(x.device)
+        side = _SIDE_STREAMS.get(x.device) or _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
+        side.wait_stream(main)  # after the input; its tensors are freed only after the backward waits for it
+        with torch.cuda.stream(side): part.run()
+        part.done = torch.cuda.Event(); part.done.record(side)
+    return part
+
+def _joined_early(ctx, # the call's context
+                  device, # where the backward runs
+                 ):
+    "The call's early part, the backward's stream made to wait for it (every started part is joined: a captured\
+ graph must end on one stream); None if there is none"
+    part, ctx.early = ctx.early, None
+    if part is not None and part.done is not None: torch.cuda.current_stream(device).wait_event(part.done)
+    return part
+
+
 # %% ../nbs/02_layers.ipynb #c007
 def _amp_off(t):
     "A context in which autocast is off for the device of `t`: the backward computes in the dtypes it chooses"
@@ -365,7 +409,7 @@ class _ProxFn(torch.autograd.Function):
         "Keep what the backward needs: x and weight saved, the other arguments as attributes"
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.geometry, ctx.spec, ctx.layer = bias is not None, geometry, spec, layer
-        ctx.collectives, ctx.call = collectives, call
+        ctx.collectives, ctx.call, ctx.early = collectives, call, None
 
     @staticmethod
     def needs_param_grad(ctx): return ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]
@@ -382,16 +426,16 @@ class _ProxFn(torch.autograd.Function):
 def _to_dtype(t:torch.Tensor|None, dtype): return None if t is None else t.to(dtype)
 
 # %% ../nbs/02_layers.ipynb #21c9c0db
-def _linear_step(layer, trained:tuple, spec:ProxSpec, x2, g2):
+def _linear_step(layer, trained:tuple, spec:ProxSpec, x2, g2, early=None):
     "(weight, bias) steps of a Linear layer from input and output-gradient rows: the trained ones' system"
     spec, chooser = _on_device(spec, g2.device, layer)
     if not trained[0]: return None, _bias_step(layer, g2, spec)
-    return _solve_recorded(layer, partial(prox_linear, x2, g2, trained[1], spec, chooser))[:2]
+    return _solve_recorded(layer, partial(prox_linear, x2, g2, trained[1], spec, chooser, early))[:2]
 
-def _prox_linear_grads(ctx, x2, g2):
+def _prox_linear_grads(ctx, x2, g2, early=None):
     "(weight, bias) gradients of a Linear call: its ProxProp step, or under DDP the plain local gradient"
     trained = _ProxFn.trained(ctx)
-    if ctx.collectives is None: return _linear_step(ctx.layer, trained, ctx.spec, x2, g2)
+    if ctx.collectives is None: return _linear_step(ctx.layer, trained, ctx.spec, x2, g2, early)
     spec = _on_device(ctx.spec, g2.device, ctx.layer)[0]
     if not trained[0]: return None, _bias_step(ctx.layer, g2, spec, ctx.collectives.world)
     work = work_dtype(x2.dtype, g2.dtype)
@@ -407,9 +451,9 @@ def _linear_joint_step(layer, trained:tuple, spec:ProxSpec, calls:list):
     return _linear_step(layer, trained, spec, x2, g2)
 
 # %% ../nbs/02_layers.ipynb #68cfc586
-def _linear_param_grads(ctx, x2, g2, shared:bool):
+def _linear_param_grads(ctx, x2, g2, shared:bool, early=None):
     "(weight, bias) gradients of a Linear call: its own step; one of several calls: the joint step, or None"
-    if not shared: return _prox_linear_grads(ctx, x2, g2)
+    if not shared: return _prox_linear_grads(ctx, x2, g2, early)
     step = partial(_linear_joint_step, ctx.layer, _ProxFn.trained(ctx), ctx.spec)
     params = [ctx.layer.weight, ctx.layer.bias]
     return _shared_call_step(ctx, (x2.detach(), g2.detach()), step, params) or (None, None)
@@ -419,7 +463,11 @@ class _ProxLinearFn(_ProxFn):
     @staticmethod
     def forward(ctx, x, weight, bias, spec, layer, collectives, call):
         _ProxFn.keep(ctx, x, weight, bias, (), spec, layer, collectives, call)
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        if _EARLY_DEVICES and x.device.type in _EARLY_DEVICES:
+            x2 = x.reshape(-1, x.shape[-1])
+            ctx.early = _start_early(ctx, x2, lambda s, c, b: linear_early(x2, out.shape[-1], b, s, c, out.dtype))
+        return out
 
     @staticmethod
     @once_differentiable
@@ -427,13 +475,14 @@ class _ProxLinearFn(_ProxFn):
         shared = _ProxFn.shared(ctx)  # before the saved tensors, which activation checkpointing recomputes
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
+        early = _joined_early(ctx, g.device)
         with _amp_off(g):
             # in the forward's dtype, as autograd
             if ctx.needs_input_grad[0]: gx = (g @ weight.to(g.dtype)).to(x.dtype)
             if _ProxFn.needs_param_grad(ctx):
                 if weight.is_complex(): _check_real(ctx.layer, type(ctx.layer).__name__)
                 x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-                gw, gb = (_to_dtype(q, weight.dtype) for q in _linear_param_grads(ctx, x2, g2, shared))
+                gw, gb = (_to_dtype(q, weight.dtype) for q in _linear_param_grads(ctx, x2, g2, shared, early))
         return gx, gw, gb, None, None, None, None
 
 # %% ../nbs/02_layers.ipynb #57c63904
@@ -531,7 +580,7 @@ def _conv_input_grad(ctx, x, g, weight, geo):
     if not ctx.needs_input_grad[0]: return None
     return conv_backward(g, x.to(g.dtype), weight.to(g.dtype), geo, (True, False, False))[0]
 
-def _prox_conv_grads(ctx, x, g, weight, geo):
+def _prox_conv_grads(ctx, x, g, weight, geo, early=None):
     "(input, weight, bias) gradients of a conv call: its ProxProp step, or under DDP the plain local ones"
     spec, chooser, g = *_on_device(ctx.spec, g.device, ctx.layer), g.contiguous()
     (train_weight, train_bias), need_gx = _ProxFn.trained(ctx), ctx.needs_input_grad[0]
@@ -539,7 +588,7 @@ def _prox_conv_grads(ctx, x, g, weight, geo):
         world = 1 if ctx.collectives is None else ctx.collectives.world
         return _conv_input_grad(ctx, x, g, weight, geo), None, _bias_step(ctx.layer, g, spec, world)
     if ctx.collectives is None:
-        step = partial(prox_conv, x, g, weight, train_bias, geo, spec, need_gx, chooser)
+        step = partial(prox_conv, x, g, weight, train_bias, geo, spec, need_gx, chooser, early)
         return _solve_recorded(ctx.layer, step)[:3]
     gx, gw, gb = conv_grads(x, g, weight, geo, need_gx, ctx.has_bias, work_dtype(x.dtype, g.dtype))
     defer_step(ctx.layer, ctx.collectives, spec, x, g, geo,
@@ -563,9 +612,9 @@ def _conv_joint_step(layer, trained:tuple, spec:ProxSpec, weight, geo, calls:lis
     return _solve_recorded(layer, step)[1:3]
 
 # %% ../nbs/02_layers.ipynb #d065fcbe
-def _conv_param_grads(ctx, x, g, weight, geo, shared:bool):
+def _conv_param_grads(ctx, x, g, weight, geo, shared:bool, early=None):
     "(input, weight, bias) gradients of a conv call: its own step, or of several calls the joint one or None"
-    if not shared: return _prox_conv_grads(ctx, x, g, weight, geo)
+    if not shared: return _prox_conv_grads(ctx, x, g, weight, geo, early)
     step = partial(_conv_joint_step, ctx.layer, _ProxFn.trained(ctx), ctx.spec, weight.detach(), geo)
     params = [ctx.layer.weight, ctx.layer.bias]
     gw, gb = _shared_call_step(ctx, (x.detach(), g.detach().contiguous()), step, params) or (None, None)
@@ -576,7 +625,11 @@ class _ProxConvFn(_ProxFn):
     @staticmethod
     def forward(ctx, x, weight, bias, geo, spec, layer, collectives, call):
         _ProxFn.keep(ctx, x, weight, bias, (geo,), spec, layer, collectives, call)
-        return conv_forward(x, weight, bias, geo)
+        out = conv_forward(x, weight, bias, geo)
+        if _EARLY_DEVICES and x.device.type in _EARLY_DEVICES:
+            ctx.early = _start_early(ctx, x, lambda s, c, b: conv_early(x, weight.shape, out.shape, b, geo, s, c,
+                                                                        out.dtype))
+        return out
 
     @staticmethod
     @once_differentiable
@@ -584,11 +637,12 @@ class _ProxConvFn(_ProxFn):
         shared = _ProxFn.shared(ctx)  # before the saved tensors, which activation checkpointing recomputes
         x, weight = ctx.saved_tensors
         (geo,) = ctx.geometry
+        early = _joined_early(ctx, g.device)
         with _amp_off(g):
             if not _ProxFn.needs_param_grad(ctx):  # frozen layer: input gradient only
                 return _conv_input_grad(ctx, x, g, weight, geo).to(x.dtype), *[None] * 7
             if weight.is_complex(): _check_real(ctx.layer, type(ctx.layer).__name__)
-            gx, gw, gb = _conv_param_grads(ctx, x, g, weight, geo, shared)
+            gx, gw, gb = _conv_param_grads(ctx, x, g, weight, geo, shared, early)
         return (_to_dtype(gx, x.dtype), _to_dtype(gw, weight.dtype), _to_dtype(gb, weight.dtype),
                 None, None, None, None, None)
 

@@ -9,11 +9,11 @@ import functools
 import torch
 
 from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, work_dtype,
-                                 step_inverse, choose_route, exact_or_cg, pick_route,
+                                 step_inverse, choose_route, exact_or_cg, pick_route, known_route, Early,
                                  _safe_div, _early_stop, _relative_residual)
 
 # %% auto #0
-__all__ = ['linear_primal_gram', 'linear_dual_gram', 'dual_cg', 'linear_flops', 'prox_linear']
+__all__ = ['linear_primal_gram', 'linear_dual_gram', 'dual_cg', 'linear_flops', 'prox_linear', 'linear_early']
 
 # %% ../nbs/01a_linear.ipynb #c006
 def linear_primal_gram(x:torch.Tensor, # inputs (N, d)
@@ -107,29 +107,42 @@ def _rhs(x, g, bias, grad):
     return torch.cat([g.T @ x, g.sum(0)[:, None]], 1) if bias else g.T @ x
 
 # %% ../nbs/01a_linear.ipynb #7805497a
-def _linear_primal(x, g, bias, spec, reducer=None, grad=None):
+def _linear_primal_early(x, bias, spec):
+    "The primal route's input-only part: G = A^T A + beta I, and in exact mode its inverse"
+    G = linear_primal_gram(x, bias, spec.beta)
+    return G, (step_inverse(G, spec.sync_free) if spec.kind == 'exact' else None)
+
+def _linear_primal(x, g, bias, spec, reducer=None, grad=None, pre=None):
     "The primal route; with a `reducer` the Gram matrix is summed over processes first (a data-parallel step)"
-    G = linear_primal_gram(x, bias, spec.beta if reducer is None else 0.)
+    if pre is not None: G, inverse = pre
+    elif reducer is None: G, inverse = _linear_primal_early(x, bias, spec)
+    else: G, inverse = linear_primal_gram(x, bias), None  # beta after the sum
     if reducer is not None: reducer.all_reduce_(G); G.diagonal().add_(spec.beta)
     rhs = _rhs(x, g, bias, grad)
     if spec.kind == 'cg':
         cg = block_cg(lambda P: [P[0] @ G], [rhs], spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
         D, info = cg.solution[0], SolveInfo.of('primal', cg, x.dtype)
     else:
-        D, fallback, failed = exact_or_cg(G, rhs, 'primal', spec.sync_free)
+        D, fallback, failed = exact_or_cg(G, rhs, 'primal', spec.sync_free, inverse)
         info = SolveInfo.of('primal>cg' if fallback else 'primal', fallback, x.dtype, failed)
     return (*_split(D, x.shape[1], bias), info)
 
 # %% ../nbs/01a_linear.ipynb #dcce3547
-def _linear_dual(x, g, bias, spec):
-    "The dual route: CG in the batch space, or the inverse of K + beta I (the primal system if that fails)"
+def _linear_dual_early(x, bias, spec):
+    "The dual route's input-only part: K = A A^T for CG; in exact mode the inverse of K + beta I"
     K = linear_dual_gram(x, bias)
+    if spec.kind == 'cg': return K
+    K.diagonal().add_(spec.beta)
+    return step_inverse(K, spec.sync_free)
+
+def _linear_dual(x, g, bias, spec, pre=None):
+    "The dual route: CG in the batch space, or the inverse of K + beta I (the primal system if that fails)"
+    pre = _linear_dual_early(x, bias, spec) if pre is None else pre
     if spec.kind == 'cg':
-        cg = dual_cg(K, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
+        cg = dual_cg(pre, g, spec.beta, spec.n_iter, spec.cg_tol, spec.cg_variant, spec.sync_free)
         y, info = cg.solution, SolveInfo.of('dual', cg, x.dtype)
     else:
-        K.diagonal().add_(spec.beta)
-        Kinv, failed = step_inverse(K, spec.sync_free)
+        Kinv, failed = pre
         if Kinv is None:  # the primal system, which falls back to CG if it fails too
             W, b, info = _linear_primal(x, g, bias, spec)
             return W, b, SolveInfo.of('dual>' + info.route, info, x.dtype)
@@ -160,15 +173,39 @@ def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
                 bias:bool, # whether the layer has a bias
                 spec:ProxSpec, # the step's settings, from `check_prox_args`
                 chooser:RouteChooser|None=None, # picks the route for solver='auto'; None: the flop model
+                early:Early|None=None, # from `linear_early` in the forward pass: used if made for this step
                ) -> tuple: # (grad_weight (out, in), grad_bias (out,) or None, SolveInfo)
     "The ProxProp direction (A^T A + I/tau_prox)^-1 grad for an nn.Linear layer, by the cheapest route"
     if spec.kind == 'gradient':  # autograd's gradient, in the dtype of the forward computation (g's)
         return g.T @ x.to(g.dtype), (g.sum(0) if bias else None), SolveInfo('gradient', dtype=g.dtype)
     solve_dtype = work_dtype(x.dtype, g.dtype)
     x, g = x.to(solve_dtype), g.to(solve_dtype)
-    (N, d), out = x.shape, g.shape[1]
-    flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
+    flops, key = _linear_plan(x, g.shape[1], bias, spec)
     runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
-    key = ('linear', str(x.device), solve_dtype, N, d, out, bias, spec)
+    if early is not None and early.key == key and early.route in runs:
+        runs[early.route] = functools.partial(runs[early.route], pre=early.value)
     _, result = pick_route(flops, runs, spec.solver, chooser, key)
     return result
+
+def _linear_plan(x, out, bias, spec):
+    "The routes' flops and the route choice's key of a step on inputs `x` (in the solve dtype)"
+    N, d = x.shape
+    flops = linear_flops(N, d + bias, out, spec.kind, spec.n_iter)
+    return flops, ('linear', str(x.device), x.dtype, N, d, out, bias, spec)
+
+_LINEAR_EARLY = {'dual': _linear_dual_early, 'primal': _linear_primal_early}
+
+def linear_early(x:torch.Tensor, # layer inputs (N, in_features), as the forward pass has them
+                 out:int, # output features
+                 bias:bool, # whether the bias is trained (its column is in A)
+                 spec:ProxSpec, # the step's settings
+                 chooser:RouteChooser|None=None, # as `prox_linear` will be given
+                 g_dtype:torch.dtype|None=None, # the dtype of the coming output gradient (the output's)
+                ) -> Early|None: # not run yet (`Early.run`); None if the route has no such part or is unknown
+    "The part of the coming `prox_linear` step that needs only the inputs: the route's Gram matrix (and inverse)"
+    if spec.kind == 'gradient': return None
+    x = x.to(work_dtype(x.dtype, g_dtype or x.dtype))
+    flops, key = _linear_plan(x, out, bias, spec)
+    route = known_route(flops, spec.solver, chooser, key)
+    if route not in _LINEAR_EARLY: return None
+    return Early(key, route, functools.partial(_LINEAR_EARLY[route], x, bias, spec))

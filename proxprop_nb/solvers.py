@@ -20,7 +20,7 @@ import torch.nn.functional as F
 __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'SUMMARIZED', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args',
            'rowdot', 'rowscale', 'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse',
            'spd_inverse_on_device', 'step_inverse', 'exact_or_cg', 'dense_solve', 'choose_route', 'warm_timer',
-           'RouteChooser', 'pick_route']
+           'RouteChooser', 'pick_route', 'known_route', 'Early']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -230,9 +230,10 @@ def exact_or_cg(G:torch.Tensor, # SPD matrix (n, n)
                 rhs_rows:torch.Tensor, # right-hand sides as rows (m, n)
                 what:str, # names the system in the fallback's warning
                 sync_free:bool=False, # no host read: `spd_inverse_on_device`; its flag, not a fallback
+                inverse:tuple|None=None, # `step_inverse(G, sync_free)`, if computed already (an early step)
                ) -> tuple: # (solution rows, CGResult of the CG fallback or None, the device flag or None)
     "Rows of rhs_rows times G^-1 for an SPD G, or CG on G if the factorization fails; NaN if G is not finite"
-    Ginv, failed = step_inverse(G, sync_free)
+    Ginv, failed = step_inverse(G, sync_free) if inverse is None else inverse
     if Ginv is not None: return rhs_rows @ Ginv, None, failed
     if not bool(torch.isfinite(G).all()): return torch.full_like(rhs_rows, float('nan')), None, None
     n = min(G.shape[0], 200)
@@ -338,3 +339,31 @@ def pick_route(flops:dict, # route -> flops of every available route
     if solver != 'auto' or chooser is None: r = choose_route(flops, solver); return r, runs[r]()
     r, out = chooser(key, flops, runs)
     return r, (runs[r]() if out is None else out)
+
+# %% ../nbs/01_solvers.ipynb #549f8afd
+def known_route(flops:dict, # route -> flops of every available route
+                solver:str, # 'auto' or a forced route
+                chooser:RouteChooser|None, # picks the route for 'auto'; None: the flop model
+                key, # the shapes and settings `pick_route` will be given
+               ) -> str|None: # the route, or None if it is not known yet (or the forced one is not available)
+    "The route `pick_route` will take for `key`, if known without running one"
+    if solver == 'auto' and chooser is not None and chooser.policy != 'model':
+        hit = chooser.choices.get(key)
+        return None if hit is None else hit[0]
+    try: return choose_route(flops, solver)
+    except ValueError: return None  # the backward raises, with its message
+
+@dataclass
+class Early:
+    "What a layer's forward pass starts for its backward step: the route and the shapes it serves, and the result"
+    key:tuple # the `pick_route` key of the step it serves: it is used only by a step with the same key
+    route:str # the route that takes it
+    compute:object # () -> the route's input-only part; dropped once run
+    value:object = None # what `compute` returned
+    done:object = None # a CUDA event recorded after `compute` on its side stream; None where it ran in line
+
+    def run(self):
+        "Compute the value (on the current stream) and let go of the inputs"
+        self.value, self.compute = self.compute(), None
+        return self
+

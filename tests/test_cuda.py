@@ -372,6 +372,20 @@ def graphed_training(net, device, optimizer, steps=6, batch=48, n=120):
     return [p.detach().cpu() for p in net.parameters()], step
 
 
+def eager_training(net, device, optimizer, steps=6, batch=48, n=120):
+    "The minibatches of `graphed_training` as eager steps on `device`"
+    net = net.to(device)
+    opt = (torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.95, nesterov=True) if optimizer == 'sgd'
+           else torch.optim.Adam(net.parameters(), lr=1e-3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(n, 3, 32, 32, generator=gen, dtype=f64), torch.randint(0, 10, (n,), generator=gen)
+    for i in range(steps):
+        j = i * batch % n
+        opt.zero_grad(); F.cross_entropy(net(x[j:j + batch].to(device)), y[j:j + batch].to(device)).backward()
+        opt.step()
+    return [p.detach().cpu() for p in net.parameters()]
+
+
 @pytest.mark.parametrize('mode,variant', [('prox_exact', 'textbook'), ('prox_cg3', 'textbook'), ('prox_cg3', 'official'),
                                           ('gradient', 'textbook')])
 @pytest.mark.parametrize('model', ['mlp', 'convnet'])
@@ -381,17 +395,10 @@ def test_graphed_steps_match_cpu_float64(model, mode, variant):
     prox = dict(optimization_mode=mode, cg_variant=variant, tau_prox=0.05 if model == 'mlp' else 1.0, cg_tol=0)
     net = (mlp(**prox) if model == 'mlp' else convnet(**prox)).double()
     optimizer = 'sgd' if model == 'mlp' else 'adam'
-    cpu = copy.deepcopy(net)
-    opt = (torch.optim.SGD(cpu.parameters(), lr=0.5, momentum=0.95, nesterov=True) if optimizer == 'sgd'
-           else torch.optim.Adam(cpu.parameters(), lr=1e-3))
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.rand(120, 3, 32, 32, generator=gen, dtype=f64), torch.randint(0, 10, (120,), generator=gen)
-    for i in range(6):
-        j = i * 48 % 120
-        opt.zero_grad(); F.cross_entropy(cpu(x[j:j + 48]), y[j:j + 48]).backward(); opt.step()
+    cpu = eager_training(copy.deepcopy(net), 'cpu', optimizer)
     gpu, step = graphed_training(net, DEV, optimizer)
     assert step.fallback is None and step.counts['replays'] >= 2, step
-    assert max(rel(a, b) for a, b in zip(gpu, [p.detach() for p in cpu.parameters()])) < 1e-8
+    assert max(rel(a, b) for a, b in zip(gpu, cpu)) < 1e-8
 
 
 @pytest.mark.parametrize('mode', ['prox_exact', 'prox_cg3'])
@@ -413,3 +420,41 @@ def test_a_graphed_step_makes_no_host_sync(model, mode):
     finally: torch.cuda.set_sync_debug_mode(0)
     assert step.fallback is None and step.counts['replays'] == 2, step
     assert torch.isfinite(loss).item()
+
+
+# ---- Gram matrices formed in the forward pass, on a side stream (set_early_gram) ---------------------------
+
+@pytest.mark.parametrize('graphed', [False, True], ids=['eager', 'graphed'])
+@pytest.mark.parametrize('mode', ['prox_exact', 'prox_cg3'])
+@pytest.mark.parametrize('model', ['mlp', 'convnet'])
+def test_early_grams_match_cpu_float64(model, mode, graphed):
+    "Early Gram matrices on the GPU's side stream (from the second step on: the first times the routes)"
+    from unittest.mock import patch
+    import proxprop_nb.linear as linear_mod
+    import proxprop_nb.conv as conv_mod
+    from proxprop_nb.layers import set_early_gram
+    torch.manual_seed(0)
+    prox = dict(optimization_mode=mode, tau_prox=0.05 if model == 'mlp' else 1.0, cg_tol=0)
+    net = (mlp(**prox) if model == 'mlp' else convnet(**prox)).double()
+    optimizer = 'sgd' if model == 'mlp' else 'adam'
+    cpu = eager_training(copy.deepcopy(net), 'cpu', optimizer)
+    formed, phase = [], []  # Gram matrices formed in a forward pass
+    def spy(f):
+        def counted(*a, **k):
+            if phase: formed.append(f.__name__)
+            return f(*a, **k)
+        return counted
+    net.register_forward_pre_hook(lambda *a: phase.append(1))
+    net.register_forward_hook(lambda *a: phase.clear())
+    before = set_early_gram(True, torch.device(DEV).type)
+    try:
+        with patch.object(linear_mod, 'linear_dual_gram', spy(linear_mod.linear_dual_gram)), \
+             patch.object(linear_mod, 'linear_primal_gram', spy(linear_mod.linear_primal_gram)), \
+             patch.object(conv_mod, 'conv_gram', spy(conv_mod.conv_gram)):
+            if graphed:
+                gpu, step = graphed_training(net, DEV, optimizer)
+                assert step.fallback is None and step.counts['replays'] >= 2, step
+            else: gpu = eager_training(net, DEV, optimizer)
+    finally: set_early_gram(before, torch.device(DEV).type)
+    assert formed  # in the forward passes from the second step on
+    assert max(rel(a, b) for a, b in zip(gpu, cpu)) < 1e-8

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import proxprop_nb
-from ..layers import ProxPropMixin, proxpropify, unproxpropify, set_sync_free
+from ..layers import ProxPropMixin, proxpropify, unproxpropify, set_sync_free, set_early_gram
 from ..batched import BatchedRuns
 from ..graph import StepGraph
 from .models import mlp, convnet, MLP_SIZES, make_optimizer
@@ -242,9 +242,19 @@ def benchmark(model:str='mlp', # 'mlp' or 'convnet'
               seed:int=0, # for the model and the batch
               compile:str|None=None, # None: eager; else every mode's model compiled so (COMPILE)
               cuda_graph:bool|str=False, # every mode's step a replayed CUDA graph (`make_step`)
+              early_gram:bool=False, # the layers form their Gram matrices in the forward (`set_early_gram`)
               **prox # further ProxProp settings (cg_tol, cg_variant, solver)
              ) -> dict: # machine, settings and per-mode statistics
     "Time and measure one training step of each mode against plain backprop"
+    before = set_early_gram(early_gram, torch.device(device).type)
+    try: out = _benchmark(model, batch_size, modes, widths, device, repeats, warmup, tau_prox, seed, compile,
+                          cuda_graph, **prox)
+    finally: set_early_gram(before, torch.device(device).type)
+    out['early_gram'] = early_gram
+    return out
+
+def _benchmark(model, batch_size, modes, widths, device, repeats, warmup, tau_prox, seed, compile, cuda_graph,
+               **prox) -> dict:
     if 'plain' not in modes: modes = ('plain', *modes)
     if compile is not None and warmup < 1:
         raise ValueError('a compiled step needs warmup >= 1: it compiles first')
@@ -388,6 +398,7 @@ def _setting_line(res:dict, what:str, unit:str) -> str:
     how = f" compiled ({res['compile']})" if res.get('compile') else ''
     if res.get('cuda_graph'):
         how = ' as emulated CUDA graphs' if res['cuda_graph'] == 'emulate' else ' as CUDA graphs'
+    if res.get('early_gram'): how += ', Gram matrices in the forward'
     return (f"{res['model']} batch={res['batch_size']}{w} {res['optimizer']}{what}{how} on "
             f"{machine['device_name']} "
             f"({machine['threads']} threads), torch {machine['torch']}, median of {res['repeats']} "
@@ -484,6 +495,9 @@ def _options() -> argparse.ArgumentParser:
     add('--cuda-graph', action='store_true',
         help="each mode's whole step (forward, backward, optimizer step) captured as a CUDA graph and replayed "
              "(StepGraph); a CUDA device, --warmup >= 2")
+    add('--early-gram', action='store_true',
+        help="the layers form their Gram matrices (and exact inverses) in the forward pass, on a GPU on a side "
+             "stream (set_early_gram)")
     add('--quick', action='store_true',
         help='tiny defaults (batch 16, MLP widths 32,16,32, 3 repeats): checks that it runs; '
              'explicit options win')
@@ -508,6 +522,7 @@ def _check_counts(p:argparse.ArgumentParser, a:argparse.Namespace):
     if a.compile and a.warmup < 1: p.error(f'--compile needs --warmup >= 1 (a compiled step compiles first)')
     if a.cuda_graph and (a.compile or a.batch_runs):
         p.error('--cuda-graph captures single eager runs: leave out --compile and --batch-runs')
+    if a.early_gram and a.batch_runs: p.error('--early-gram times single runs: leave out --batch-runs')
     if a.cuda_graph and a.warmup < 2:
         p.error('--cuda-graph needs --warmup >= 2 (one eager step, then the capture)')
     if a.threads is not None and a.threads < 1:
@@ -558,7 +573,7 @@ def run(argv=None) -> list:
                     print(format_batch_table(r), end='\n\n', flush=True)
                 else:
                     r = benchmark(model, bs, a.modes, w, a.device, a.repeats, a.warmup, a.tau_prox,
-                                  compile=a.compile, cuda_graph=a.cuda_graph, **a.prox)
+                                  compile=a.compile, cuda_graph=a.cuda_graph, early_gram=a.early_gram, **a.prox)
                     r['sync_free'] = a.sync_free
                     print(format_table(r), end='\n\n', flush=True)
                 results.append(r)

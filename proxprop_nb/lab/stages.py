@@ -19,8 +19,8 @@ from .bench import (benchmark, route_times, format_table, bench_batch_runs, form
                                   PEERS)
 
 # %% auto #0
-__all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'start_tests', 'finish_tests', 'run_bench', 'bench_step_seconds',
-           'summary_text', 'pack', 'run_compare_stage']
+__all__ = ['BENCH_BATCHES', 'BENCH_MODES', 'ROUTE_LAYERS', 'EARLY_MODES', 'start_tests', 'finish_tests', 'run_bench',
+           'bench_step_seconds', 'summary_text', 'pack', 'run_compare_stage']
 
 # %% ../../nbs/07a_stages.ipynb #c006
 def _repo_root() -> Path: return Path(proxprop_nb.__file__).resolve().parent.parent
@@ -65,21 +65,27 @@ def _routes_line(layer:str, shape:tuple, mode:str, times:dict) -> str:
     return f"routes {layer} {shape} {mode}: {ms}; flop model: {times['auto']}, fastest: {times['fastest']}"
 
 # %% ../../nbs/07a_stages.ipynb #988f1252
+EARLY_MODES = ('plain', 'prox_exact', 'prox_cg3')  # graphed with early Gram matrices too
+
 def _bench_graphed(out:dict, device, quick:bool, deadline:float, log):
-    "The benchmark's steps as CUDA graphs (emulated on a CPU), into out['graphed']; a failure is recorded"
+    "The benchmark's steps as CUDA graphs (emulated on a CPU), into out['graphed'], and with early Gram matrices\
+ into out['graphed_early']; a failure is recorded"
     cuda = str(device).startswith('cuda')
     before = None if cuda else set_sync_free(True, 'cpu')  # the GPU's policy, which a graph needs
     try:
-        for model in ('mlp', 'convnet'):
-            for bs in ((16,) if quick else (500, 2000)):
-                if time.time() > deadline: out['skipped'].append([model, bs, 'cuda_graph']); continue
-                widths = (64, 32, 64) if quick and model == 'mlp' else None
-                try: r = benchmark(model, bs, BENCH_MODES, widths, device, repeats=3 if quick else 7, warmup=2,
-                                   cuda_graph=True if cuda else 'emulate')
-                except Exception as e:  # a capture that fails beyond StepGraph's fallback is a result too
-                    out['graphed_error'] = f'{model} {bs}: {type(e).__name__}: {e}'[:2000]
-                    log(f"graphed benchmark failed: {out['graphed_error'][:300]}"); return
-                out['graphed'].append(r); log(format_table(r))
+        for early in (False, True):
+            for model in ('mlp', 'convnet'):
+                for bs in ((16,) if quick else (500, 2000)):
+                    if time.time() > deadline:
+                        out['skipped'].append([model, bs, 'cuda_graph early' if early else 'cuda_graph']); continue
+                    widths = (64, 32, 64) if quick and model == 'mlp' else None
+                    try: r = benchmark(model, bs, EARLY_MODES if early else BENCH_MODES, widths, device,
+                                       repeats=3 if quick else 7, warmup=2, cuda_graph=True if cuda else 'emulate',
+                                       early_gram=early)
+                    except Exception as e:  # a capture that fails beyond StepGraph's fallback is a result too
+                        out['graphed_error'] = f'{model} {bs}: {type(e).__name__}: {e}'[:2000]
+                        log(f"graphed benchmark failed: {out['graphed_error'][:300]}"); return
+                    out['graphed_early' if early else 'graphed'].append(r); log(format_table(r))
     finally:
         if before is not None: set_sync_free(before, 'cpu')
 
@@ -87,7 +93,7 @@ def _bench_graphed(out:dict, device, quick:bool, deadline:float, log):
 # %% ../../nbs/07a_stages.ipynb #c0b5cac9
 def run_bench(device:str, quick:bool=False, deadline:float=math.inf, log=print) -> dict:
     "The benchmark stage: step costs of every mode for both networks and batch sizes, their layers' routes"
-    out = dict(steps=[], routes=[], batched=[], compiled=[], graphed=[], skipped=[])
+    out = dict(steps=[], routes=[], batched=[], compiled=[], graphed=[], graphed_early=[], skipped=[])
     for model in ('mlp', 'convnet'):
         for bs in ((16,) if quick else BENCH_BATCHES):
             if time.time() > deadline: out['skipped'].append([model, bs]); continue
@@ -142,10 +148,11 @@ def bench_step_seconds(bench:dict, batch:int=500) -> dict:
 def _ratio_table(bench:dict) -> list:
     "A line per benchmark result: plain backprop's median step time, and each mode's relative to it"
     lines = []
-    for r in bench.get('steps', []) + bench.get('graphed', []):
+    for r in bench.get('steps', []) + bench.get('graphed', []) + bench.get('graphed_early', []):
         ratios = ', '.join(f"{m} {v['ratio']:.2f}x" for m, v in r['modes'].items() if m != 'plain')
         plain, how = r['modes']['plain']['median_ms'], r.get('cuda_graph')
         graphed = ' as emulated CUDA graphs' if how == 'emulate' else ' as CUDA graphs' if how else ''
+        if r.get('early_gram'): graphed += ', Gram matrices in the forward'
         lines.append(f"{r['model']:8s} batch {r['batch_size']:>5}{graphed}: plain {plain:.2f} ms; {ratios}")
     return lines
 
