@@ -387,7 +387,11 @@ def _joined_early(ctx, # the call's context
     "The call's early part, the backward's stream made to wait for it (every started part is joined: a captured\
  graph must end on one stream); None if there is none"
     part, ctx.early = ctx.early, None
-    if part is not None and part.done is not None: torch.cuda.current_stream(device).wait_event(part.done)
+    if part is None: return None
+    if part.done is not None: torch.cuda.current_stream(device).wait_event(part.done)
+    # the inputs it read (a converted or reshaped copy, made on this stream) may be freed only now: after the
+    # wait, this stream reuses their memory only once the side stream is done with them
+    part.compute = None
     return part
 
 
