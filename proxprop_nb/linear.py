@@ -57,25 +57,26 @@ def dual_cg(K:torch.Tensor, # Gram matrix A A^T (N, N), without the proximal bet
     # are stored; q is replaced, never updated in place, in the first iteration
     s, q, y = g.clone(), g, torch.zeros_like(g)
     w = K @ s
-    u, rho = w, (s * w).sum(0)
+    u, rho = w, torch.linalg.vecdot(s, w, dim=0)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
     live = rho.new_ones(()) if sync_free and stop is not None else None
     iters_on_device, residual = rho.new_zeros(()), None  # counted where the early stop runs on the device
     for k in range(1, n_iter + 1):
-        alpha = _safe_div(rho, (u * u).sum(0) + beta * (q * u).sum(0), eps)
+        v = torch.add(u, q, alpha=beta)  # M p = A^T v: v = (K + beta I) q
+        alpha = _safe_div(rho, torch.linalg.vecdot(u, v, dim=0), eps)  # p^T M p = q^T K v = u^T v
         # frozen once converged
         if live is not None: alpha, iters_on_device = alpha * live, iters_on_device + live
         y.addcmul_(q, alpha)  # D += alpha p
         if k == n_iter: break
-        s.addcmul_(u, alpha, value=-1).addcmul_(q, alpha, value=-beta)  # r -= alpha M p
+        s.addcmul_(v, alpha, value=-1)  # r -= alpha M p
         w = torch.mm(K, s, out=w if k > 1 else None)
-        rho_new = (s * w).sum(0)  # r^T r
+        rho_new = torch.linalg.vecdot(s, w, dim=0)  # r^T r
         stop_now, live = _early_stop(stop, rho_new, live)
         if stop_now: residual = _relative_residual(rho_new, rho0); break
         cg_beta = _safe_div(rho_new, rho, eps)  # CG's beta_k: p = r + beta_k p
         if k == 1: q, u = ((s * (1 + cg_beta), w * (1 + cg_beta)) if official
                            else (torch.addcmul(s, q, cg_beta), torch.addcmul(w, u, cg_beta)))
-        else: q.mul_(cg_beta).add_(s); u.mul_(cg_beta).add_(w)
+        else: q = torch.addcmul(s, q, cg_beta, out=q); u = torch.addcmul(w, u, cg_beta, out=u)
         rho = rho_new
     # at the (device) stop
     if live is not None: residual = _relative_residual(rho_new, rho0) if n_iter > 1 else None

@@ -87,12 +87,27 @@ def rowdot(xs, ys):
     "Per-row inner products of two lists of tensors whose dimension 0 indexes the rows"
     dots = [torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)) if x.dim() > 1
             else x * y for x, y in zip(xs, ys)]
-    # one kernel per tensor: CG on a small layer is launch-bound
     return dots[0] if len(dots) == 1 else sum(dots)
 
 def rowscale(alpha, x):
     "Multiply row i of `x` by `alpha[i]`"
     return alpha.view(-1, *([1] * (x.dim() - 1))) * x
+
+class _Rows:
+    "A list of tensors with rows in dimension 0 as one matrix [t_1 | t_2 | ...], and back: CG's state in one tensor"
+    def __init__(self, ts:list):
+        self.shapes, self.widths = [t.shape for t in ts], [math.prod(t.shape[1:]) for t in ts]
+        self.B = self.join(ts)
+
+    def join(self, ts:list) -> torch.Tensor:
+        "The tensors side by side as one (rows, sum of widths) matrix (one tensor that is a matrix: itself)"
+        mats = [t if t.dim() == 2 else t.reshape(t.shape[0], -1) for t in ts]
+        return mats[0] if len(mats) == 1 else torch.cat(mats, 1)
+
+    def split(self, M:torch.Tensor) -> list:
+        "The matrix as the list of tensors it was joined from (views)"
+        parts = [M] if len(self.widths) == 1 else M.split(self.widths, 1)
+        return [p if p.shape == s else p.reshape(s) for p, s in zip(parts, self.shapes)]
 
 # %% ../nbs/01_solvers.ipynb #c015
 @dataclass(frozen=True)
@@ -164,28 +179,30 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     "Solve M X = rhs row by row with conjugate gradients from X = 0"
     official = variant == 'official'
     eps = 1e-6 if official else 0.
-    X = [torch.zeros_like(b) for b in rhs]
-    if n_iter < 1: return CGResult(X, 0, None)
-    R = list(rhs)  # never updated in place
-    P, rho = R, rowdot(R, R)
+    rows = _Rows(rhs)
+    X = torch.zeros_like(rows.B)
+    if n_iter < 1: return CGResult(rows.split(X), 0, None)
+    R = rows.B  # never updated in place
+    P, rho = R, torch.linalg.vecdot(R, R)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
     live = rho.new_ones(()) if sync_free and stop is not None else None
     iters_on_device = rho.new_zeros(())  # counted only where the early stop runs on the device
     for k in range(1, n_iter + 1):
-        MP = apply_M(P)
-        alpha = _safe_div(rho, rowdot(P, MP), eps)
+        MP = rows.join(apply_M(rows.split(P)))
+        alpha = _safe_div(rho, torch.linalg.vecdot(P, MP), eps)
         # frozen once converged
         if live is not None: alpha, iters_on_device = alpha * live, iters_on_device + live
-        X = [x + rowscale(alpha, p) for x, p in zip(X, P)]
-        R = [r - rowscale(alpha, mp) for r, mp in zip(R, MP)]
-        rho_new = rowdot(R, R)
+        alpha = alpha[:, None]
+        X.addcmul_(alpha, P)
+        R = torch.addcmul(R, alpha, MP, value=-1)
+        rho_new = torch.linalg.vecdot(R, R)
         if k == n_iter: break
         stop_now, live = _early_stop(stop, rho_new, live)
         if stop_now: break
         cg_beta = _safe_div(rho_new, rho, eps)  # CG's beta_k (not the proximal beta = 1/tau_prox)
         P_prev = R if official and k == 1 else P  # the official code's P aliases R in its first iteration
-        P, rho = [r + rowscale(cg_beta, p) for r, p in zip(R, P_prev)], rho_new
-    return CGResult(X, k if live is None else iters_on_device, _relative_residual(rho_new, rho0))
+        P, rho = torch.addcmul(R, cg_beta[:, None], P_prev), rho_new
+    return CGResult(rows.split(X), k if live is None else iters_on_device, _relative_residual(rho_new, rho0))
 
 # %% ../nbs/01_solvers.ipynb #c025
 def work_dtype(*dtypes):
