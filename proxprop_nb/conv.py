@@ -277,6 +277,10 @@ def _group_gram(x, ksize, geo, bias, route, chunk):
     return G
 
 # %% ../nbs/01b_conv.ipynb #16151539
+def _gram_key(x, group_shape, ksize, geo, bias):
+    "The key under which a measuring chooser keeps the patch Gram's route"
+    return ('gram', str(x.device), x.dtype, tuple(group_shape), tuple(ksize), geo, bias)
+
 def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
               ksize:tuple, # kernel size
               geo:ConvGeometry, # stride, padding, dilation, groups (not transposed)
@@ -292,8 +296,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
     if route == 'auto' and chooser is not None and chooser.policy != 'model':
         flops = conv_gram_flops(shape, tuple(ksize), geo)
         runs = {r: functools.partial(conv_gram, x, ksize, geo, bias, beta, r) for r in flops}
-        key = ('gram', str(x.device), x.dtype, shape, tuple(ksize), geo, bias)
-        return pick_route(flops, runs, 'auto', chooser, key)[1]
+        return pick_route(flops, runs, 'auto', chooser, _gram_key(x, shape, ksize, geo, bias))[1]
     r = _gram_route(shape, tuple(ksize), geo, route)
     groups = x.split(group_channels, 1)
     Gs = torch.stack([_group_gram(xg, ksize, geo, bias, r, GRAM_CHUNK) for xg in groups])
@@ -436,4 +439,7 @@ def conv_early(x:torch.Tensor, # the layer input, as the forward pass has it
     x = x.to(work_dtype(x.dtype, g_dtype or x.dtype))
     flops, key = _conv_plan(x, torch.Size(w_shape), torch.Size(out_shape), bias, geo, spec)
     if known_route(flops, spec.solver, chooser, key) != 'primal': return None
+    if chooser is not None and chooser.policy != 'model':  # its patch Gram's route must be timed already
+        group_shape = (x.shape[0], x.shape[1] // geo.groups, *x.shape[2:])
+        if _gram_key(x, group_shape, w_shape[2:], geo, bias) not in chooser.choices: return None
     return Early(key, 'primal', functools.partial(_conv_primal_early, x, w_shape[2:], geo, bias, spec, chooser))

@@ -368,30 +368,41 @@ def _start_early(ctx, # the call's context, with `keep`'s attributes
                  early, # (spec, chooser, trained bias) -> the step's `Early` (not run), or None
                 ):
     "Start the step's input-only part now (`set_early_gram`): on CUDA on a side stream; None where it does not"
-    if ctx.call is None or ctx.call.group.live > 1 or not ctx.needs_input_grad[1]: return None
+    # (inside a backward pass: a checkpoint's recomputation, whose calls take no step of their own)
+    if ctx.call is None or ctx.call.group.live > 1 or not ctx.needs_input_grad[1] or _graph_task() >= 0:
+        return None
     spec, chooser = _on_device(ctx.spec, x.device, ctx.layer)
+    cuda = x.device.type == 'cuda'
+    if cuda and not spec.sync_free: return None  # a host-checked inverse would wait for the side stream here
     part = early(spec, chooser, ctx.has_bias and ctx.needs_input_grad[2])
     if part is None: return None
     with _amp_off(x):
-        if x.device.type != 'cuda': return part.run()
+        if not cuda: return part.run()
         main = torch.cuda.current_stream(x.device)
         side = _SIDE_STREAMS.get(x.device) or _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
-        side.wait_stream(main)  # after the input; its tensors are freed only after the backward waits for it
+        side.wait_stream(main)  # after the input
+        # the inputs it reads (a converted or reshaped copy of x, made on this stream): their memory is reused,
+        # once freed, only after the side stream is done with them
+        for t in _tensors(getattr(part.compute, 'args', ())): t.record_stream(side)
         with torch.cuda.stream(side): part.run()
         part.done = torch.cuda.Event(); part.done.record(side)
     return part
 
+def _tensors(value) -> list:
+    "The tensors in a value made of tensors, tuples, lists and None"
+    if isinstance(value, torch.Tensor): return [value]
+    return [t for v in value for t in _tensors(v)] if isinstance(value, (tuple, list)) else []
+
 def _joined_early(ctx, # the call's context
                   device, # where the backward runs
                  ):
-    "The call's early part, the backward's stream made to wait for it (every started part is joined: a captured\
- graph must end on one stream); None if there is none"
+    "The call's early part, the backward's stream made to wait for it; None if there is none"
     part, ctx.early = ctx.early, None
-    if part is None: return None
-    if part.done is not None: torch.cuda.current_stream(device).wait_event(part.done)
-    # the inputs it read (a converted or reshaped copy, made on this stream) may be freed only now: after the
-    # wait, this stream reuses their memory only once the side stream is done with them
-    part.compute = None
+    if part is not None and part.done is not None:
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(part.done)
+        # made on the side stream, read on this one: freed, their memory waits for this stream's use of them
+        for t in _tensors(part.value): t.record_stream(stream)
     return part
 
 

@@ -375,14 +375,12 @@ class Early:
     "What a layer's forward pass starts for its backward step: the route and the shapes it serves, and the result"
     key:tuple # the `pick_route` key of the step it serves: it is used only by a step with the same key
     route:str # the route that takes it
-    # () -> the route's input-only part; it holds the inputs it reads, which must outlive the computation
-    # on a side stream (the layer drops it once its backward has waited for that stream)
-    compute:object
+    compute:object # () -> the route's input-only part (a partial: its `args` are the inputs); dropped once run
     value:object = None # what `compute` returned
     done:object = None # a CUDA event recorded after `compute` on its side stream; None where it ran in line
 
     def run(self):
-        "Compute the value (on the current stream)"
-        self.value = self.compute()
+        "Compute the value (on the current stream) and let go of the inputs"
+        self.value, self.compute = self.compute(), None
         return self
 

@@ -458,3 +458,44 @@ def test_early_grams_match_cpu_float64(model, mode, graphed):
     finally: set_early_gram(before, torch.device(DEV).type)
     assert formed  # in the forward passes from the second step on
     assert max(rel(a, b) for a, b in zip(gpu, cpu)) < 1e-8
+
+
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16-autocast'])
+@pytest.mark.parametrize('model', ['mlp', 'convnet'])
+def test_early_grams_are_used_and_change_nothing_on_the_gpu(model, amp):
+    "float32 (and bf16 autocast: the part reads a float32 copy of the input): from the second step on, the\
+ backward forms no Gram matrix, and the steps equal those without early Gram matrices on the same device"
+    from unittest.mock import patch
+    import proxprop_nb.linear as linear_mod
+    import proxprop_nb.conv as conv_mod
+    from proxprop_nb.layers import set_early_gram
+    device_type = torch.device(DEV).type
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+               for _ in range(4)]
+    out, backward_grams = [], []
+    def spy(f):
+        def counted(*a, **k):
+            backward_grams.append(phase[0] == 'backward'); return f(*a, **k)
+        return counted
+    phase = [None]
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        net = (mlp((3072, 256, 128, 256, 10), optimization_mode='prox_exact') if model == 'mlp'
+               else convnet(optimization_mode='prox_exact')).to(DEV)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        before = set_early_gram(enabled, device_type)
+        try:
+            with patch.object(linear_mod, 'linear_dual_gram', spy(linear_mod.linear_dual_gram)), \
+                 patch.object(linear_mod, 'linear_primal_gram', spy(linear_mod.linear_primal_gram)), \
+                 patch.object(conv_mod, 'conv_gram', spy(conv_mod.conv_gram)):
+                for i, (x, y) in enumerate(batches):
+                    backward_grams.clear()
+                    opt.zero_grad(); phase[0] = 'forward'
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+                        loss = F.cross_entropy(net(x.to(DEV)), y.to(DEV))
+                    phase[0] = 'backward'; loss.backward(); opt.step()
+                    if enabled and i > 0: assert backward_grams and not any(backward_grams), (i, backward_grams)
+        finally: set_early_gram(before, device_type)
+        out.append([p.detach().cpu() for p in net.parameters()])
+    assert max(rel(a, b) for a, b in zip(*out)) < 1e-5

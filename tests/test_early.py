@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import proxprop_nb.conv as conv_mod
 import proxprop_nb.linear as linear_mod
 from proxprop_nb import ProxPropLinear, ProxPropConv2d, StepGraph
-from proxprop_nb.layers import set_early_gram, set_sync_free, set_route_choice, _start_early
+from proxprop_nb.layers import set_early_gram, set_sync_free, set_route_choice, _start_early, _new_call
 
 f64 = torch.float64
 
@@ -96,13 +97,69 @@ def test_autocast_steps_are_unchanged():
     for enabled in (False, True):
         model = model_of('prox_exact', 'auto').float()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        with early(enabled):
+        with early(enabled), gram_counts() as counts:
             for x, y in batches():
                 opt.zero_grad()
+                counts.phase = 'forward'
                 with torch.autocast('cpu', dtype=torch.bfloat16): loss = F.cross_entropy(model(x.float()), y)
+                counts.phase = 'backward'
                 loss.backward(); opt.step()
         out.append([p.detach().clone() for p in model.parameters()])
+    assert counts.forward > 0 and counts.backward == 0  # (of the run with early Gram matrices)
     for a, b in zip(*out): assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_checkpointed_layers_start_nothing_in_their_recomputation(reentrant):
+    "The recomputation runs inside the backward: a part started there would never be used"
+    def run(enabled):
+        model = model_of('prox_exact', 'auto')
+        x, y = batches(1)[0]
+        x.requires_grad_()  # (a reentrant checkpoint takes gradients only through inputs that require them)
+        with early(enabled), gram_counts() as counts:
+            counts.phase = 'forward'
+            out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant)
+            counts.phase = 'backward'
+            F.cross_entropy(out, y).backward()
+        return [p.grad for p in model.parameters()], counts
+    (ref, _), (got, counts) = run(False), run(True)
+    for a, b in zip(ref, got): assert torch.equal(a, b)
+    # non-reentrant: the first forward's parts are used; reentrant: that forward records no graph, and the
+    # backward's recomputation starts none, so the steps form their own
+    assert (counts.forward, counts.backward) == ((4, 0) if not reentrant else (0, 4)), counts
+
+
+def test_a_part_made_for_other_settings_is_not_used():
+    "A failure read between forward and backward makes the layer host-checked: the sync-free part is dropped"
+    before = set_sync_free(True, 'cpu')
+    try:
+        outs = []
+        for enabled in (False, True):
+            torch.manual_seed(0)
+            layer = ProxPropLinear(6, 3, tau_prox=0.5, optimization_mode='prox_exact', solver='dual').to(f64)
+            x = torch.randn(5, 6, dtype=f64)
+            with early(enabled), gram_counts() as counts:
+                counts.phase = 'forward'; out = layer(x)
+                object.__setattr__(layer, '_host_checked', True)
+                counts.phase = 'backward'; out.sum().backward()
+            outs.append(layer.weight.grad)
+        assert torch.equal(*outs) and (counts.forward, counts.backward) == (1, 1)
+    finally: set_sync_free(before, 'cpu')
+
+
+def test_a_measuring_chooser_starts_no_conv_part_before_timing_its_gram():
+    "A forced primal route is known, but its patch Gram's route is timed in the first backward, not the forward"
+    set_route_choice('measure', 'cpu')
+    try:
+        model = model_of('prox_exact', 'primal')
+        with early(), gram_counts() as counts:
+            train(model, batches(1), counts)
+            assert counts.forward == 2 and counts.backward > 2  # the Linear layers' only; the convs time theirs
+            counts.forward = counts.backward = 0
+            train(model, batches(1, seed=2), counts)
+            # every layer's in the forward (conv_gram counted twice: it calls itself with the route it picked)
+            assert (counts.forward, counts.backward) == (6, 0)
+    finally: set_route_choice('model', 'cpu')
 
 
 def test_nothing_starts_where_nothing_would_use_it():
@@ -181,6 +238,8 @@ def test_graphed_steps_with_early_grams_train_as_eager_steps():
 
 def test_a_data_parallel_call_starts_nothing():
     "A data-parallel step (and a traced or gradient-mode one) has no call token: it takes no early part"
+    layer = ProxPropLinear(2, 2, optimization_mode='prox_exact')
+    assert _new_call(layer, collectives=object()) is None and _new_call(layer, None) is not None
     ctx = SimpleNamespace(call=None, needs_input_grad=(True, True, True))
     assert _start_early(ctx, torch.ones(2, 2), lambda *a: pytest.fail('started')) is None
 
