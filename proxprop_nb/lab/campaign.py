@@ -25,6 +25,7 @@ from .train import (RunConfig, run_name, run_paths, train, prepare_data, synthet
 from .runfiles import write_json, read_json, environment
 from .experiments import (EXPERIMENTS, experiment_configs, protocol, results_folder_problem,
                                          interrupted, main as experiments_main, fitting_batch_runs)
+from ..layers import set_early_gram
 from .batch_train import batch_key, train_batch
 from .bench import make_step, bench_model
 from .stages import (start_tests, finish_tests, run_bench, bench_step_seconds, summary_text,
@@ -151,6 +152,7 @@ def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict, cuda_
         data_setting, dev = str(data_key(cfg)), _WORKER['device']
         prepared = _WORKER['prepared']
         if data_setting not in prepared: prepared[data_setting] = prepare_data(_WORKER['data'], cfg, dev)
+        set_early_gram(bool(meta.get('early_gram')), torch.device(dev).type)  # this task's: a worker is reused
         res = train(cfg, prepared[data_setting], out_dir, dev, progress=False, deadline=deadline, meta=meta,
                     cuda_graph=cuda_graph)
         return dict(name=res['name'], status=res['status'], epochs_done=res['epochs_done'],
@@ -270,13 +272,16 @@ def _first_that_fits(todo:list, plan:list, recs:list, work:Path, estimator:RunEs
     return None
 
 # %% ../../nbs/07_campaign.ipynb #5e1b2a4c
-def _start_run(pool, entry:tuple, rec:dict, work:Path, deadline:float, quick:bool, graphed=()):
-    "Submit a plan entry's run to the workers, to stop at `deadline`, as a CUDA graph if its model is `graphed`"
+def _start_run(pool, entry:tuple, rec:dict, work:Path, deadline:float, quick:bool, graphed=(), early=()):
+    "Submit a plan entry's run to the workers, to stop at `deadline`, as a CUDA graph if its model is `graphed`\
+ (its Gram matrices formed in the forward if it is in `early` too)"
     exp, cfg, _ = entry
     meta = dict(experiment=exp, protocol=protocol(cfg), quick=quick, campaign=True)
     cuda_graph = cfg.model in graphed
+    if cuda_graph and cfg.model in early: meta['early_gram'] = True  # in the run's record, and read by the task
     future = pool.submit(_train_task, exp, cfg.to_dict(), str(work/exp), deadline, meta, cuda_graph)
-    rec.update(outcome='running', started=time.time(), **(dict(cuda_graph=True) if cuda_graph else {}))
+    rec.update(outcome='running', started=time.time(), **(dict(cuda_graph=True) if cuda_graph else {}),
+               **({'early_gram': True} if meta.get('early_gram') else {}))
     return future
 
 # %% ../../nbs/07_campaign.ipynb #01f2f030
@@ -343,6 +348,7 @@ def schedule_runs(plan:list, # from `campaign_plan`
                   grace:float=10., # seconds to wait past the deadline for runs still in flight
                   batch_runs:int=1, # compatible runs trained as one batch, at most (1: each run alone)
                   graphed=(), # models whose runs alone take their steps as CUDA graphs (`_graph_choice`)
+                  early=(), # of those, models whose layers form their Gram matrices in the forward
                  ) -> list: # a record per planned run: experiment, name, outcome, predicted and real seconds
     "Train the planned runs, in order, as many at once as `workers`, each only if it fits before `deadline`"
     recs = [dict(experiment=exp, name=run_name(cfg), also=also, outcome='not started', predicted_s=None,
@@ -354,7 +360,7 @@ def schedule_runs(plan:list, # from `campaign_plan`
             if u is None: break
             todo.remove(u)
             i, R = _members(u)[0], len(_members(u))
-            if R == 1: inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick, graphed)] = u
+            if R == 1: inflight[_start_run(pool, plan[i], recs[i], work, deadline, quick, graphed, early)] = u
             else: inflight[_start_batch(pool, [plan[j] for j in u], [recs[j] for j in u], work, deadline,
                                         quick)] = u
             what = recs[i]['name'] if R == 1 else f'a batch of {R} runs from {recs[i]["name"]}'
@@ -529,12 +535,15 @@ def _bench_stage(campaign:_Campaign, device:str, quick:bool):
     campaign.save()
 
 # %% ../../nbs/07_campaign.ipynb #d86043ae
-def _step_seconds(bench:dict, graphed=()) -> dict:
-    "The estimator's step times per (model, mode): the benchmark's (graphed for `graphed` models), or 50 ms"
+def _step_seconds(bench:dict, graphed=(), early=()) -> dict:
+    "The estimator's step times per (model, mode): the benchmark's (graphed for `graphed` models, with early Gram\
+ matrices for `early` ones), or 50 ms"
     if not bench.get('steps'):
         return {(m, k): 0.05 for m in ('mlp', 'convnet') for k in ('plain', 'gradient', 'prox_exact', 'prox_cg3')}
     graphs = bench_step_seconds(dict(steps=bench.get('graphed', [])))
-    return {**bench_step_seconds(bench), **{k: s for k, s in graphs.items() if k[0] in graphed}}
+    early_graphs = bench_step_seconds(dict(steps=bench.get('graphed_early', [])))
+    return {**bench_step_seconds(bench), **{k: s for k, s in graphs.items() if k[0] in graphed},
+            **{k: s for k, s in early_graphs.items() if k[0] in early}}
 
 # %% ../../nbs/07_campaign.ipynb #98d2cd84
 GRAPH_CHOICES = ('auto', 'on', 'off')
@@ -546,11 +555,27 @@ def _graph_choice(bench:dict, batch:int=500) -> dict:
         eager = [r for r in bench.get('steps', []) if r['model'] == g['model'] and r['batch_size'] == batch]
         if g.get('cuda_graph') is not True or g['batch_size'] != batch or not eager: continue  # emulated: no
         modes = [m for m in g['modes'] if m in eager[0]['modes']]
-        failed = [m for m in modes if (g['modes'][m].get('graph') or {}).get('fallback')]
-        ratio = {m: g['modes'][m]['median_ms'] / eager[0]['modes'][m]['median_ms'] for m in modes}
-        why = (f"not captured: {', '.join(failed)}" if failed else
-               'graphed / eager step ' + ', '.join(f'{m} {r:.2f}' for m, r in ratio.items()))
-        out[g['model']] = dict(use=bool(modes) and not failed and max(ratio.values()) < 1, why=why)
+        out[g['model']] = _measured_choice(g, eager[0], modes, 'graphed / eager step')
+    return out
+
+def _measured_choice(tried:dict, base:dict, modes:list, label:str) -> dict:
+    "dict(use, why): use `tried` (a benchmark result) if it captured every mode and each is faster than in `base`"
+    failed = [m for m in modes if (tried['modes'][m].get('graph') or {}).get('fallback')]
+    ratio = {m: tried['modes'][m]['median_ms'] / base['modes'][m]['median_ms'] for m in modes}
+    why = (f"not captured: {', '.join(failed)}" if failed else
+           f'{label} ' + ', '.join(f'{m} {r:.2f}' for m, r in ratio.items()))
+    return dict(use=bool(modes) and not failed and max(ratio.values()) < 1, why=why)
+
+def _early_choice(bench:dict, graphed, batch:int=500) -> dict:
+    "{model: dict(use, why)} of the `graphed` models: early Gram matrices where every ProxProp mode's graphed\
+ step was captured with them and faster than without"
+    out = {}
+    for e in bench.get('graphed_early', []):
+        plain = [g for g in bench.get('graphed', []) if g['model'] == e['model'] and g['batch_size'] == batch]
+        if (e.get('cuda_graph') is not True or e['batch_size'] != batch or e['model'] not in graphed
+                or not plain): continue
+        modes = [m for m in e['modes'] if m != 'plain' and m in plain[0]['modes']]
+        out[e['model']] = _measured_choice(e, plain[0], modes, 'with / without')
     return out
 
 
@@ -580,19 +605,29 @@ def _graphed_models(campaign:_Campaign, how:str) -> tuple:
                      + (f' ({measured})' if measured else ''))
     return models
 
+def _early_models(campaign:_Campaign, graphed:tuple, how:str) -> tuple:
+    "Of the graphed models, those whose graphed steps measured faster with early Gram matrices (auto only)"
+    choice = _early_choice(campaign.rec.get('bench', {}), graphed) if how == 'auto' else {}
+    models = tuple(m for m, c in choice.items() if c['use'])
+    if choice:
+        campaign.rec['early_gram'] = dict(models=list(models), measured=choice)
+        campaign.say(f"graphed runs with Gram matrices in the forward: {', '.join(models) or 'none'} ("
+                     + '; '.join(f"{m}: {c['why']}" for m, c in choice.items()) + ')')
+    return models
+
 
 # %% ../../nbs/07_campaign.ipynb #2fdd337b
 def _runs_stage(campaign:_Campaign, plan:list, pool, workers:int, slowdown:float, quick:bool, grace:float,
-                batch_runs:int=1, graphed=()):
+                batch_runs:int=1, graphed=(), early=()):
     "Train the plan until the runs' deadline; the record, reports and archive are rewritten after every run"
-    estimator = RunEstimator(_step_seconds(campaign.rec.get('bench', {}), graphed), slowdown=slowdown)
+    estimator = RunEstimator(_step_seconds(campaign.rec.get('bench', {}), graphed, early), slowdown=slowdown)
     n_train, n_eval = (300, 1000) if quick else (45000, 5000)
     start = time.time()
     def progress(recs):  # cheap, and on disk if the call is cut off
         campaign.rec['runs'] = recs; campaign.save(); campaign.pack_results()
     campaign.rec['runs'] = schedule_runs(plan, pool, campaign.work, estimator, campaign.runs_deadline,
                                          workers, n_train, n_eval, quick, campaign.say, progress, grace=grace,
-                                         batch_runs=batch_runs, graphed=graphed)
+                                         batch_runs=batch_runs, graphed=graphed, early=early)
     epoch_seconds = {'/'.join(key): s for key, s in estimator.epoch_s.items()}
     campaign.rec['stages']['runs'] = dict(seconds=time.time() - start, planned=len(plan),
                                           epoch_seconds=epoch_seconds)
@@ -662,8 +697,9 @@ def run_campaign(out, # the folder for the (at most 8) result files
         if not skip_bench: _bench_stage(campaign, device, quick)  # 2. the benchmark
         workers, slowdown = _runs_at_once(campaign, pool, manager, workers, max_workers, quick)  # 3. the runs
         graphed = _graphed_models(campaign, cuda_graph)
+        early = _early_models(campaign, graphed, cuda_graph)
         _runs_stage(campaign, plan, pool, workers, slowdown, quick, grace=reserve_s / 2,
-                    batch_runs=batch_runs, graphed=graphed)
+                    batch_runs=batch_runs, graphed=graphed, early=early)
         if compare and time.time() < campaign.runs_deadline:  # 4. the optimizer comparison, with time left
             _compare_stage(campaign, pool, data, device, quick)
     except Exception as e: _record_error(campaign, e)

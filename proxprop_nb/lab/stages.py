@@ -189,6 +189,9 @@ def _stage_lines(rec:dict) -> list:
         unmeasured = ' (no graphed step measured on a CUDA device)' if g['setting'] == 'auto' else ''
         lines.append(f"runs alone as CUDA graphs ({g['setting']}): {', '.join(g['models']) or 'none'}"
                      + (f' ({why})' if why else unmeasured))
+    if e := rec.get('early_gram'):  # and of those, the runs whose layers form their Gram matrices in the forward
+        why = '; '.join(f"{m}: {c['why']}" for m, c in e['measured'].items())
+        lines.append(f"graphed runs with Gram matrices in the forward: {', '.join(e['models']) or 'none'} ({why})")
     return lines
 
 # %% ../../nbs/07a_stages.ipynb #795fc402
