@@ -152,9 +152,11 @@ def _train_task(exp:str, cfg:dict, out_dir:str, deadline:float, meta:dict, cuda_
         data_setting, dev = str(data_key(cfg)), _WORKER['device']
         prepared = _WORKER['prepared']
         if data_setting not in prepared: prepared[data_setting] = prepare_data(_WORKER['data'], cfg, dev)
-        set_early_gram(bool(meta.get('early_gram')), torch.device(dev).type)  # this task's: a worker is reused
-        res = train(cfg, prepared[data_setting], out_dir, dev, progress=False, deadline=deadline, meta=meta,
-                    cuda_graph=cuda_graph)
+        # this run's setting, and the worker's own again afterwards (a worker takes other tasks too)
+        before = set_early_gram(bool(meta.get('early_gram')), torch.device(dev).type)
+        try: res = train(cfg, prepared[data_setting], out_dir, dev, progress=False, deadline=deadline, meta=meta,
+                         cuda_graph=cuda_graph)
+        finally: set_early_gram(before, torch.device(dev).type)
         return dict(name=res['name'], status=res['status'], epochs_done=res['epochs_done'],
                     history=res['history'], seconds=time.time() - started, pid=os.getpid(), error=None,
                     cuda_graph=res.get('cuda_graph'))
