@@ -181,7 +181,7 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
     eps = 1e-6 if official else 0.
     rows = _Rows(rhs)
     X = torch.zeros_like(rows.B)
-    if n_iter < 1: return CGResult(rows.split(X), 0, None)
+    if n_iter < 1: return CGResult([x.contiguous() for x in rows.split(X)], 0, None)
     R = rows.B  # never updated in place
     P, rho = R, torch.linalg.vecdot(R, R)
     rho0, stop = rho, (tol**2 * rho.mean() if tol > 0 else None)
@@ -202,7 +202,9 @@ def block_cg(apply_M, # maps a list of tensors (rows in dim 0) to M applied to e
         cg_beta = _safe_div(rho_new, rho, eps)  # CG's beta_k (not the proximal beta = 1/tau_prox)
         P_prev = R if official and k == 1 else P  # the official code's P aliases R in its first iteration
         P, rho = torch.addcmul(R, cg_beta[:, None], P_prev), rho_new
-    return CGResult(rows.split(X), k if live is None else iters_on_device, _relative_residual(rho_new, rho0))
+    # each tensor of its own memory, as autograd's gradients are (not a strided view of the joined matrix)
+    return CGResult([x.contiguous() for x in rows.split(X)], k if live is None else iters_on_device,
+                    _relative_residual(rho_new, rho0))
 
 # %% ../nbs/01_solvers.ipynb #c025
 def work_dtype(*dtypes):
