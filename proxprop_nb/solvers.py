@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['MODES', 'CG_VARIANTS', 'SOLVERS', 'SUMMARIZED', 'ROUTE_POLICIES', 'parse_mode', 'ProxSpec', 'check_prox_args',
-           'rowdot', 'rowscale', 'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse',
-           'spd_inverse_on_device', 'step_inverse', 'exact_or_cg', 'dense_solve', 'choose_route', 'warm_timer',
-           'RouteChooser', 'pick_route', 'known_route', 'Early']
+           'CGResult', 'SolveInfo', 'block_cg', 'work_dtype', 'spd_inverse', 'spd_inverse_on_device', 'step_inverse',
+           'exact_or_cg', 'dense_solve', 'choose_route', 'warm_timer', 'RouteChooser', 'pick_route', 'known_route',
+           'Early']
 
 # %% ../nbs/01_solvers.ipynb #c005
 MODES = "'prox_exact', 'prox_cgN' (N >= 1 CG iterations, e.g. 'prox_cg3') or 'gradient'"
@@ -83,16 +83,6 @@ def check_prox_args(tau_prox=1.0, # proximal step size tau_theta > 0
     return ProxSpec(kind, n, float(tau_prox), float(cg_tol), cg_variant, solver)
 
 # %% ../nbs/01_solvers.ipynb #c012
-def rowdot(xs, ys):
-    "Per-row inner products of two lists of tensors whose dimension 0 indexes the rows"
-    dots = [torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)) if x.dim() > 1
-            else x * y for x, y in zip(xs, ys)]
-    return dots[0] if len(dots) == 1 else sum(dots)
-
-def rowscale(alpha, x):
-    "Multiply row i of `x` by `alpha[i]`"
-    return alpha.view(-1, *([1] * (x.dim() - 1))) * x
-
 class _Rows:
     "A list of tensors with rows in dimension 0 as one matrix [t_1 | t_2 | ...], and back: CG's state in one tensor"
     def __init__(self, ts:list):
