@@ -414,9 +414,8 @@ def prox_conv(x:torch.Tensor, # layer input (N, C_in, *spatial), padded already 
     flops, key = _conv_plan(x, weight.shape, g.shape, bias, geo, spec)
     runs = {r: functools.partial(_CONV_OPERATOR_ROUTES[r], x, weight.to(solve_dtype), bias, geo, spec,
                                  (gw, gb)) for r in flops if r in _CONV_OPERATOR_ROUTES}
-    if 'primal' in flops:
-        pre = early.value if early is not None and early.key == key and early.route == 'primal' else None
-        runs['primal'] = functools.partial(_conv_primal, x, gw, gb, ksize, geo, spec, chooser, pre=pre)
+    if 'primal' in flops: runs['primal'] = functools.partial(_conv_primal, x, gw, gb, ksize, geo, spec, chooser)
+    if early is not None: early.give(runs, key)
     _, (W, b, info) = pick_route(flops, runs, spec.solver, chooser, key)
     return gx, W, b, info
 

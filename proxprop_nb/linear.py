@@ -183,8 +183,7 @@ def prox_linear(x:torch.Tensor, # layer inputs (N, in_features)
     x, g = x.to(solve_dtype), g.to(solve_dtype)
     flops, key = _linear_plan(x, g.shape[1], bias, spec)
     runs = {r: functools.partial(_LINEAR_ROUTES[r], x, g, bias, spec) for r in flops}
-    if early is not None and early.key == key and early.route in runs:
-        runs[early.route] = functools.partial(runs[early.route], pre=early.value)
+    if early is not None: early.give(runs, key)
     _, result = pick_route(flops, runs, spec.solver, chooser, key)
     return result
 

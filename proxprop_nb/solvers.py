@@ -376,3 +376,10 @@ class Early:
         self.value, self.compute = self.compute(), None
         return self
 
+    def give(self, runs:dict, # route -> function computing the step by that route (`pick_route`'s)
+             key, # the step's key
+            ):
+        "Give the value to its route's function in `runs` (as `pre=`), if it was made for this step"
+        if self.key == key and self.route in runs:
+            runs[self.route] = functools.partial(runs[self.route], pre=self.value)
+
