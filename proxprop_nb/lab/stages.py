@@ -4,6 +4,7 @@
 
 # %% ../../nbs/07a_stages.ipynb #c002
 from __future__ import annotations
+import itertools
 import math
 import os
 import subprocess
@@ -73,19 +74,17 @@ def _bench_graphed(out:dict, device, quick:bool, deadline:float, log):
     cuda = str(device).startswith('cuda')
     before = None if cuda else set_sync_free(True, 'cpu')  # the GPU's policy, which a graph needs
     try:
-        for early in (False, True):
-            for model in ('mlp', 'convnet'):
-                for bs in ((16,) if quick else (500, 2000)):
-                    if time.time() > deadline:
-                        out['skipped'].append([model, bs, 'cuda_graph early' if early else 'cuda_graph']); continue
-                    widths = (64, 32, 64) if quick and model == 'mlp' else None
-                    try: r = benchmark(model, bs, EARLY_MODES if early else BENCH_MODES, widths, device,
-                                       repeats=3 if quick else 7, warmup=2, cuda_graph=True if cuda else 'emulate',
-                                       early_gram=early)
-                    except Exception as e:  # a capture that fails beyond StepGraph's fallback is a result too
-                        out['graphed_error'] = f'{model} {bs}: {type(e).__name__}: {e}'[:2000]
-                        log(f"graphed benchmark failed: {out['graphed_error'][:300]}"); return
-                    out['graphed_early' if early else 'graphed'].append(r); log(format_table(r))
+        for early, model, bs in itertools.product((False, True), ('mlp', 'convnet'), (16,) if quick else (500, 2000)):
+            if time.time() > deadline:
+                out['skipped'].append([model, bs, 'cuda_graph early' if early else 'cuda_graph']); continue
+            widths = (64, 32, 64) if quick and model == 'mlp' else None
+            try: r = benchmark(model, bs, EARLY_MODES if early else BENCH_MODES, widths, device,
+                               repeats=3 if quick else 7, warmup=2, cuda_graph=True if cuda else 'emulate',
+                               early_gram=early)
+            except Exception as e:  # a capture that fails beyond StepGraph's fallback is a result too
+                out['graphed_error'] = f'{model} {bs}: {type(e).__name__}: {e}'[:2000]
+                log(f"graphed benchmark failed: {out['graphed_error'][:300]}"); return
+            out['graphed_early' if early else 'graphed'].append(r); log(format_table(r))
     finally:
         if before is not None: set_sync_free(before, 'cpu')
 
