@@ -17,8 +17,8 @@ from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, wor
                                  step_inverse)
 
 # %% auto #0
-__all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'conv_gram',
-           'conv_flops', 'conv_grads', 'prox_conv', 'conv_early']
+__all__ = ['STRIP_PENALTY', 'GRAM_MEMORY', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'gram_temporaries',
+           'conv_gram', 'conv_flops', 'conv_grads', 'prox_conv', 'conv_early']
 
 # %% ../nbs/01b_conv.ipynb #c007
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ def _gram_offsets(x, ksize, geo):
 # %% ../nbs/01b_conv.ipynb #c017
 def _strips(x, xe, lines, e, K2, dil, dim):
     "Correlations restricted to single rows (dim=2) or columns (dim=3) of x, all shifts: (L, C, C, K2, K2)"
+    # the lines as groups, each against its band of 2e + 1 lines. One cat of views: a single copy in the layout
+    # the correlation reads (a gather and a regrouping copy measured several times slower on the CPU)
     go = torch.cat([x.narrow(dim, r, 1) for r in lines], 1)
     inp = torch.cat([xe.narrow(dim, r, 2 * e + 1) for r in lines], 1)
     C = x.shape[1]
@@ -162,11 +164,14 @@ def _corners_looped(x, xe, rows, cols, e, K2, d):
     pts = torch.stack([torch.stack([x[:, :, r, q].T @ window(r, q) for q in cols]) for r in rows])
     return pts.view(len(rows), len(cols), C, C, K2, K2)
 
+def _batched_corners(device) -> bool:
+    "Whether `_corners` takes one batched product on `device`: on a GPU, where each operator is a kernel launch"
+    return torch.device(device).type != 'cpu'  # on the CPU the loop measured faster and lighter (chapter 20)
+
 def _corners(x, xe, rows, cols, e, K2, d):
     "Correlations at single positions (r, q) of x, all shifts: (R, Q, C, C, K2, K2)"
-    # pts[r, q, c, c', a, b] = sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b]. On a GPU, where each operator is
-    # a kernel launch, in one batched product; on the CPU the loop measured faster and lighter (chapter 20)
-    return (_corners_looped if x.device.type == 'cpu' else _corners_batched)(x, xe, rows, cols, e, K2, d)
+    # pts[r, q, c, c', a, b] = sum_n x[n, c, r, q] xe[n, c', r + d a, q + d b]
+    return (_corners_batched if _batched_corners(x.device) else _corners_looped)(x, xe, rows, cols, e, K2, d)
 
 
 # %% ../nbs/01b_conv.ipynb #04fb927b
@@ -177,13 +182,17 @@ def _excluded(lines:tuple, windows:tuple, dtype, device):
     return torch.tensor([[not lo <= r < hi for r in lines] for lo, hi in windows], dtype=dtype, device=device)
 
 # %% ../nbs/01b_conv.ipynb #76e888a8
+@functools.lru_cache(maxsize=64)
+def _pair_index(k:int, device) -> tuple:
+    "Advanced indices (i, j, a, b) of `_gather_pairs`, laid out as (k, k, k, k) over (i, j, i', j')"
+    i = torch.arange(k, device=device)
+    shift = i[None, :] - i[:, None] + k - 1  # shift[i, i'] = i' - i + k - 1: the shift index of the pair
+    return i[:, None, None, None], i[None, :, None, None], shift[:, None, :, None], shift[None, :, None, :]
+
 def _gather_pairs(T, k):
     "G[(c, i, j), (c', i', j')] = T[i, j, c, c', i' - i + k - 1, j' - j + k - 1]: the patch Gram from T"
-    # advanced indices (i, j, i', j') laid out as (k, k, k, k) in front of the channel dimensions (c, c')
-    C, i = T.shape[2], torch.arange(k, device=T.device)
-    shift = i[None, :] - i[:, None] + k - 1  # shift[i, i'] = i' - i + k - 1: the shift index of the pair
-    G = T[i[:, None, None, None], i[None, :, None, None], :, :,
-          shift[:, None, :, None], shift[None, :, None, :]]
+    i, j, a, b = _pair_index(k, T.device)  # built once per kernel size and device
+    C, G = T.shape[2], T[i, j, :, :, a, b]  # the advanced indices' (k, k, k, k) in front of (c, c')
     # (i, j, i', j', c, c') -> rows (c, i, j)
     return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
 
@@ -260,20 +269,51 @@ def _gram_route(x_shape, ksize, geo, route):
     return r
 
 # %% ../nbs/01b_conv.ipynb #fd3ee670
-GRAM_CHUNK = 2**19  # input elements per chunk of samples when forming a patch Gram: bounds the temporaries
+# elements of temporaries per chunk of samples when forming a patch Gram (`gram_temporaries`), by device type
+# (any other type: the CPU's). On a GPU each of a chunk's operators is a kernel launch, so a chunk there holds
+# up to 2^26 elements (256 MB in float32): the paper's ConvNet's whole batch of 500. The CPU is bound by flops
+# and keeps chunks of up to 32 MB in float32 (chapter 20). The convolution library's workspace comes on top.
+GRAM_MEMORY = {'cpu': 2**23, 'cuda': 2**26}
 
-def _group_gram(x, ksize, geo, bias, route, chunk):
-    "A^T A of one group's input `x`, by `route`, summed over chunks of about `chunk` input elements"
+@functools.lru_cache(maxsize=1024)
+def gram_temporaries(x_shape:tuple, # one group's input (N, C, *spatial)
+                     ksize:tuple, # kernel size
+                     geo:ConvGeometry, # the convolution's geometry
+                     route:str, # 'offsets' or 'correlation'
+                     batched_corners:bool=False, # the correlation's corners as one gather (`_corners`)
+                    ) -> tuple: # (elements per sample of a chunk, elements whatever the chunk's size)
+    "About how many elements of temporaries `route` holds at once while it forms a chunk's patch Gram"
+    C, spatial = x_shape[1], x_shape[2:]
+    n = C * math.prod(ksize)
+    if route == 'offsets':  # the padded input, an offset's crop, the CPU library's copies of both; G, its sum
+        return 4 * C * math.prod(s + 2 * p for s, p in zip(spatial, geo.padding)), 2 * n * n
+    (H, W), k, (p, q), d = spatial, ksize[0], geo.padding, geo.dilation[0]
+    e, K2 = d * (k - 1), 2 * k - 1
+    R, Q = _border_lines(H, k, p, d), _border_lines(W, k, q, d)
+    # per sample: xe; each strip's line and its band of 2e + 1 lines; the corners and their windows, gathered
+    strips = R * C * (W + (2 * e + 1) * (W + 2 * e)) + Q * C * (H + (2 * e + 1) * (H + 2 * e))
+    corners = R * Q * C * (1 + K2 * K2) if batched_corners else 0
+    # per chunk, in units of C^2 K2^2: T and the corners' correction (k^2 each), the strips and their corrections
+    # (R + Q + 2k), the corners (stacked twice when looped); then G gathered, regrouped, and its accumulator
+    fixed = C * C * K2 * K2 * (2 * k * k + R + Q + 2 * k + R * Q * (1 if batched_corners else 2)) + 3 * n * n
+    return C * (H + 2 * e) * (W + 2 * e) + strips + corners, fixed
+
+def _chunk_samples(x, ksize, geo, route) -> int:
+    "Samples per chunk of one group's input `x`: as many as keep the temporaries within GRAM_MEMORY"
+    per_sample, fixed = gram_temporaries(tuple(x.shape), tuple(ksize), geo, route, _batched_corners(x.device))
+    return max(1, (GRAM_MEMORY.get(x.device.type, GRAM_MEMORY['cpu']) - fixed) // max(1, per_sample))
+
+def _group_gram(x, ksize, geo, bias, route, samples):
+    "A^T A of one group's input `x`, by `route`, summed over chunks of `samples` samples"
     n = x.shape[1] * math.prod(ksize)
     G = x.new_zeros(n + bias, n + bias)
-    step = max(1, chunk // max(1, math.prod(x.shape[1:])))  # samples per chunk: G is a sum over samples
     patch_gram = _gram_correlation if route == 'correlation' else _gram_offsets
-    for i in range(0, x.shape[0], step):
-        G[:n, :n] += patch_gram(x[i:i + step], ksize, geo)
-        if bias:
-            s = _window_sums(x[i:i + step], ksize, geo)
-            G[:n, n] += s; G[n, :n] += s
-    if bias: G[n, n] = x.shape[0] * math.prod(_out_shape(x.shape[2:], ksize, geo))
+    for i in range(0, x.shape[0], samples):  # G is a sum over samples
+        G[:n, :n] += patch_gram(x[i:i + samples], ksize, geo)
+    if bias:  # the window sums of the whole batch: its sum over samples, one correlation
+        s = _window_sums(x, ksize, geo)
+        G[:n, n] = s; G[n, :n] = s
+        G[n, n] = x.shape[0] * math.prod(_out_shape(x.shape[2:], ksize, geo))
     return G
 
 # %% ../nbs/01b_conv.ipynb #16151539
@@ -299,7 +339,7 @@ def conv_gram(x:torch.Tensor, # input (N, C, *spatial), C = in_channels
         return pick_route(flops, runs, 'auto', chooser, _gram_key(x, shape, ksize, geo, bias))[1]
     r = _gram_route(shape, tuple(ksize), geo, route)
     groups = x.split(group_channels, 1)
-    Gs = torch.stack([_group_gram(xg, ksize, geo, bias, r, GRAM_CHUNK) for xg in groups])
+    Gs = torch.stack([_group_gram(xg, ksize, geo, bias, r, _chunk_samples(xg, ksize, geo, r)) for xg in groups])
     Gs.diagonal(dim1=1, dim2=2).add_(beta)
     return Gs
 

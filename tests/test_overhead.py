@@ -66,3 +66,26 @@ def test_the_corners_are_batched_off_the_cpu_and_looped_on_it(monkeypatch):
     for device in ('cpu', 'meta'):  # 'meta' stands in for a GPU: any device but the CPU
         conv._corners(torch.zeros(1, 1, 4, 4, device=device), None, [0], [0], 1, 3, 1)
     assert seen == ['looped', 'batched']
+
+
+def test_a_gpu_forms_the_paper_convnets_patch_grams_in_one_chunk(monkeypatch):
+    # on a GPU every chunk's operators are kernel launches: under its budget (and its batched corners) a paper
+    # ConvNet layer's patch Gram costs as many operators at batch 500 as at batch 50; the code before chunked by
+    # 2**19 input elements, 4 chunks for this layer at batch 500
+    import proxprop_nb.conv as conv
+    monkeypatch.setattr(conv, '_batched_corners', lambda device: True)
+    monkeypatch.setitem(conv.GRAM_MEMORY, 'cpu', conv.GRAM_MEMORY['cuda'])
+    gen = torch.Generator().manual_seed(0)
+    geo = conv.ConvGeometry.of(torch.nn.Conv2d(16, 20, 5, padding=2))
+    count = lambda N: top_level_ops(lambda: conv.conv_gram(torch.randn(N, 16, 16, 16, generator=gen), (5, 5), geo))
+    assert count(500) == count(50)
+
+
+def test_the_cpu_budget_chunks_a_large_batch(monkeypatch):
+    # the control: under the CPU's budget the same layer at batch 500 takes more chunks, so more operators
+    import proxprop_nb.conv as conv
+    monkeypatch.setattr(conv, '_batched_corners', lambda device: True)
+    gen = torch.Generator().manual_seed(0)
+    geo = conv.ConvGeometry.of(torch.nn.Conv2d(16, 20, 5, padding=2))
+    count = lambda N: top_level_ops(lambda: conv.conv_gram(torch.randn(N, 16, 16, 16, generator=gen), (5, 5), geo))
+    assert count(500) > count(50)
