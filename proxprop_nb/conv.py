@@ -17,8 +17,8 @@ from .solvers import (ProxSpec, CGResult, SolveInfo, RouteChooser, block_cg, wor
                                  step_inverse)
 
 # %% auto #0
-__all__ = ['STRIP_PENALTY', 'GRAM_MEMORY', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops', 'gram_temporaries',
-           'conv_gram', 'conv_flops', 'conv_grads', 'prox_conv', 'conv_early']
+__all__ = ['STRIP_PENALTY', 'GRAM_CHUNK', 'GRAM_MEMORY', 'ConvGeometry', 'conv_forward', 'conv_backward', 'conv_gram_flops',
+           'gram_temporaries', 'conv_gram', 'conv_flops', 'conv_grads', 'prox_conv', 'conv_early']
 
 # %% ../nbs/01b_conv.ipynb #c007
 @dataclass(frozen=True)
@@ -269,11 +269,13 @@ def _gram_route(x_shape, ksize, geo, route):
     return r
 
 # %% ../nbs/01b_conv.ipynb #fd3ee670
-# elements of temporaries per chunk of samples when forming a patch Gram (`gram_temporaries`), by device type
-# (any other type: the CPU's). On a GPU each of a chunk's operators is a kernel launch, so a chunk there holds
-# up to 2^26 elements (256 MB in float32): the paper's ConvNet's whole batch of 500. The CPU is bound by flops
-# and keeps chunks of up to 32 MB in float32 (chapter 20). The convolution library's workspace comes on top.
-GRAM_MEMORY = {'cpu': 2**23, 'cuda': 2**26}
+# How many samples a chunk of a patch Gram takes. On the CPU, whose time goes into flops and caches, a chunk holds
+# GRAM_CHUNK input elements. On other devices (a GPU), where each of a chunk's operators is a kernel launch, it
+# holds as many samples as keep its temporaries (`gram_temporaries`) within GRAM_MEMORY elements: 256 MB in
+# float32, the paper's ConvNet's whole batch of 500. Sizing the CPU's chunks so measured slower (chapter 20).
+# The convolution library's own workspace comes on top of either.
+GRAM_CHUNK = 2**19
+GRAM_MEMORY = 2**26
 
 @functools.lru_cache(maxsize=1024)
 def gram_temporaries(x_shape:tuple, # one group's input (N, C, *spatial)
@@ -298,10 +300,15 @@ def gram_temporaries(x_shape:tuple, # one group's input (N, C, *spatial)
     fixed = C * C * K2 * K2 * (2 * k * k + R + Q + 2 * k + R * Q * (1 if batched_corners else 2)) + 3 * n * n
     return C * (H + 2 * e) * (W + 2 * e) + strips + corners, fixed
 
-def _chunk_samples(x, ksize, geo, route) -> int:
-    "Samples per chunk of one group's input `x`: as many as keep the temporaries within GRAM_MEMORY"
-    per_sample, fixed = gram_temporaries(tuple(x.shape), tuple(ksize), geo, route, _batched_corners(x.device))
-    return max(1, (GRAM_MEMORY.get(x.device.type, GRAM_MEMORY['cpu']) - fixed) // max(1, per_sample))
+def _samples_within(x_shape, ksize, geo, route, batched_corners, budget) -> int:
+    "Samples per chunk whose temporaries (`gram_temporaries`) stay within `budget` elements; at least one"
+    per_sample, fixed = gram_temporaries(tuple(x_shape), tuple(ksize), geo, route, batched_corners)
+    return max(1, (budget - fixed) // max(1, per_sample))
+
+def _chunk_samples(x, ksize, geo, route, device_type=None) -> int:
+    "Samples per chunk of one group's input `x` on its device (or as on a device of `device_type`)"
+    if (device_type or x.device.type) == 'cpu': return max(1, GRAM_CHUNK // max(1, math.prod(x.shape[1:])))
+    return _samples_within(x.shape, ksize, geo, route, _batched_corners(device_type or x.device), GRAM_MEMORY)
 
 def _group_gram(x, ksize, geo, bias, route, samples):
     "A^T A of one group's input `x`, by `route`, summed over chunks of `samples` samples"

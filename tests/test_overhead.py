@@ -68,24 +68,24 @@ def test_the_corners_are_batched_off_the_cpu_and_looped_on_it(monkeypatch):
     assert seen == ['looped', 'batched']
 
 
+def _gram_operators(monkeypatch, N, device_type):
+    "Operators of the patch Gram of the paper's second ConvNet layer at batch N, chunked and cornered as there"
+    import functools
+    import proxprop_nb.conv as conv
+    monkeypatch.setattr(conv, '_batched_corners', lambda device: device_type != 'cpu')
+    monkeypatch.setattr(conv, '_chunk_samples', functools.partial(conv._chunk_samples, device_type=device_type))
+    geo = conv.ConvGeometry.of(torch.nn.Conv2d(16, 20, 5, padding=2))
+    x = torch.randn(N, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    return top_level_ops(lambda: conv.conv_gram(x, (5, 5), geo))
+
+
 def test_a_gpu_forms_the_paper_convnets_patch_grams_in_one_chunk(monkeypatch):
     # on a GPU every chunk's operators are kernel launches: under its budget (and its batched corners) a paper
     # ConvNet layer's patch Gram costs as many operators at batch 500 as at batch 50; the code before chunked by
-    # 2**19 input elements, 4 chunks for this layer at batch 500
-    import proxprop_nb.conv as conv
-    monkeypatch.setattr(conv, '_batched_corners', lambda device: True)
-    monkeypatch.setitem(conv.GRAM_MEMORY, 'cpu', conv.GRAM_MEMORY['cuda'])
-    gen = torch.Generator().manual_seed(0)
-    geo = conv.ConvGeometry.of(torch.nn.Conv2d(16, 20, 5, padding=2))
-    count = lambda N: top_level_ops(lambda: conv.conv_gram(torch.randn(N, 16, 16, 16, generator=gen), (5, 5), geo))
-    assert count(500) == count(50)
+    # 2**19 input elements there too, 4 chunks for this layer at batch 500
+    assert _gram_operators(monkeypatch, 500, 'cuda') == _gram_operators(monkeypatch, 50, 'cuda')
 
 
-def test_the_cpu_budget_chunks_a_large_batch(monkeypatch):
-    # the control: under the CPU's budget the same layer at batch 500 takes more chunks, so more operators
-    import proxprop_nb.conv as conv
-    monkeypatch.setattr(conv, '_batched_corners', lambda device: True)
-    gen = torch.Generator().manual_seed(0)
-    geo = conv.ConvGeometry.of(torch.nn.Conv2d(16, 20, 5, padding=2))
-    count = lambda N: top_level_ops(lambda: conv.conv_gram(torch.randn(N, 16, 16, 16, generator=gen), (5, 5), geo))
-    assert count(500) > count(50)
+def test_the_cpu_chunks_a_large_batch(monkeypatch):
+    # the control: the CPU keeps chunks of 2**19 input elements, so the same layer takes more operators at 500
+    assert _gram_operators(monkeypatch, 500, 'cpu') > _gram_operators(monkeypatch, 50, 'cpu')
