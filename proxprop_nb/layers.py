@@ -222,6 +222,7 @@ def _set_checked(self, name, value):
         spec = check_prox_args(**{**self._prox, name: value})
         self._check_supported(spec)
         self._prox[name], self._spec = value, spec
+        if spec.kind == 'gradient': self.__dict__.pop('_last_solve', None)  # no step, so no record of one
     else: super(ProxPropMixin, self).__setattr__(name, value)
 
 ProxPropMixin.__setattr__ = _set_checked
@@ -524,6 +525,7 @@ def _function_for(fast, twin):
 class ProxPropLinearBase(ProxPropMixin):
     "ProxProp behaviour of nn.Linear and its subclasses"
     def forward(self, input):
+        if self._spec.kind == 'gradient': return F.linear(input, self.weight, self.bias)  # autograd's own step
         collectives = self._global()
         Fn = _function_for(_ProxLinearFn, _ProxLinearFnForTransforms)
         return Fn.apply(input, self.weight, self.bias, self._spec, self, collectives, self._new_call(collectives))
@@ -709,6 +711,7 @@ class _ProxConvMixin(ProxPropMixin):
 
     def forward(self, input, output_size=None):
         geo, x = _call_geometry(self, input, output_size), _explicitly_padded(self, input)
+        if self._spec.kind == 'gradient': return conv_forward(x, self.weight, self.bias, geo)  # autograd's own
         collectives = self._global()
         Fn = _function_for(_ProxConvFn, _ProxConvFnForTransforms)
         return Fn.apply(x, self.weight, self.bias, geo, self._spec, self, collectives, self._new_call(collectives))
@@ -809,7 +812,7 @@ class _ProxGenericMixin(ProxPropMixin):
         finally: object.__setattr__(self, '_prox_bypass', False)
 
     def forward(self, input, *args, **kwargs):
-        if self.__dict__.get('_prox_bypass') or not torch.is_grad_enabled():
+        if self.__dict__.get('_prox_bypass') or not torch.is_grad_enabled() or self._spec.kind == 'gradient':
             return super().forward(input, *args, **kwargs)
         if args or kwargs:
             raise TypeError(f'{type(self).__name__} takes a single input tensor (wrap the module to pass '

@@ -140,6 +140,31 @@ def test_gradient_mode_matches_autograd_conv():
     for a, b in zip(got, ref): torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+
+@pytest.mark.parametrize('make,shape', [
+    (lambda mode: ProxPropLinear(6, 3, optimization_mode=mode, dtype=f64), (5, 6)),
+    (lambda mode: ProxPropConv2d(2, 3, 3, padding=1, padding_mode='reflect', optimization_mode=mode, dtype=f64),
+     (2, 2, 5, 5)),
+    (lambda mode: proxprop_module(nn.Conv1d)(2, 3, 3, optimization_mode=mode, dtype=f64), (2, 2, 7))])
+def test_gradient_mode_is_the_base_module(make, shape):
+    "In 'gradient' mode a layer runs its base module's forward and autograd's own backward: no Function, no record"
+    x = torch.randn(*shape, dtype=f64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    layer = make('prox_cg2')
+    layer(x).sum().backward()
+    assert isinstance(layer(x).grad_fn, torch.autograd.function.BackwardCFunction) and layer.last_solve is not None
+    layer.optimization_mode = 'gradient'  # switched: the record of the last proximal step goes with it
+    assert layer.last_solve is None
+    out = layer(x)
+    assert not isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
+    base = unproxpropify(nn.Sequential(copy.deepcopy(layer)))[0]
+    assert type(base) in (nn.Linear, nn.Conv2d, nn.Conv1d)
+    torch.testing.assert_close(out, base(x), rtol=0, atol=0)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, *layer.parameters()), g)
+    ref = torch.autograd.grad(base(x), (x, *base.parameters()), g)
+    for a, b in zip(got, ref): torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert layer.last_solve is None
+
 def test_prox_exact_conv_matches_dense():
     "Exact Conv2d direction (stride 1, padding 2, the paper's ConvNet geometry) against the dense solve of its Jacobian"
     torch.manual_seed(4)
