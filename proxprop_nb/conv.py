@@ -285,6 +285,7 @@ def gram_temporaries(x_shape:tuple, # one group's input (N, C, *spatial)
                      batched_corners:bool=False, # the correlation's corners as one gather (`_corners`)
                     ) -> tuple: # (elements per sample of a chunk, elements whatever the chunk's size)
     "About how many elements of temporaries `route` holds at once while it forms a chunk's patch Gram"
+    route = _gram_route(tuple(x_shape), tuple(ksize), geo, route)  # 'auto' resolved; one it lacks refused
     C, spatial = x_shape[1], x_shape[2:]
     n = C * math.prod(ksize)
     if route == 'offsets':  # the padded input, an offset's crop, the CPU library's copies of both; G, its sum
@@ -303,7 +304,9 @@ def gram_temporaries(x_shape:tuple, # one group's input (N, C, *spatial)
 def _samples_within(x_shape, ksize, geo, route, batched_corners, budget) -> int:
     "Samples per chunk whose temporaries (`gram_temporaries`) stay within `budget` elements; at least one"
     per_sample, fixed = gram_temporaries(tuple(x_shape), tuple(ksize), geo, route, batched_corners)
-    return max(1, (budget - fixed) // max(1, per_sample))
+    # the samples get at least half the budget: a chunk's fixed part is paid again by every chunk whatever its
+    # size, so where it takes more than half (a wide layer), smaller chunks would cost launches and save nothing
+    return max(1, max(budget - fixed, budget // 2) // max(1, per_sample))
 
 def _chunk_samples(x, ksize, geo, route, device_type=None) -> int:
     "Samples per chunk of one group's input `x` on its device (or as on a device of `device_type`)"
