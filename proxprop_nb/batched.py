@@ -181,7 +181,8 @@ def _batched_layer(mods:list, h, layout:str) -> tuple:
     if isinstance(m0, nn.Flatten):
         return (m0(h), SHARED) if layout == SHARED else (_to_rows(h, layout, R), ROWS)
     params = [m.weight for m in mods] + ([m.bias for m in mods] if m0.bias is not None else [])
-    prox = isinstance(m0, ProxPropMixin)
+    # a 'gradient' layer is its base module (the layers chapter): its runs take autograd's step, no record
+    prox = isinstance(m0, ProxPropMixin) and any(m._spec.kind != 'gradient' for m in mods)
     if isinstance(m0, nn.Linear):
         if layout == CHANNELS:
             raise ValueError('BatchedRuns: a Linear layer after a convolution needs Flatten()')

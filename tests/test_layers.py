@@ -141,11 +141,18 @@ def test_gradient_mode_matches_autograd_conv():
 
 
 
+
+class _Scale(nn.Module):
+    "A module linear in its parameter, not a Linear or a convolution: `proxprop_module` makes it a generic layer"
+    def __init__(self, n): super().__init__(); self.weight = nn.Parameter(torch.linspace(-1, 1, n, dtype=f64))
+    def forward(self, x): return x * self.weight
+
 @pytest.mark.parametrize('make,shape', [
     (lambda mode: ProxPropLinear(6, 3, optimization_mode=mode, dtype=f64), (5, 6)),
     (lambda mode: ProxPropConv2d(2, 3, 3, padding=1, padding_mode='reflect', optimization_mode=mode, dtype=f64),
      (2, 2, 5, 5)),
-    (lambda mode: proxprop_module(nn.Conv1d)(2, 3, 3, optimization_mode=mode, dtype=f64), (2, 2, 7))])
+    (lambda mode: proxprop_module(nn.Conv1d)(2, 3, 3, optimization_mode=mode, dtype=f64), (2, 2, 7)),
+    (lambda mode: proxprop_module(_Scale)(6, optimization_mode=mode), (5, 6))])  # a generic module
 def test_gradient_mode_is_the_base_module(make, shape):
     "In 'gradient' mode a layer runs its base module's forward and autograd's own backward: no Function, no record"
     x = torch.randn(*shape, dtype=f64, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -157,7 +164,7 @@ def test_gradient_mode_is_the_base_module(make, shape):
     out = layer(x)
     assert not isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
     base = unproxpropify(nn.Sequential(copy.deepcopy(layer)))[0]
-    assert type(base) in (nn.Linear, nn.Conv2d, nn.Conv1d)
+    assert type(base) in (nn.Linear, nn.Conv2d, nn.Conv1d, _Scale)
     torch.testing.assert_close(out, base(x), rtol=0, atol=0)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, *layer.parameters()), g)
