@@ -231,7 +231,7 @@ ProxPropMixin.__setattr__ = _set_checked
 def _global(self):
     "The collectives of this forward's global data-parallel step (under DistributedDataParallel), or None"
     mode = self.__dict__.get('_distributed', 'auto')
-    if mode == 'local' or self._spec.kind == 'gradient' or not torch.is_grad_enabled(): return None
+    if mode == 'local' or not torch.is_grad_enabled(): return None  # ('gradient' layers never ask: no Function)
     return global_context(self, mode)
 
 ProxPropMixin._global = _global
@@ -305,8 +305,7 @@ _OPEN_GROUPS = weakref.WeakKeyDictionary()  # layer -> the call group its next f
 
 def _new_call(self, collectives): # this forward's collectives (None: no data-parallel step)
     "This forward's token in the layer's open call group; None where each call takes its own step"
-    if (collectives is not None or self._spec.kind == 'gradient' or not torch.is_grad_enabled()
-            or torch.compiler.is_compiling()): return None
+    if collectives is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling(): return None
     group = _OPEN_GROUPS.get(self)
     if group is None or group.calls is not None: group = _OPEN_GROUPS[self] = _CallGroup()
     return _Call(group)
@@ -775,10 +774,7 @@ def _full_precision(layer, out, x_, p_, grad, g):
 
 # %% ../nbs/02_layers.ipynb #c9c75cba
 def _prox_generic_grads(layer, spec, calls:list, trained:tuple) -> list:
-    "The ProxProp step of a generic module's calls [(out, x, params, grad, g)] (for 'gradient' the gradient)"
-    if spec.kind == 'gradient':
-        _solve_recorded(layer, lambda: (SolveInfo('gradient', dtype=calls[0][4].dtype),))
-        return calls[0][3]
+    "The ProxProp step of a generic module's calls [(out, x, params, grad, g)]"
     full = [_full_precision(layer, *call) for call in calls]
     spec = _on_device(spec, calls[0][4].device, layer)[0]
     return _solve_recorded(layer, partial(layer._prox_generic, full, spec, trained))[0]
